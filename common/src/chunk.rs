@@ -1,0 +1,222 @@
+//! The chunk frame: one block, compressed (or not) and hashed. The same bytes travel on a data
+//! stream and sit in a pack file; nothing recompresses them on the way.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "UCK1"
+//!      4    1 codec: 0 = raw, 1 = zstd
+//!      5    3 reserved, zero
+//!      8    4 raw_len      (u32 LE) length of the block's bytes, 1..=MAX_BLOCK_SIZE
+//!     12    4 payload_len  (u32 LE) length of what follows; raw_len when codec = raw
+//!     16   32 hash         BLAKE3 of the raw bytes
+//!     48    . payload
+//! ```
+
+use crate::hash::ChunkHash;
+use crate::MAX_BLOCK_SIZE;
+
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 48;
+const MAGIC: &[u8; 4] = b"UCK1";
+/// Largest payload accepted: a zstd frame of an incompressible block is a little larger than it.
+pub const MAX_PAYLOAD: u32 = MAX_BLOCK_SIZE + MAX_BLOCK_SIZE / 64 + 1024;
+
+/// How a payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// The raw bytes: used when compression would not save at least 1/32 of the block.
+    Raw = 0,
+    /// One zstd frame.
+    Zstd = 1,
+}
+
+/// A frame's parsed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Payload encoding.
+    pub codec: Codec,
+    /// Length of the raw block.
+    pub raw_len: u32,
+    /// Length of the payload that follows the header.
+    pub payload_len: u32,
+    /// BLAKE3 of the raw block.
+    pub hash: ChunkHash,
+}
+
+impl Header {
+    /// Whole frame length (header + payload).
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload_len as usize
+    }
+}
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("chunk frame is truncated: {have} bytes, need {need}")]
+    Truncated { have: usize, need: usize },
+    #[error("chunk frame has a bad magic (not an Understudy chunk, or the data is damaged)")]
+    BadMagic,
+    #[error("chunk frame uses unknown codec {0}")]
+    UnknownCodec(u8),
+    #[error("chunk frame declares raw length {raw_len} and payload length {payload_len}, outside the limits (raw 1..={MAX_BLOCK_SIZE}, payload <= {MAX_PAYLOAD})")]
+    BadLength { raw_len: u32, payload_len: u32 },
+    #[error("chunk payload does not decompress: {0}")]
+    Decompress(String),
+    #[error("chunk content does not match its hash (declared {declared}, actual {actual}): the data was damaged")]
+    HashMismatch { declared: ChunkHash, actual: ChunkHash },
+}
+
+/// Builds the frame of one block: hashes it, compresses it at `level` unless that saves too little.
+pub fn encode(raw: &[u8], level: i32) -> Vec<u8> {
+    let hash = ChunkHash::of(raw);
+    encode_with_hash(raw, hash, level)
+}
+
+/// As [`encode`], with the hash already computed by the caller.
+pub fn encode_with_hash(raw: &[u8], hash: ChunkHash, level: i32) -> Vec<u8> {
+    let compressed = zstd::bulk::compress(raw, level).ok().filter(|c| c.len() < raw.len() - raw.len() / 32);
+    let (codec, payload) = match &compressed {
+        Some(c) => (Codec::Zstd, c.as_slice()),
+        None => (Codec::Raw, raw),
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.push(codec as u8);
+    out.extend_from_slice(&[0, 0, 0]);
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&hash.0);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Parses and bounds-checks a header; never allocates.
+pub fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Err(FrameError::Truncated { have: buf.len(), need: HEADER_LEN });
+    }
+    if &buf[0..4] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    let codec = match buf[4] {
+        0 => Codec::Raw,
+        1 => Codec::Zstd,
+        c => return Err(FrameError::UnknownCodec(c)),
+    };
+    let raw_len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+    let payload_len = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
+    let lengths_ok = (1..=MAX_BLOCK_SIZE).contains(&raw_len)
+        && payload_len <= MAX_PAYLOAD
+        && (codec != Codec::Raw || payload_len == raw_len);
+    if !lengths_ok {
+        return Err(FrameError::BadLength { raw_len, payload_len });
+    }
+    let hash = ChunkHash(buf[16..48].try_into().expect("32 bytes"));
+    Ok(Header { codec, raw_len, payload_len, hash })
+}
+
+/// Decodes a whole frame into the block's raw bytes and checks them against the frame's hash.
+pub fn decode(frame: &[u8]) -> Result<(Header, Vec<u8>), FrameError> {
+    let header = parse_header(frame)?;
+    if frame.len() != header.frame_len() {
+        return Err(FrameError::Truncated { have: frame.len(), need: header.frame_len() });
+    }
+    let payload = &frame[HEADER_LEN..];
+    let raw = match header.codec {
+        Codec::Raw => payload.to_vec(),
+        Codec::Zstd => {
+            let raw = zstd::bulk::decompress(payload, header.raw_len as usize)
+                .map_err(|e| FrameError::Decompress(e.to_string()))?;
+            if raw.len() != header.raw_len as usize {
+                return Err(FrameError::Decompress(format!(
+                    "got {} bytes, header says {}",
+                    raw.len(),
+                    header.raw_len
+                )));
+            }
+            raw
+        }
+    };
+    let actual = ChunkHash::of(&raw);
+    if actual != header.hash {
+        return Err(FrameError::HashMismatch { declared: header.hash, actual });
+    }
+    Ok((header, raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn compressible_blocks_are_compressed_and_random_ones_are_not() {
+        let text = b"2026-11-21 INFO request served in 3ms\n".repeat(2000);
+        let f = encode(&text, 1);
+        assert_eq!(parse_header(&f).unwrap().codec, Codec::Zstd);
+        assert!(f.len() < text.len() / 4);
+        let noise: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let g = encode(&noise, 1);
+        let (h, raw) = decode(&g).unwrap();
+        assert_eq!(raw, noise);
+        assert_eq!(h.hash, ChunkHash::of(&noise));
+    }
+
+    #[test]
+    fn a_flipped_payload_bit_is_detected() {
+        let data = vec![5u8; 4096];
+        let mut f = encode(&data, 1);
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        assert!(decode(&f).is_err());
+        let mut raw = encode(&(0..4096u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>(), 1);
+        raw[HEADER_LEN + 10] ^= 0x40;
+        assert!(matches!(decode(&raw), Err(FrameError::HashMismatch { .. }) | Err(FrameError::Decompress(_))));
+    }
+
+    #[test]
+    fn lengths_from_the_frame_are_bounded() {
+        let mut f = encode(&[1u8; 100], 1);
+        f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(parse_header(&f), Err(FrameError::BadLength { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(any::<u8>(), 1..20000), level in 1i32..4) {
+            let f = encode(&data, level);
+            let (_, raw) = decode(&f).unwrap();
+            prop_assert_eq!(raw, data);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&data);
+        }
+    }
+}
+
+/// A frame whose content was checked against its hash. Only [`verify`] makes one.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    hash: ChunkHash,
+    frame: Vec<u8>,
+}
+
+impl Verified {
+    /// The chunk's hash.
+    pub fn hash(&self) -> ChunkHash {
+        self.hash
+    }
+    /// The frame bytes, to store as they are.
+    pub fn frame(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+/// Decodes a frame fully, checks its hash, and keeps the frame bytes for storing unchanged.
+pub fn verify(frame: Vec<u8>) -> Result<Verified, FrameError> {
+    let (header, _) = decode(&frame)?;
+    Ok(Verified { hash: header.hash, frame })
+}

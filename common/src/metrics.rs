@@ -1,0 +1,137 @@
+//! Prometheus metrics, served as text on `/metrics`. Both agents use the same families, labelled
+//! by group; RPO is computed at scrape time from the last point's cut time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+/// Label set: the protection group.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    /// Group name.
+    pub group: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric an agent exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    groups: Mutex<Vec<String>>,
+    /// Cut time of the last committed point (Unix seconds).
+    pub last_point: Family<GroupLabel, FGauge>,
+    /// Now minus the last point's cut time.
+    pub rpo: Family<GroupLabel, FGauge>,
+    /// Bytes read from volumes.
+    pub bytes_read: Family<GroupLabel, Counter>,
+    /// Chunk bytes sent on the wire (frames, compressed).
+    pub bytes_sent: Family<GroupLabel, Counter>,
+    /// Chunk bytes received and stored.
+    pub bytes_stored: Family<GroupLabel, Counter>,
+    /// Duration of replication cycles.
+    pub cycle_seconds: Family<GroupLabel, Histogram>,
+    /// Failed cycles (source) or sessions (target).
+    pub failures: Family<GroupLabel, Counter>,
+    /// Points committed.
+    pub points: Family<GroupLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("understudy");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            groups: Mutex::new(Vec::new()),
+            last_point: Family::default(),
+            rpo: Family::default(),
+            bytes_read: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_stored: Family::default(),
+            cycle_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 16))),
+            failures: Family::default(),
+            points: Family::default(),
+        };
+        r.register("last_recovery_point_timestamp_seconds", "Cut time of the last committed recovery point", m.last_point.clone());
+        r.register("rpo_seconds", "Seconds since the cut of the last committed recovery point", m.rpo.clone());
+        r.register("volume_read_bytes", "Bytes read from volumes", m.bytes_read.clone());
+        r.register("wire_sent_bytes", "Chunk frame bytes sent", m.bytes_sent.clone());
+        r.register("stored_bytes", "Chunk frame bytes received and stored", m.bytes_stored.clone());
+        r.register("cycle_duration_seconds", "Duration of replication cycles", m.cycle_seconds.clone());
+        r.register("failures", "Failed cycles or sessions", m.failures.clone());
+        r.register("points_committed", "Recovery points committed", m.points.clone());
+        *m.registry.lock().expect("registry") = r;
+        m
+    }
+
+    /// Label for a group.
+    pub fn group(group: &str) -> GroupLabel {
+        GroupLabel { group: group.to_string() }
+    }
+
+    /// Records a committed point's cut time.
+    pub fn point_committed(&self, group: &str, created_ms: i64) {
+        self.last_point.get_or_create(&Self::group(group)).set(created_ms as f64 / 1000.0);
+        self.points.get_or_create(&Self::group(group)).inc();
+        self.track(group);
+    }
+
+    /// Prometheus text exposition, with RPO refreshed for every tracked group.
+    pub fn render(&self) -> String {
+        let now = crate::now_ms() as f64 / 1000.0;
+        for group in self.groups.lock().expect("groups").iter() {
+            let label = Self::group(group);
+            let last = self.last_point.get_or_create(&label).get();
+            if last > 0.0 {
+                self.rpo.get_or_create(&label).set((now - last).max(0.0));
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().expect("registry")).expect("text encoding");
+        out
+    }
+
+    /// Notes a group so its RPO is exported.
+    pub fn track(&self, group: &str) {
+        let mut g = self.groups.lock().expect("groups");
+        if !g.iter().any(|x| x == group) {
+            g.push(group.to_string());
+        }
+    }
+
+    /// Serves `/metrics` on `addr` until the process ends; returns the bound address.
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        use anyhow::Context;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}: is the port in use? choose another with --metrics-addr"))?;
+        let bound = listener.local_addr()?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = self.clone();
+                async move {
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+        Ok(bound)
+    }
+}

@@ -1,0 +1,89 @@
+//! Control-stream messages of protocol version 1.
+
+use crate::hash::{BlockRef, ChunkHash};
+use crate::store::CutMeta;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// TLS ALPN token of Understudy sessions (the version is negotiated in the preamble).
+pub const ALPN: &[u8] = b"understudy";
+/// First bytes of the control stream, in both directions, before the version.
+pub const PREAMBLE_MAGIC: &[u8; 4] = b"UNDR";
+/// Largest control message accepted, in bytes.
+pub const MAX_CONTROL_MESSAGE: u32 = 4 << 20;
+/// Block-map entries per `Entries` message.
+pub const ENTRIES_PER_MESSAGE: usize = 16 * 1024;
+/// Hashes per `Need` message.
+pub const HASHES_PER_MESSAGE: usize = 16 * 1024;
+/// First byte of every data stream.
+pub const DATA_STREAM_KIND: u8 = 0x01;
+
+/// Whether an offer's entries are a delta or a full declaration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OfferKind {
+    /// Entries list only blocks changed since point `base`, which must be the target's latest.
+    Delta { base: u64 },
+    /// Entries list every block of every volume.
+    Full,
+}
+
+/// Why a session was refused or ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseCode {
+    /// The peer sent a message that is not valid at this point of the session.
+    Protocol,
+    /// Another session of the same group is running on the target.
+    GroupBusy,
+    /// The delta's base is not the target's latest point: send a full offer.
+    BaseMismatch,
+    /// The commit named chunks the target does not hold.
+    MissingChunks,
+    /// The offer is malformed (bad block size, names, entries).
+    BadOffer,
+    /// The target's store failed (disk full, I/O error).
+    StoreFailed,
+}
+
+/// One control message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Source -> target, first message: which group this session replicates.
+    Hello { group: String },
+    /// Target -> source: the group's latest committed point (seq, cut id), if any.
+    Welcome { latest: Option<(u64, String)> },
+    /// Source -> target: a cut to replicate.
+    Offer { kind: OfferKind, cut: CutMeta },
+    /// Source -> target: block-map entries of one volume of the offer (index into `cut.volumes`).
+    Entries { volume: u32, entries: Vec<(u64, BlockRef)> },
+    /// Source -> target: all entries sent.
+    OfferEnd { entries: u64 },
+    /// Target -> source: chunks it lacks.
+    Need { hashes: Vec<ChunkHash> },
+    /// Target -> source: all needs sent; `held` counts referenced chunks it already had.
+    NeedEnd { needed: u64, held: u64 },
+    /// Source -> target: every needed chunk was sent on `data_streams` data streams; commit.
+    Commit { data_streams: u32, chunks: u64 },
+    /// Target -> source: the point is durable and visible.
+    Committed { seq: u64, blocks_changed: u64 },
+    /// Either side: the session cannot go on.
+    Refused { code: RefuseCode, message: String },
+}
+
+impl Control {
+    /// Short name for logs and protocol errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Control::Hello { .. } => "Hello",
+            Control::Welcome { .. } => "Welcome",
+            Control::Offer { .. } => "Offer",
+            Control::Entries { .. } => "Entries",
+            Control::OfferEnd { .. } => "OfferEnd",
+            Control::Need { .. } => "Need",
+            Control::NeedEnd { .. } => "NeedEnd",
+            Control::Commit { .. } => "Commit",
+            Control::Committed { .. } => "Committed",
+            Control::Refused { .. } => "Refused",
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The source side of a session, as a state machine: feed it the target's control messages, it
+//! says what to send next.
+
+use super::messages::*;
+use crate::hash::{BlockRef, ChunkHash};
+use crate::store::CutMeta;
+
+/// What the source offers: a cut and its block-map entries per volume (indexed like `cut.volumes`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Offer {
+    /// Delta against a base point, or full.
+    pub kind: OfferKind,
+    /// The cut.
+    pub cut: CutMeta,
+    /// Entries per volume, in `cut.volumes` order, block indices increasing.
+    pub entries: Vec<Vec<(u64, BlockRef)>>,
+}
+
+/// A session ended by the peer or by a protocol violation.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("target refused the session ({code:?}): {message}")]
+    Refused { code: RefuseCode, message: String },
+    #[error("protocol violation: got {got} while {state}")]
+    Unexpected { got: &'static str, state: &'static str },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the caller should do after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SourceStep {
+    /// Send these control messages (possibly none) and keep reading.
+    Send(Vec<Control>),
+    /// Send these chunks on data streams, then send [`SourceSession::commit`].
+    SendChunks(Vec<ChunkHash>),
+    /// The target already committed this very cut as point `seq` (an earlier session got that far).
+    AlreadyCommitted { seq: u64 },
+    /// The target's latest point is not this delta's base: make a full cut and offer that.
+    BaseMismatch { latest: Option<u64> },
+    /// Done: the cut is point `seq` on the target.
+    Committed { seq: u64, blocks_changed: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitWelcome,
+    AwaitNeed,
+    Sending,
+    AwaitCommitted,
+    Done,
+}
+
+impl State {
+    fn describe(self) -> &'static str {
+        match self {
+            State::AwaitWelcome => "waiting for Welcome",
+            State::AwaitNeed => "waiting for Need",
+            State::Sending => "sending chunks",
+            State::AwaitCommitted => "waiting for Committed",
+            State::Done => "the session was over",
+        }
+    }
+}
+
+/// Source session state.
+pub struct SourceSession {
+    offer: Offer,
+    state: State,
+    need: Vec<ChunkHash>,
+}
+
+impl SourceSession {
+    /// Starts a session for `group`; returns it and the first message to send.
+    pub fn new(group: &str, offer: Offer) -> (Self, Control) {
+        let s = SourceSession { offer, state: State::AwaitWelcome, need: Vec::new() };
+        (s, Control::Hello { group: group.to_string() })
+    }
+
+    /// Handles one message from the target.
+    pub fn on_message(&mut self, msg: Control) -> Result<SourceStep, SessionError> {
+        match (self.state, msg) {
+            (_, Control::Refused { code: RefuseCode::BaseMismatch, .. }) => {
+                self.state = State::Done;
+                Ok(SourceStep::BaseMismatch { latest: None })
+            }
+            (_, Control::Refused { code, message }) => {
+                self.state = State::Done;
+                Err(SessionError::Refused { code, message })
+            }
+            (State::AwaitWelcome, Control::Welcome { latest }) => Ok(self.on_welcome(latest)),
+            (State::AwaitNeed, Control::Need { hashes }) => {
+                self.need.extend(hashes);
+                Ok(SourceStep::Send(vec![]))
+            }
+            (State::AwaitNeed, Control::NeedEnd { needed, .. }) => {
+                if needed != self.need.len() as u64 {
+                    return Err(SessionError::Invalid(format!(
+                        "target announced {needed} needed chunks but listed {}",
+                        self.need.len()
+                    )));
+                }
+                self.state = State::Sending;
+                Ok(SourceStep::SendChunks(std::mem::take(&mut self.need)))
+            }
+            (State::AwaitCommitted, Control::Committed { seq, blocks_changed }) => {
+                self.state = State::Done;
+                Ok(SourceStep::Committed { seq, blocks_changed })
+            }
+            (state, other) => Err(SessionError::Unexpected { got: other.name(), state: state.describe() }),
+        }
+    }
+
+    fn on_welcome(&mut self, latest: Option<(u64, String)>) -> SourceStep {
+        if let Some((seq, cut_id)) = &latest
+            && *cut_id == self.offer.cut.cut_id
+        {
+            self.state = State::Done;
+            return SourceStep::AlreadyCommitted { seq: *seq };
+        }
+        if let OfferKind::Delta { base } = self.offer.kind
+            && latest.as_ref().map(|l| l.0) != Some(base)
+        {
+            self.state = State::Done;
+            return SourceStep::BaseMismatch { latest: latest.map(|l| l.0) };
+        }
+        self.state = State::AwaitNeed;
+        SourceStep::Send(self.offer_messages())
+    }
+
+    fn offer_messages(&self) -> Vec<Control> {
+        let mut out = vec![Control::Offer { kind: self.offer.kind, cut: self.offer.cut.clone() }];
+        let mut total = 0u64;
+        for (i, entries) in self.offer.entries.iter().enumerate() {
+            for batch in entries.chunks(ENTRIES_PER_MESSAGE) {
+                total += batch.len() as u64;
+                out.push(Control::Entries { volume: i as u32, entries: batch.to_vec() });
+            }
+        }
+        out.push(Control::OfferEnd { entries: total });
+        out
+    }
+
+    /// The commit message, once every needed chunk was written to `data_streams` streams.
+    pub fn commit(&mut self, data_streams: u32, chunks: u64) -> Control {
+        self.state = State::AwaitCommitted;
+        Control::Commit { data_streams, chunks }
+    }
+}

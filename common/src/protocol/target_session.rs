@@ -1,0 +1,229 @@
+//! The target side of a session, as a state machine over a [`Store`]: it validates the offer,
+//! answers what it lacks, takes verified chunks and commits the point atomically.
+
+use super::messages::*;
+use super::source_session::SessionError;
+use crate::chunk::Verified;
+use crate::hash::{block_count, BlockRef, ChunkHash};
+use crate::store::{CommitError, CutMeta, Store, VolumeEntries};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// What the caller should do after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TargetStep {
+    /// Send these (possibly none) and keep reading.
+    Reply(Vec<Control>),
+    /// The source asked to commit: wait until `data_streams` data streams have ended and their
+    /// chunks were handed to [`TargetSession::on_chunk`], then call [`TargetSession::commit`].
+    CommitWhenDrained { data_streams: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    AwaitOffer,
+    ReceivingEntries,
+    ReceivingChunks,
+    Committing,
+    Done,
+}
+
+struct Pending {
+    kind: OfferKind,
+    cut: CutMeta,
+    entries: Vec<VolumeEntries>,
+    blocks: Vec<u64>,
+    count: u64,
+}
+
+/// Target session state.
+pub struct TargetSession {
+    store: Arc<Store>,
+    state: State,
+    group: String,
+    pending: Option<Pending>,
+    expected: HashSet<ChunkHash>,
+    received: (u64, u64),
+}
+
+/// Reply for a failed session: the message to send, and the error to log.
+pub fn refusal(err: &SessionError) -> Control {
+    let (code, message) = match err {
+        SessionError::Refused { code, message } => (*code, message.clone()),
+        SessionError::Unexpected { .. } => (RefuseCode::Protocol, err.to_string()),
+        SessionError::Invalid(m) => (RefuseCode::BadOffer, m.clone()),
+    };
+    Control::Refused { code, message }
+}
+
+fn refuse(code: RefuseCode, message: impl Into<String>) -> SessionError {
+    SessionError::Refused { code, message: message.into() }
+}
+
+fn store_failed(e: anyhow::Error) -> SessionError {
+    refuse(RefuseCode::StoreFailed, format!("target store failed: {e:#}"))
+}
+
+impl TargetSession {
+    /// A new session writing into `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        TargetSession { store, state: State::AwaitHello, group: String::new(), pending: None, expected: HashSet::new(), received: (0, 0) }
+    }
+
+    /// The group named in Hello (empty before it).
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Chunks received so far and their frame bytes.
+    pub fn received(&self) -> (u64, u64) {
+        self.received
+    }
+
+    /// Handles one control message from the source.
+    pub fn on_message(&mut self, msg: Control) -> Result<TargetStep, SessionError> {
+        let step = match (self.state, msg) {
+            (State::AwaitHello, Control::Hello { group }) => self.on_hello(group)?,
+            (State::AwaitOffer, Control::Offer { kind, cut }) => self.on_offer(kind, cut)?,
+            (State::ReceivingEntries, Control::Entries { volume, entries }) => self.on_entries(volume, entries)?,
+            (State::ReceivingEntries, Control::OfferEnd { entries }) => self.on_offer_end(entries)?,
+            (State::ReceivingChunks, Control::Commit { data_streams, .. }) => {
+                self.state = State::Committing;
+                TargetStep::CommitWhenDrained { data_streams }
+            }
+            (_, Control::Refused { code, message }) => return Err(SessionError::Refused { code, message }),
+            (state, other) => {
+                return Err(SessionError::Unexpected { got: other.name(), state: describe(state) });
+            }
+        };
+        Ok(step)
+    }
+
+    fn on_hello(&mut self, group: String) -> Result<TargetStep, SessionError> {
+        crate::volume::check_name(&group).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
+        let latest = self.store.latest(&group).map_err(store_failed)?;
+        self.group = group;
+        self.state = State::AwaitOffer;
+        Ok(TargetStep::Reply(vec![Control::Welcome { latest: latest.map(|p| (p.seq, p.cut.cut_id)) }]))
+    }
+
+    fn on_offer(&mut self, kind: OfferKind, cut: CutMeta) -> Result<TargetStep, SessionError> {
+        crate::check_block_size(cut.block_size).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
+        let mut names = HashSet::new();
+        for v in &cut.volumes {
+            crate::volume::check_name(&v.name).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
+            if !names.insert(v.name.as_str()) {
+                return Err(SessionError::Invalid(format!("offer declares volume {} twice", v.name)));
+            }
+        }
+        if let OfferKind::Delta { base } = kind {
+            let latest = self.store.latest(&self.group).map_err(store_failed)?.map(|p| p.seq);
+            if latest != Some(base) {
+                return Err(refuse(RefuseCode::BaseMismatch, format!("delta against point {base}, latest is {latest:?}")));
+            }
+        }
+        let blocks = cut.volumes.iter().map(|v| block_count(v.size, cut.block_size)).collect();
+        let entries = cut.volumes.iter().map(|v| (v.name.clone(), Vec::new())).collect();
+        self.pending = Some(Pending { kind, cut, entries, blocks, count: 0 });
+        self.state = State::ReceivingEntries;
+        Ok(TargetStep::Reply(vec![]))
+    }
+
+    fn on_entries(&mut self, volume: u32, entries: Vec<(u64, BlockRef)>) -> Result<TargetStep, SessionError> {
+        let p = self.pending.as_mut().expect("pending offer in this state");
+        let v = volume as usize;
+        let (Some((_, list)), Some(&blocks)) = (p.entries.get_mut(v), p.blocks.get(v)) else {
+            return Err(SessionError::Invalid(format!("entries for volume #{volume}, the offer has {}", p.blocks.len())));
+        };
+        for (index, r) in entries {
+            let increasing = list.last().is_none_or(|(last, _)| index > *last);
+            if index >= blocks || !increasing {
+                return Err(SessionError::Invalid(format!(
+                    "volume {}: entry for block {index} is out of order or past the end ({blocks} blocks)",
+                    list_name(&p.cut, v)
+                )));
+            }
+            list.push((index, r));
+            p.count += 1;
+        }
+        Ok(TargetStep::Reply(vec![]))
+    }
+
+    fn on_offer_end(&mut self, declared: u64) -> Result<TargetStep, SessionError> {
+        let p = self.pending.as_ref().expect("pending offer in this state");
+        if declared != p.count {
+            return Err(SessionError::Invalid(format!("offer announced {declared} entries, {} arrived", p.count)));
+        }
+        let mut referenced: Vec<ChunkHash> = p
+            .entries
+            .iter()
+            .flat_map(|(_, l)| l.iter())
+            .filter_map(|(_, r)| match r {
+                BlockRef::Data(h) => Some(*h),
+                BlockRef::Hole => None,
+            })
+            .chain(p.cut.manifests.chunks.iter().copied())
+            .collect();
+        referenced.sort_unstable();
+        referenced.dedup();
+        let missing = self.store.missing(&referenced).map_err(store_failed)?;
+        let held = (referenced.len() - missing.len()) as u64;
+        let mut out: Vec<Control> =
+            missing.chunks(HASHES_PER_MESSAGE).map(|c| Control::Need { hashes: c.to_vec() }).collect();
+        out.push(Control::NeedEnd { needed: missing.len() as u64, held });
+        self.expected = missing.into_iter().collect();
+        self.state = State::ReceivingChunks;
+        Ok(TargetStep::Reply(out))
+    }
+
+    /// Takes a verified chunk from a data stream. Chunks not asked for are refused (a peer cannot
+    /// fill the store with data no point will reference); repeats are ignored.
+    pub fn on_chunk(&mut self, chunk: &Verified) -> Result<(), SessionError> {
+        if !matches!(self.state, State::ReceivingChunks | State::Committing) {
+            return Err(SessionError::Unexpected { got: "a chunk", state: describe(self.state) });
+        }
+        if !self.expected.remove(&chunk.hash()) {
+            return Err(SessionError::Invalid(format!("chunk {} was not requested", chunk.hash())));
+        }
+        self.store.append(chunk.hash(), chunk.frame()).map_err(store_failed)?;
+        self.received.0 += 1;
+        self.received.1 += chunk.frame().len() as u64;
+        Ok(())
+    }
+
+    /// Commits the point once the data streams drained; returns the reply to send.
+    pub fn commit(&mut self) -> Result<Control, SessionError> {
+        if self.state != State::Committing {
+            return Err(SessionError::Unexpected { got: "Commit", state: describe(self.state) });
+        }
+        self.state = State::Done;
+        let p = self.pending.take().expect("pending offer in this state");
+        let base = match p.kind {
+            OfferKind::Delta { base } => Some(base),
+            OfferKind::Full => None,
+        };
+        match self.store.commit_point(&self.group, p.cut, base, &p.entries, self.received) {
+            Ok(rec) => Ok(Control::Committed { seq: rec.seq, blocks_changed: rec.stats.blocks_changed }),
+            Err(CommitError::BaseMismatch { .. }) => Err(refuse(RefuseCode::BaseMismatch, "the group moved on during the session")),
+            Err(e @ CommitError::MissingChunks { .. }) => Err(refuse(RefuseCode::MissingChunks, e.to_string())),
+            Err(e @ CommitError::EntryOutOfRange { .. }) => Err(SessionError::Invalid(e.to_string())),
+            Err(CommitError::Store(e)) => Err(store_failed(e)),
+        }
+    }
+}
+
+fn list_name(cut: &CutMeta, v: usize) -> &str {
+    cut.volumes.get(v).map_or("?", |m| m.name.as_str())
+}
+
+fn describe(s: State) -> &'static str {
+    match s {
+        State::AwaitHello => "waiting for Hello",
+        State::AwaitOffer => "waiting for Offer",
+        State::ReceivingEntries => "receiving entries",
+        State::ReceivingChunks => "receiving chunks",
+        State::Committing => "committing",
+        State::Done => "the session was over",
+    }
+}

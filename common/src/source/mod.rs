@@ -1,0 +1,10 @@
+//! The source side of the data path: the cut (hooks, manifests, scan of every volume at one
+//! instant), its spool of chunk frames, and the state that survives restarts.
+
+pub mod cut;
+pub mod scan;
+pub mod spool;
+pub mod state;
+
+pub use cut::{make_cut, CutConfig, PendingCut};
+pub use state::{Base, GroupState};

@@ -1,0 +1,81 @@
+//! The spool: a cut's changed chunks, framed once while the group is frozen and sent from here
+//! afterwards (and again after a restart), so a cut never depends on the live volume.
+
+use crate::hash::ChunkHash;
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Where a frame sits in the spool file: (offset, length).
+pub type SpoolIndex = HashMap<ChunkHash, (u64, u32)>;
+
+/// Appends frames to a spool file, each hash once.
+pub struct SpoolWriter {
+    out: BufWriter<File>,
+    len: u64,
+    index: SpoolIndex,
+    bytes_added: u64,
+}
+
+impl SpoolWriter {
+    /// Creates the spool file.
+    pub fn create(path: &Path) -> Result<Self> {
+        let f = OpenOptions::new().write(true).create(true).truncate(true).open(path)
+            .with_context(|| format!("cannot create spool {}: check the state directory is writable", path.display()))?;
+        Ok(SpoolWriter { out: BufWriter::with_capacity(4 << 20, f), len: 0, index: HashMap::new(), bytes_added: 0 })
+    }
+
+    /// True when the spool already holds this chunk.
+    pub fn contains(&self, h: &ChunkHash) -> bool {
+        self.index.contains_key(h)
+    }
+
+    /// Adds a frame unless its hash is already there.
+    pub fn add(&mut self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
+        if self.index.contains_key(&hash) {
+            return Ok(());
+        }
+        self.out.write_all(frame).context("write to spool failed: is the source state disk full?")?;
+        self.index.insert(hash, (self.len, frame.len() as u32));
+        self.len += frame.len() as u64;
+        self.bytes_added += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes of frames written.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_added
+    }
+
+    /// Flushes and fsyncs; returns the index.
+    pub fn finish(self) -> Result<SpoolIndex> {
+        let f = self.out.into_inner().map_err(|e| e.into_error()).context("flush of spool failed")?;
+        f.sync_all().context("fsync of spool failed")?;
+        Ok(self.index)
+    }
+}
+
+/// Reads frames back from a finished spool.
+pub struct SpoolReader {
+    file: File,
+    index: SpoolIndex,
+}
+
+impl SpoolReader {
+    /// Opens a spool with its index.
+    pub fn open(path: &Path, index: SpoolIndex) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("spool {} is missing", path.display()))?;
+        Ok(SpoolReader { file, index })
+    }
+
+    /// The frame of a chunk.
+    pub fn frame(&self, h: &ChunkHash) -> Result<Vec<u8>> {
+        let (off, len) = *self.index.get(h).with_context(|| format!("chunk {h} is not in this cut's spool"))?;
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, off).context("read from spool failed")?;
+        Ok(buf)
+    }
+}

@@ -1,0 +1,121 @@
+//! What the source keeps between cycles, per group, under `<state>/groups/<group>/`:
+//! `base.bin` (the block maps of the last point the target committed) and `cut/` (a cut made but
+//! not yet committed: `cut.bin` plus its spool). Files are replaced atomically (write, fsync,
+//! rename, fsync directory), and a lock file keeps two cycles of a group from running at once.
+
+use super::cut::PendingCut;
+use crate::change::VolumeBase;
+use anyhow::{Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The last point the target committed, as the source knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Base {
+    /// Point sequence number on the target.
+    pub seq: u64,
+    /// Cut id of that point.
+    pub cut_id: String,
+    /// Block size of the maps.
+    pub block_size: u32,
+    /// Block maps per volume.
+    pub volumes: Vec<VolumeBase>,
+}
+
+impl Base {
+    /// The base of one volume.
+    pub fn volume(&self, name: &str) -> Option<&VolumeBase> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+}
+
+/// A group's state directory, locked for the lifetime of this value.
+pub struct GroupState {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl GroupState {
+    /// Opens (creating) and locks the state of `group` under `state_dir`.
+    pub fn lock(state_dir: &Path, group: &str) -> Result<Self> {
+        let dir = state_dir.join("groups").join(group);
+        std::fs::create_dir_all(dir.join("cut"))
+            .with_context(|| format!("cannot create source state {}: check permissions", dir.display()))?;
+        let lock = File::create(dir.join("lock"))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!("another cycle of group {group} is running (lock {} is held); wait for it to finish", dir.join("lock").display())
+        })?;
+        Ok(GroupState { dir, _lock: lock })
+    }
+
+    /// Directory of the pending cut.
+    pub fn cut_dir(&self) -> PathBuf {
+        self.dir.join("cut")
+    }
+
+    /// The committed base, if any.
+    pub fn base(&self) -> Result<Option<Base>> {
+        read_file(&self.dir.join("base.bin"))
+    }
+
+    /// Replaces the base.
+    pub fn set_base(&self, base: Option<&Base>) -> Result<()> {
+        match base {
+            Some(b) => write_atomic(&self.dir.join("base.bin"), &postcard::to_stdvec(b)?),
+            None => remove(&self.dir.join("base.bin")),
+        }
+    }
+
+    /// The pending cut, if one was made and not yet committed.
+    pub fn pending(&self) -> Result<Option<PendingCut>> {
+        read_file(&self.cut_dir().join("cut.bin"))
+    }
+
+    /// Records a finished cut (its spool must already be durable).
+    pub fn set_pending(&self, cut: &PendingCut) -> Result<()> {
+        write_atomic(&self.cut_dir().join("cut.bin"), &postcard::to_stdvec(cut)?)
+    }
+
+    /// Forgets the pending cut and its spool.
+    pub fn clear_pending(&self) -> Result<()> {
+        remove(&self.cut_dir().join("cut.bin"))?;
+        remove(&self.cut_dir().join("spool.frames"))
+    }
+
+    /// After the target committed `cut` as `seq`: it becomes the base, and the cut is dropped.
+    pub fn promote(&self, cut: &PendingCut, seq: u64) -> Result<()> {
+        let base = Base { seq, cut_id: cut.offer.cut.cut_id.clone(), block_size: cut.offer.cut.block_size, volumes: cut.maps.clone() };
+        self.set_base(Some(&base))?;
+        self.clear_pending()
+    }
+}
+
+fn read_file<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(b) => postcard::from_bytes(&b).map(Some).with_context(|| {
+            format!("source state {} is unreadable: delete it to start over with a full sync", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a file so a crash leaves either the old or the new content.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).with_context(|| format!("cannot replace {}", path.display()))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,521 @@
+//! The target's recovery-point store: packs of chunk frames plus a redb catalog.
+//! docs/store-format.md describes the layout byte by byte.
+
+pub mod catalog;
+pub mod pack;
+pub mod recovery_point;
+pub mod restore;
+pub mod retention;
+pub mod verify;
+
+use crate::chunk;
+use crate::hash::{block_count, BlockRef, ChunkHash};
+use anyhow::{bail, Context, Result};
+use catalog::*;
+use pack::{Location, PackWriter};
+pub use recovery_point::{CutMeta, ManifestRef, PointRecord, PointStats, VolumeMeta};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Block-map entries declared for one volume of a cut: (block index, new ref).
+pub type VolumeEntries = (String, Vec<(u64, BlockRef)>);
+
+/// Why a commit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("the offer was made against point {offered:?} but the group's latest point is {latest:?}")]
+    BaseMismatch { offered: Option<u64>, latest: Option<u64> },
+    #[error("{count} chunks the point needs are not in the store (first: {first}); the source must send them")]
+    MissingChunks { count: usize, first: ChunkHash },
+    #[error("volume {volume}: entry for block {index} is past its end ({blocks} blocks)")]
+    EntryOutOfRange { volume: String, index: u64, blocks: u64 },
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+/// Chunks appended but not yet recorded in the catalog.
+struct Pending {
+    writer: Option<PackWriter>,
+    chunks: Vec<([u8; 32], Location)>,
+    bytes: u64,
+}
+
+/// An open store. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Store {
+    root: PathBuf,
+    db: Database,
+    pending: Mutex<Pending>,
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+/// Pending chunk bytes past which an append flushes on its own.
+const FLUSH_BYTES: u64 = 64 << 20;
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, truncating torn pack tails and removing
+    /// packs no committed catalog entry refers to (both are left by a crash).
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root.join("packs"))
+            .with_context(|| format!("cannot create store directory {}: check permissions", root.display()))?;
+        let db_path = root.join("catalog.redb");
+        let db = Database::create(&db_path).with_context(|| {
+            format!("cannot open catalog {}: is another target-agent using this store?", db_path.display())
+        })?;
+        let store = Store {
+            root: root.to_path_buf(),
+            db,
+            pending: Mutex::new(Pending { writer: None, chunks: Vec::new(), bytes: 0 }),
+            readers: Mutex::new(HashMap::new()),
+        };
+        store.init_tables()?;
+        store.repair_packs()?;
+        Ok(store)
+    }
+
+    /// Root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn packs_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
+
+    fn init_tables(&self) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get("format")?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("format", FORMAT_VERSION)?;
+                }
+                Some(FORMAT_VERSION) => {}
+                Some(v) => bail!(
+                    "store {} has catalog format {v}, this agent reads format {FORMAT_VERSION}: use a matching target-agent",
+                    self.root.display()
+                ),
+            }
+            txn.open_table(CHUNKS)?;
+            txn.open_table(PACKS)?;
+            txn.open_table(POINTS)?;
+            txn.open_table(HEADS)?;
+            txn.open_table(UNDO)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Pack ids and committed lengths from the catalog.
+    pub fn committed_packs(&self) -> Result<Vec<(u32, u64)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PACKS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), v.value()));
+        }
+        Ok(out)
+    }
+
+    fn pack_files(&self) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(self.packs_dir())? {
+            if let Some(id) = e?.file_name().to_str().and_then(pack::pack_id_of) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn repair_packs(&self) -> Result<()> {
+        let committed: HashMap<u32, u64> = self.committed_packs()?.into_iter().collect();
+        for id in self.pack_files()? {
+            let path = pack::pack_path(&self.packs_dir(), id);
+            match committed.get(&id) {
+                None => {
+                    tracing::info!(pack = %path.display(), "removing pack with no committed chunks (left by an interrupted write)");
+                    std::fs::remove_file(&path)?;
+                }
+                Some(&len) => {
+                    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    if f.metadata()?.len() > len {
+                        tracing::info!(pack = %path.display(), len, "truncating torn tail of pack");
+                        f.set_len(len)?;
+                        f.sync_all()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- chunks -----------------------------------------------------------------------------
+
+    /// The hashes among `hashes` the store does not hold durably.
+    pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        let mut out = Vec::new();
+        for h in hashes {
+            if t.get(h.0)?.is_none() {
+                out.push(*h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Location of a chunk, if held.
+    pub fn locate(&self, hash: &ChunkHash) -> Result<Option<Location>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        Ok(t.get(hash.0)?.map(|v| location(v.value())))
+    }
+
+    /// Appends a verified chunk frame. It becomes durable (and visible to [`Store::missing`]) at the
+    /// next [`Store::flush`], which happens on its own every 64 MiB.
+    pub fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
+        let mut p = self.pending.lock().expect("store lock");
+        if p.writer.as_ref().is_none_or(|w| w.len() >= pack::PACK_TARGET_SIZE) {
+            self.flush_locked(&mut p)?;
+            p.writer = Some(PackWriter::create(&self.packs_dir(), self.next_pack_id()?)?);
+        }
+        let loc = p.writer.as_mut().expect("writer just set").append(frame)?;
+        p.chunks.push((hash.0, loc));
+        p.bytes += frame.len() as u64;
+        if p.bytes >= FLUSH_BYTES {
+            self.flush_locked(&mut p)?;
+        }
+        Ok(())
+    }
+
+    fn next_pack_id(&self) -> Result<u32> {
+        let on_disk = self.pack_files()?.into_iter().max();
+        let committed = self.committed_packs()?.into_iter().map(|(id, _)| id).max();
+        Ok(on_disk.max(committed).map_or(1, |m| m + 1))
+    }
+
+    /// Makes every appended chunk durable: fsyncs the pack, then records the chunks in the catalog.
+    /// Returns how many chunks became durable.
+    pub fn flush(&self) -> Result<usize> {
+        let mut p = self.pending.lock().expect("store lock");
+        self.flush_locked(&mut p)
+    }
+
+    fn flush_locked(&self, p: &mut Pending) -> Result<usize> {
+        let Some(w) = p.writer.as_mut() else { return Ok(0) };
+        if p.chunks.is_empty() {
+            return Ok(0);
+        }
+        let len = w.sync()?;
+        let id = w.id();
+        let txn = self.db.begin_write()?;
+        {
+            let mut chunks = txn.open_table(CHUNKS)?;
+            for (h, loc) in &p.chunks {
+                chunks.insert(h, (loc.pack, loc.offset, loc.len))?;
+            }
+            txn.open_table(PACKS)?.insert(id, len)?;
+        }
+        txn.commit().context("catalog commit failed: the store's disk may be full")?;
+        let n = p.chunks.len();
+        p.chunks.clear();
+        p.bytes = 0;
+        Ok(n)
+    }
+
+    /// Seals the current pack: later appends go to a new one.
+    pub fn seal(&self) -> Result<()> {
+        let mut p = self.pending.lock().expect("store lock");
+        self.flush_locked(&mut p)?;
+        if let Some(w) = p.writer.take()
+            && w.is_empty()
+        {
+            std::fs::remove_file(pack::pack_path(&self.packs_dir(), w.id())).ok();
+        }
+        Ok(())
+    }
+
+    fn reader(&self, id: u32) -> Result<Arc<File>> {
+        let mut r = self.readers.lock().expect("reader lock");
+        if let Some(f) = r.get(&id) {
+            return Ok(f.clone());
+        }
+        let path = pack::pack_path(&self.packs_dir(), id);
+        let f = Arc::new(File::open(&path).with_context(|| format!("pack {} is missing", path.display()))?);
+        r.insert(id, f.clone());
+        Ok(f)
+    }
+
+    fn forget_reader(&self, id: u32) {
+        self.readers.lock().expect("reader lock").remove(&id);
+    }
+
+    /// Reads a chunk's frame bytes from its pack, unverified.
+    pub fn read_frame_at(&self, loc: Location) -> Result<Vec<u8>> {
+        let f = self.reader(loc.pack)?;
+        pack::read_frame(&f, loc).with_context(|| {
+            format!(
+                "cannot read {} bytes at offset {} of pack {}: the pack is truncated or unreadable",
+                loc.len,
+                loc.offset,
+                pack::pack_path(&self.packs_dir(), loc.pack).display()
+            )
+        })
+    }
+
+    /// Reads a chunk, decompresses it and checks its hash.
+    pub fn read_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>> {
+        let loc = self
+            .locate(hash)?
+            .with_context(|| format!("chunk {hash} is not in the store: run `target-agent verify`"))?;
+        let frame = self.read_frame_at(loc)?;
+        let (header, raw) = chunk::decode(&frame).with_context(|| {
+            format!(
+                "chunk {} at offset {} of pack {} is damaged",
+                hash,
+                loc.offset,
+                pack::pack_path(&self.packs_dir(), loc.pack).display()
+            )
+        })?;
+        anyhow::ensure!(header.hash == *hash, "pack {:08x} offset {} holds chunk {} where the catalog expects {}", loc.pack, loc.offset, header.hash, hash);
+        Ok(raw)
+    }
+
+    // ----- recovery points --------------------------------------------------------------------
+
+    /// Every group with at least one point.
+    pub fn groups(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(POINTS)?;
+        let mut out: Vec<String> = Vec::new();
+        for row in t.iter()? {
+            let (k, _) = row?;
+            let g = k.value().0.to_string();
+            if out.last() != Some(&g) {
+                out.push(g);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Points of a group, oldest first.
+    pub fn points(&self, group: &str) -> Result<Vec<PointRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(POINTS)?;
+        let mut out = Vec::new();
+        for row in t.range((group, 0)..=(group, u64::MAX))? {
+            out.push(PointRecord::decode(row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One point.
+    pub fn point(&self, group: &str, seq: u64) -> Result<Option<PointRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(POINTS)?;
+        t.get((group, seq))?.map(|v| PointRecord::decode(v.value())).transpose()
+    }
+
+    /// The group's latest point.
+    pub fn latest(&self, group: &str) -> Result<Option<PointRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(POINTS)?;
+        let last = t.range((group, 0)..=(group, u64::MAX))?.next_back().transpose()?;
+        last.map(|(_, v)| PointRecord::decode(v.value())).transpose()
+    }
+
+    /// Commits a recovery point in one transaction: the point becomes visible together with all of
+    /// its block-map entries, or not at all. `base` must be the group's latest point when the
+    /// entries are a delta against it; `None` means the entries declare every block (a full offer).
+    /// Entries equal to the latest point are dropped, so a full offer stores only what changed.
+    /// A cut already committed (same cut id as the latest point) is returned as is.
+    pub fn commit_point(
+        &self,
+        group: &str,
+        cut: CutMeta,
+        base: Option<u64>,
+        entries: &[VolumeEntries],
+        received: (u64, u64),
+    ) -> Result<PointRecord, CommitError> {
+        self.flush()?;
+        let txn = self.db.begin_write().map_err(anyhow::Error::from)?;
+        let record = {
+            let mut points = txn.open_table(POINTS).map_err(anyhow::Error::from)?;
+            let latest = last_point(&points, group)?;
+            if let Some(l) = &latest
+                && l.cut.cut_id == cut.cut_id
+            {
+                return Ok(l.clone());
+            }
+            let latest_seq = latest.as_ref().map(|l| l.seq);
+            if base.is_some() && base != latest_seq {
+                return Err(CommitError::BaseMismatch { offered: base, latest: latest_seq });
+            }
+            check_entries(&txn, &cut, entries)?;
+            let changed = apply_entries(&txn, group, latest_seq, entries, base.is_none()).map_err(anyhow::Error::from)?;
+            let record = PointRecord {
+                group: group.to_string(),
+                seq: latest_seq.unwrap_or(0) + 1,
+                cut,
+                committed_ms: crate::now_ms(),
+                stats: PointStats { blocks_changed: changed, chunks_received: received.0, bytes_received: received.1 },
+            };
+            points.insert((group, record.seq), record.encode().as_slice()).map_err(anyhow::Error::from)?;
+            record
+        };
+        txn.commit().context("catalog commit failed: the store's disk may be full").map_err(CommitError::Store)?;
+        Ok(record)
+    }
+
+    /// The full block map of a volume at a point.
+    pub fn block_map(&self, group: &str, seq: u64, volume: &str) -> Result<Vec<BlockRef>> {
+        let points = self.points(group)?;
+        let point = points
+            .iter()
+            .find(|p| p.seq == seq)
+            .with_context(|| format!("group {group} has no recovery point {seq}: list them with `target-agent points`"))?;
+        let meta = point
+            .cut
+            .volume(volume)
+            .with_context(|| format!("recovery point {seq} of {group} has no volume {volume}"))?;
+        let blocks = block_count(meta.size, point.cut.block_size);
+        let mut map = vec![BlockRef::Hole; blocks as usize];
+        let txn = self.db.begin_read()?;
+        let heads = txn.open_table(HEADS)?;
+        for row in heads.range((group, volume, 0)..(group, volume, blocks))? {
+            let (k, v) = row?;
+            map[k.value().2 as usize] = decode_ref(v.value())?;
+        }
+        let undo = txn.open_table(UNDO)?;
+        // map(P_k) = head overlaid with undo(P_{n-1}), then undo(P_{n-2}), ... down to undo(P_k).
+        for older in points.iter().rev().filter(|p| p.seq >= seq).skip(1) {
+            overlay(&undo, &mut map, group, older.seq, volume)?;
+        }
+        Ok(map)
+    }
+
+    /// Reads a point's manifest bundle (verifying every chunk and the bundle digest).
+    pub fn read_manifests(&self, point: &PointRecord) -> Result<Vec<u8>> {
+        let m = &point.cut.manifests;
+        let mut out = Vec::with_capacity(m.len as usize);
+        for h in &m.chunks {
+            out.extend_from_slice(&self.read_chunk(h)?);
+        }
+        let digest = blake3::hash(&out).to_hex().to_string();
+        anyhow::ensure!(
+            out.len() as u64 == m.len && digest == m.digest,
+            "manifest bundle of point {} does not match its digest: run `target-agent verify`",
+            point.seq
+        );
+        Ok(out)
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+}
+
+fn last_point(points: &redb::Table<(&str, u64), &[u8]>, group: &str) -> Result<Option<PointRecord>> {
+    let last = points.range((group, 0)..=(group, u64::MAX))?.next_back().transpose()?;
+    last.map(|(_, v)| PointRecord::decode(v.value())).transpose()
+}
+
+fn decode_ref(b: &[u8]) -> Result<BlockRef> {
+    BlockRef::from_bytes(b).context("catalog holds a malformed block-map entry: run `target-agent verify`")
+}
+
+fn overlay(
+    undo: &redb::ReadOnlyTable<(&str, u64, &str, u64), &[u8]>,
+    map: &mut [BlockRef],
+    group: &str,
+    seq: u64,
+    volume: &str,
+) -> Result<()> {
+    for row in undo.range((group, seq, volume, 0)..=(group, seq, volume, u64::MAX))? {
+        let (k, v) = row?;
+        if let Some(slot) = map.get_mut(k.value().3 as usize) {
+            *slot = decode_ref(v.value())?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that entries fit their volumes and every chunk they (and the manifests) name is durable.
+fn check_entries(txn: &redb::WriteTransaction, cut: &CutMeta, entries: &[VolumeEntries]) -> Result<(), CommitError> {
+    let chunks = txn.open_table(CHUNKS).map_err(anyhow::Error::from)?;
+    let mut missing = Vec::new();
+    let mut need = |h: &ChunkHash| -> Result<(), CommitError> {
+        if chunks.get(h.0).map_err(anyhow::Error::from)?.is_none() {
+            missing.push(*h);
+        }
+        Ok(())
+    };
+    for (volume, list) in entries {
+        let meta = cut
+            .volume(volume)
+            .with_context(|| format!("entries name volume {volume}, which the cut does not declare"))?;
+        let blocks = block_count(meta.size, cut.block_size);
+        for (index, r) in list {
+            if *index >= blocks {
+                return Err(CommitError::EntryOutOfRange { volume: volume.clone(), index: *index, blocks });
+            }
+            if let BlockRef::Data(h) = r {
+                need(h)?;
+            }
+        }
+    }
+    for h in &cut.manifests.chunks {
+        need(h)?;
+    }
+    match missing.first() {
+        Some(first) => Err(CommitError::MissingChunks { count: missing.len(), first: *first }),
+        None => Ok(()),
+    }
+}
+
+/// Moves the head to the new map, recording what it replaced as the previous point's undo entries.
+/// A full offer lists only data blocks: head rows it does not list become holes.
+fn apply_entries(
+    txn: &redb::WriteTransaction,
+    group: &str,
+    prev: Option<u64>,
+    entries: &[VolumeEntries],
+    full: bool,
+) -> Result<u64, redb::Error> {
+    let mut heads = txn.open_table(HEADS)?;
+    let mut undo = txn.open_table(UNDO)?;
+    let mut changed = 0;
+    for (volume, list) in entries {
+        let mut list = list.clone();
+        if full {
+            let listed: std::collections::HashSet<u64> = list.iter().map(|(i, _)| *i).collect();
+            for row in heads.range((group, volume.as_str(), 0)..=(group, volume.as_str(), u64::MAX))? {
+                let index = row?.0.value().2;
+                if !listed.contains(&index) {
+                    list.push((index, BlockRef::Hole));
+                }
+            }
+        }
+        for (index, new) in list {
+            let key = (group, volume.as_str(), index);
+            let old = heads.get(key)?.map(|v| v.value().to_vec()).unwrap_or_default();
+            let new_bytes = new.to_bytes();
+            if old == new_bytes {
+                continue;
+            }
+            if let Some(p) = prev {
+                undo.insert((group, p, volume.as_str(), index), old.as_slice())?;
+            }
+            match new {
+                BlockRef::Hole => heads.remove(key)?.map(drop),
+                BlockRef::Data(_) => heads.insert(key, new_bytes.as_slice())?.map(drop),
+            };
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
