@@ -6,7 +6,7 @@
 //! are sent). A CSI SnapshotMetadata client (GetMetadataDelta) plugs in here as another
 //! implementation without touching the scanner, the protocol or the store.
 
-use crate::hash::{block_count, BlockRef};
+use crate::hash::{BlockRef, block_count};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -28,7 +28,13 @@ pub trait ChangeSource: Send + Sync {
 
     /// Block ranges, increasing and non-overlapping, that may differ from `base` (or, with no base,
     /// that may hold data). Blocks outside them are taken as unchanged (or as holes).
-    fn candidates(&self, volume: &str, size: u64, block_size: u32, base: Option<&VolumeBase>) -> Result<Vec<Range<u64>>>;
+    fn candidates(
+        &self,
+        volume: &str,
+        size: u64,
+        block_size: u32,
+        base: Option<&VolumeBase>,
+    ) -> Result<Vec<Range<u64>>>;
 }
 
 /// No changed-block tracking: every block is a candidate.
@@ -39,7 +45,13 @@ impl ChangeSource for FullScan {
         "full-scan"
     }
 
-    fn candidates(&self, _volume: &str, size: u64, block_size: u32, _base: Option<&VolumeBase>) -> Result<Vec<Range<u64>>> {
+    fn candidates(
+        &self,
+        _volume: &str,
+        size: u64,
+        block_size: u32,
+        _base: Option<&VolumeBase>,
+    ) -> Result<Vec<Range<u64>>> {
         Ok(vec![0..block_count(size, block_size)])
     }
 }

@@ -12,8 +12,8 @@
 //!     48    . payload
 //! ```
 
-use crate::hash::ChunkHash;
 use crate::MAX_BLOCK_SIZE;
+use crate::hash::ChunkHash;
 
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 48;
@@ -59,12 +59,19 @@ pub enum FrameError {
     BadMagic,
     #[error("chunk frame uses unknown codec {0}")]
     UnknownCodec(u8),
-    #[error("chunk frame declares raw length {raw_len} and payload length {payload_len}, outside the limits (raw 1..={MAX_BLOCK_SIZE}, payload <= {MAX_PAYLOAD})")]
+    #[error(
+        "chunk frame declares raw length {raw_len} and payload length {payload_len}, outside the limits (raw 1..={MAX_BLOCK_SIZE}, payload <= {MAX_PAYLOAD})"
+    )]
     BadLength { raw_len: u32, payload_len: u32 },
     #[error("chunk payload does not decompress: {0}")]
     Decompress(String),
-    #[error("chunk content does not match its hash (declared {declared}, actual {actual}): the data was damaged")]
-    HashMismatch { declared: ChunkHash, actual: ChunkHash },
+    #[error(
+        "chunk content does not match its hash (declared {declared}, actual {actual}): the data was damaged"
+    )]
+    HashMismatch {
+        declared: ChunkHash,
+        actual: ChunkHash,
+    },
 }
 
 /// Builds the frame of one block: hashes it, compresses it at `level` unless that saves too little.
@@ -75,7 +82,9 @@ pub fn encode(raw: &[u8], level: i32) -> Vec<u8> {
 
 /// As [`encode`], with the hash already computed by the caller.
 pub fn encode_with_hash(raw: &[u8], hash: ChunkHash, level: i32) -> Vec<u8> {
-    let compressed = zstd::bulk::compress(raw, level).ok().filter(|c| c.len() < raw.len() - raw.len() / 32);
+    let compressed = zstd::bulk::compress(raw, level)
+        .ok()
+        .filter(|c| c.len() < raw.len() - raw.len() / 32);
     let (codec, payload) = match &compressed {
         Some(c) => (Codec::Zstd, c.as_slice()),
         None => (Codec::Raw, raw),
@@ -94,7 +103,10 @@ pub fn encode_with_hash(raw: &[u8], hash: ChunkHash, level: i32) -> Vec<u8> {
 /// Parses and bounds-checks a header; never allocates.
 pub fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
     if buf.len() < HEADER_LEN {
-        return Err(FrameError::Truncated { have: buf.len(), need: HEADER_LEN });
+        return Err(FrameError::Truncated {
+            have: buf.len(),
+            need: HEADER_LEN,
+        });
     }
     if &buf[0..4] != MAGIC {
         return Err(FrameError::BadMagic);
@@ -110,17 +122,28 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
         && payload_len <= MAX_PAYLOAD
         && (codec != Codec::Raw || payload_len == raw_len);
     if !lengths_ok {
-        return Err(FrameError::BadLength { raw_len, payload_len });
+        return Err(FrameError::BadLength {
+            raw_len,
+            payload_len,
+        });
     }
     let hash = ChunkHash(buf[16..48].try_into().expect("32 bytes"));
-    Ok(Header { codec, raw_len, payload_len, hash })
+    Ok(Header {
+        codec,
+        raw_len,
+        payload_len,
+        hash,
+    })
 }
 
 /// Decodes a whole frame into the block's raw bytes and checks them against the frame's hash.
 pub fn decode(frame: &[u8]) -> Result<(Header, Vec<u8>), FrameError> {
     let header = parse_header(frame)?;
     if frame.len() != header.frame_len() {
-        return Err(FrameError::Truncated { have: frame.len(), need: header.frame_len() });
+        return Err(FrameError::Truncated {
+            have: frame.len(),
+            need: header.frame_len(),
+        });
     }
     let payload = &frame[HEADER_LEN..];
     let raw = match header.codec {
@@ -140,7 +163,10 @@ pub fn decode(frame: &[u8]) -> Result<(Header, Vec<u8>), FrameError> {
     };
     let actual = ChunkHash::of(&raw);
     if actual != header.hash {
-        return Err(FrameError::HashMismatch { declared: header.hash, actual });
+        return Err(FrameError::HashMismatch {
+            declared: header.hash,
+            actual,
+        });
     }
     Ok((header, raw))
 }
@@ -156,7 +182,9 @@ mod tests {
         let f = encode(&text, 1);
         assert_eq!(parse_header(&f).unwrap().codec, Codec::Zstd);
         assert!(f.len() < text.len() / 4);
-        let noise: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let g = encode(&noise, 1);
         let (h, raw) = decode(&g).unwrap();
         assert_eq!(raw, noise);
@@ -170,16 +198,27 @@ mod tests {
         let last = f.len() - 1;
         f[last] ^= 1;
         assert!(decode(&f).is_err());
-        let mut raw = encode(&(0..4096u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>(), 1);
+        let mut raw = encode(
+            &(0..4096u32)
+                .map(|i| (i * 7919 % 251) as u8)
+                .collect::<Vec<_>>(),
+            1,
+        );
         raw[HEADER_LEN + 10] ^= 0x40;
-        assert!(matches!(decode(&raw), Err(FrameError::HashMismatch { .. }) | Err(FrameError::Decompress(_))));
+        assert!(matches!(
+            decode(&raw),
+            Err(FrameError::HashMismatch { .. }) | Err(FrameError::Decompress(_))
+        ));
     }
 
     #[test]
     fn lengths_from_the_frame_are_bounded() {
         let mut f = encode(&[1u8; 100], 1);
         f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(parse_header(&f), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            parse_header(&f),
+            Err(FrameError::BadLength { .. })
+        ));
     }
 
     proptest! {
@@ -218,5 +257,8 @@ impl Verified {
 /// Decodes a frame fully, checks its hash, and keeps the frame bytes for storing unchanged.
 pub fn verify(frame: Vec<u8>) -> Result<Verified, FrameError> {
     let (header, _) = decode(&frame)?;
-    Ok(Verified { hash: header.hash, frame })
+    Ok(Verified {
+        hash: header.hash,
+        frame,
+    })
 }

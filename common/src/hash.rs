@@ -90,7 +90,13 @@ impl VolumeDigest {
         let mut hasher = blake3::Hasher::new_derive_key("understudy volume digest v1");
         hasher.update(&size.to_le_bytes());
         hasher.update(&block_size.to_le_bytes());
-        VolumeDigest { hasher, size, block_size, next: 0, zero: ZeroHashes::default() }
+        VolumeDigest {
+            hasher,
+            size,
+            block_size,
+            next: 0,
+            zero: ZeroHashes::default(),
+        }
     }
 
     /// Adds the next block. Panics never: blocks past the end are ignored.
@@ -100,7 +106,9 @@ impl VolumeDigest {
         }
         let hash = match block {
             BlockRef::Data(h) => h,
-            BlockRef::Hole => self.zero.get(block_len(self.size, self.block_size, self.next)),
+            BlockRef::Hole => self
+                .zero
+                .get(block_len(self.size, self.block_size, self.next)),
         };
         self.hasher.update(&hash.0);
         self.next += 1;
@@ -138,7 +146,9 @@ impl ZeroHashes {
 /// True when every byte is zero.
 pub fn is_zero(data: &[u8]) -> bool {
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && suffix.iter().all(|b| *b == 0)
+    prefix.iter().all(|b| *b == 0)
+        && words.iter().all(|w| *w == 0)
+        && suffix.iter().all(|b| *b == 0)
 }
 
 #[cfg(test)]
@@ -150,15 +160,26 @@ mod tests {
         let bs = 4096u32;
         let size = 3 * 4096 + 100;
         let data = vec![7u8; 4096];
-        let holes = [BlockRef::Hole, BlockRef::Data(ChunkHash::of(&data)), BlockRef::Hole, BlockRef::Hole];
+        let holes = [
+            BlockRef::Hole,
+            BlockRef::Data(ChunkHash::of(&data)),
+            BlockRef::Hole,
+            BlockRef::Hole,
+        ];
         let explicit = [
             BlockRef::Data(ChunkHash::of(&[0; 4096])),
             BlockRef::Data(ChunkHash::of(&data)),
             BlockRef::Data(ChunkHash::of(&[0; 4096])),
             BlockRef::Data(ChunkHash::of(&[0; 100])),
         ];
-        assert_eq!(VolumeDigest::of_map(size, bs, &holes), VolumeDigest::of_map(size, bs, &explicit));
-        assert_ne!(VolumeDigest::of_map(size, bs, &holes), VolumeDigest::of_map(size + 1, bs, &holes));
+        assert_eq!(
+            VolumeDigest::of_map(size, bs, &holes),
+            VolumeDigest::of_map(size, bs, &explicit)
+        );
+        assert_ne!(
+            VolumeDigest::of_map(size, bs, &holes),
+            VolumeDigest::of_map(size + 1, bs, &holes)
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Quiesce hooks: shell commands run before the cut (freeze) and after it (thaw), each with a
 //! timeout and an on-error policy.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// What to do when a hook fails or times out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 pub enum OnError {
     /// Abort the cycle (after running the post hook, so a partial freeze is undone).
     Fail,
@@ -34,7 +36,10 @@ impl Hook {
                 tracing::warn!(hook = what, error = %format!("{e:#}"), "hook failed; continuing as --hook-on-error=continue says");
                 Ok(())
             }
-            Err(e) => Err(e.context(format!("{what} hook `{}` failed (set --hook-on-error=continue to go on regardless)", self.command))),
+            Err(e) => Err(e.context(format!(
+                "{what} hook `{}` failed (set --hook-on-error=continue to go on regardless)",
+                self.command
+            ))),
         }
     }
 
@@ -75,17 +80,25 @@ mod tests {
     use super::*;
 
     fn hook(cmd: &str, ms: u64, on_error: OnError) -> Hook {
-        Hook { command: cmd.into(), timeout: Duration::from_millis(ms), on_error }
+        Hook {
+            command: cmd.into(),
+            timeout: Duration::from_millis(ms),
+            on_error,
+        }
     }
 
     #[test]
     fn failures_and_timeouts_follow_the_policy() {
         assert!(hook("true", 5000, OnError::Fail).run("pre").is_ok());
-        let e = hook("echo frozen-db >&2; exit 3", 5000, OnError::Fail).run("pre").unwrap_err();
+        let e = hook("echo frozen-db >&2; exit 3", 5000, OnError::Fail)
+            .run("pre")
+            .unwrap_err();
         assert!(format!("{e:#}").contains("frozen-db"), "{e:#}");
         assert!(hook("exit 3", 5000, OnError::Continue).run("pre").is_ok());
         let t = Instant::now();
-        let e = hook("sleep 30", 200, OnError::Fail).run("post").unwrap_err();
+        let e = hook("sleep 30", 200, OnError::Fail)
+            .run("post")
+            .unwrap_err();
         assert!(format!("{e:#}").contains("timed out"));
         assert!(t.elapsed() < Duration::from_secs(10));
     }

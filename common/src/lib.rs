@@ -9,6 +9,7 @@
 
 pub mod change;
 pub mod chunk;
+pub mod cli;
 pub mod hash;
 pub mod hooks;
 pub mod manifest;

@@ -1,7 +1,7 @@
 //! Application manifests: the bundle a recovery point stores (captured from a directory of YAML in
 //! standalone mode) and the transforms failover applies to it.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -25,7 +25,12 @@ impl Bundle {
         let mut files = BTreeMap::new();
         collect(dir, dir, &mut files)?;
         for (path, data) in &files {
-            parse_documents(data).with_context(|| format!("manifest {}/{path} is not valid: fix or remove it", dir.display()))?;
+            parse_documents(data).with_context(|| {
+                format!(
+                    "manifest {}/{path} is not valid: fix or remove it",
+                    dir.display()
+                )
+            })?;
         }
         Ok(Bundle { files })
     }
@@ -42,7 +47,8 @@ impl Bundle {
 }
 
 fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
     for e in entries {
         let e = e?;
         let path = e.path();
@@ -57,10 +63,20 @@ fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) -> Resu
         }
         let len = e.metadata()?.len();
         if len > MAX_MANIFEST_FILE {
-            bail!("manifest {} is {len} bytes, over the {MAX_MANIFEST_FILE}-byte limit", path.display());
+            bail!(
+                "manifest {} is {len} bytes, over the {MAX_MANIFEST_FILE}-byte limit",
+                path.display()
+            );
         }
-        let rel = path.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
-        out.insert(rel, std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?);
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .into_owned();
+        out.insert(
+            rel,
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        );
     }
     Ok(())
 }
@@ -70,13 +86,18 @@ pub fn parse_documents(data: &[u8]) -> Result<Vec<Value>> {
     let text = std::str::from_utf8(data).context("not UTF-8")?;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let v = Value::deserialize(doc).with_context(|| format!("document {} is not valid YAML", i + 1))?;
+        let v = Value::deserialize(doc)
+            .with_context(|| format!("document {} is not valid YAML", i + 1))?;
         if v.is_null() {
             continue;
         }
-        let ok = v.get("apiVersion").is_some_and(Value::is_string) && v.get("kind").is_some_and(Value::is_string);
+        let ok = v.get("apiVersion").is_some_and(Value::is_string)
+            && v.get("kind").is_some_and(Value::is_string);
         if !ok {
-            bail!("document {} is not a Kubernetes object (it needs string fields apiVersion and kind)", i + 1);
+            bail!(
+                "document {} is not a Kubernetes object (it needs string fields apiVersion and kind)",
+                i + 1
+            );
         }
         out.push(v);
     }
@@ -169,7 +190,9 @@ impl Transform {
         if matches!(kind, "RoleBinding" | "ClusterRoleBinding")
             && let Some(Value::Array(subjects)) = obj.pointer_mut("/subjects")
         {
-            subjects.iter_mut().for_each(|s| map(s.pointer_mut("/namespace")));
+            subjects
+                .iter_mut()
+                .for_each(|s| map(s.pointer_mut("/namespace")));
         }
     }
 
@@ -186,7 +209,8 @@ impl Transform {
         let mut out = BTreeMap::new();
         let mut skipped = 0;
         for (path, data) in &bundle.files {
-            let docs = parse_documents(data).with_context(|| format!("stored manifest {path} is not valid"))?;
+            let docs = parse_documents(data)
+                .with_context(|| format!("stored manifest {path} is not valid"))?;
             let mut text = String::new();
             for d in docs {
                 match self.apply(d) {
@@ -221,7 +245,9 @@ fn strip_service(obj: &mut Value) {
 }
 
 fn remove_path(obj: &mut Value, path: &[&str]) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut cur = obj;
     for p in parents {
         match cur.get_mut(*p) {
@@ -239,7 +265,9 @@ pub fn parse_map(pairs: &[String], what: &str) -> Result<BTreeMap<String, String
     pairs
         .iter()
         .map(|p| {
-            let (a, b) = p.split_once('=').with_context(|| format!("{what} map entry `{p}` is not FROM=TO"))?;
+            let (a, b) = p
+                .split_once('=')
+                .with_context(|| format!("{what} map entry `{p}` is not FROM=TO"))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect()
@@ -262,13 +290,25 @@ mod tests {
             "spec":{"storageClassName":"fast","volumeName":"pv-1"},"status":{"phase":"Bound"}});
         let out = t.apply(pvc).unwrap();
         assert_eq!(out.pointer("/metadata/namespace"), Some(&json!("shop-dr")));
-        assert_eq!(out.pointer("/spec/storageClassName"), Some(&json!("standard")));
+        assert_eq!(
+            out.pointer("/spec/storageClassName"),
+            Some(&json!("standard"))
+        );
         assert!(out.pointer("/spec/volumeName").is_none() && out.get("status").is_none());
         assert!(out.pointer("/metadata/uid").is_none());
-        assert_eq!(out.pointer("/metadata/annotations"), Some(&json!({"keep":"me"})));
+        assert_eq!(
+            out.pointer("/metadata/annotations"),
+            Some(&json!({"keep":"me"}))
+        );
         let svc = json!({"apiVersion":"v1","kind":"Service","metadata":{"name":"db"},"spec":{"clusterIP":"None"}});
-        assert_eq!(t.apply(svc).unwrap().pointer("/spec/clusterIP"), Some(&json!("None")));
-        assert!(t.apply(json!({"apiVersion":"v1","kind":"Event","metadata":{}})).is_none());
+        assert_eq!(
+            t.apply(svc).unwrap().pointer("/spec/clusterIP"),
+            Some(&json!("None"))
+        );
+        assert!(
+            t.apply(json!({"apiVersion":"v1","kind":"Event","metadata":{}}))
+                .is_none()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -60,30 +60,64 @@ impl Metrics {
             bytes_read: Family::default(),
             bytes_sent: Family::default(),
             bytes_stored: Family::default(),
-            cycle_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 16))),
+            cycle_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.05, 2.0, 16))
+            }),
             failures: Family::default(),
             points: Family::default(),
         };
-        r.register("last_recovery_point_timestamp_seconds", "Cut time of the last committed recovery point", m.last_point.clone());
-        r.register("rpo_seconds", "Seconds since the cut of the last committed recovery point", m.rpo.clone());
-        r.register("volume_read_bytes", "Bytes read from volumes", m.bytes_read.clone());
-        r.register("wire_sent_bytes", "Chunk frame bytes sent", m.bytes_sent.clone());
-        r.register("stored_bytes", "Chunk frame bytes received and stored", m.bytes_stored.clone());
-        r.register("cycle_duration_seconds", "Duration of replication cycles", m.cycle_seconds.clone());
+        r.register(
+            "last_recovery_point_timestamp_seconds",
+            "Cut time of the last committed recovery point",
+            m.last_point.clone(),
+        );
+        r.register(
+            "rpo_seconds",
+            "Seconds since the cut of the last committed recovery point",
+            m.rpo.clone(),
+        );
+        r.register(
+            "volume_read_bytes",
+            "Bytes read from volumes",
+            m.bytes_read.clone(),
+        );
+        r.register(
+            "wire_sent_bytes",
+            "Chunk frame bytes sent",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "stored_bytes",
+            "Chunk frame bytes received and stored",
+            m.bytes_stored.clone(),
+        );
+        r.register(
+            "cycle_duration_seconds",
+            "Duration of replication cycles",
+            m.cycle_seconds.clone(),
+        );
         r.register("failures", "Failed cycles or sessions", m.failures.clone());
-        r.register("points_committed", "Recovery points committed", m.points.clone());
+        r.register(
+            "points_committed",
+            "Recovery points committed",
+            m.points.clone(),
+        );
         *m.registry.lock().expect("registry") = r;
         m
     }
 
     /// Label for a group.
     pub fn group(group: &str) -> GroupLabel {
-        GroupLabel { group: group.to_string() }
+        GroupLabel {
+            group: group.to_string(),
+        }
     }
 
     /// Records a committed point's cut time.
     pub fn point_committed(&self, group: &str, created_ms: i64) {
-        self.last_point.get_or_create(&Self::group(group)).set(created_ms as f64 / 1000.0);
+        self.last_point
+            .get_or_create(&Self::group(group))
+            .set(created_ms as f64 / 1000.0);
         self.points.get_or_create(&Self::group(group)).inc();
         self.track(group);
     }
@@ -99,7 +133,11 @@ impl Metrics {
             }
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().expect("registry")).expect("text encoding");
+        prometheus_client::encoding::text::encode(
+            &mut out,
+            &self.registry.lock().expect("registry"),
+        )
+        .expect("text encoding");
         out
     }
 
@@ -123,7 +161,13 @@ impl Metrics {
             axum::routing::get(move || {
                 let m = self.clone();
                 async move {
-                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
                 }
             }),
         );

@@ -11,7 +11,7 @@ pub enum LogFormat {
 
 /// Installs the global tracing subscriber (default level: info), writing to stderr.
 pub fn init(format: LogFormat) {
-    use tracing_subscriber::{fmt, EnvFilter};
+    use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {

@@ -22,12 +22,15 @@ pub struct VolumeSpec {
 impl std::str::FromStr for VolumeSpec {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let (name, path) = s
-            .split_once('=')
-            .with_context(|| format!("volume `{s}` is not NAME=PATH (for example data=/dev/loop3)"))?;
+        let (name, path) = s.split_once('=').with_context(|| {
+            format!("volume `{s}` is not NAME=PATH (for example data=/dev/loop3)")
+        })?;
         check_name(name)?;
         anyhow::ensure!(!path.is_empty(), "volume `{name}` has an empty path");
-        Ok(VolumeSpec { name: name.to_string(), path: PathBuf::from(path) })
+        Ok(VolumeSpec {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        })
     }
 }
 
@@ -35,9 +38,14 @@ impl std::str::FromStr for VolumeSpec {
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !name.starts_with('.');
-    anyhow::ensure!(ok, "name `{name}` is not valid: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'");
+    anyhow::ensure!(
+        ok,
+        "name `{name}` is not valid: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'"
+    );
     Ok(())
 }
 
@@ -53,17 +61,29 @@ impl Volume {
     /// Opens a block device or image file for reading.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).with_context(|| {
-            format!("cannot open volume {}: check the path exists and this agent may read it", path.display())
+            format!(
+                "cannot open volume {}: check the path exists and this agent may read it",
+                path.display()
+            )
         })?;
-        let meta = file.metadata().with_context(|| format!("cannot stat volume {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat volume {}", path.display()))?;
         let ft = meta.file_type();
         anyhow::ensure!(
             ft.is_file() || ft.is_block_device(),
             "volume {} is neither a block device nor a regular file",
             path.display()
         );
-        let size = file.seek(SeekFrom::End(0)).with_context(|| format!("cannot size volume {}", path.display()))?;
-        Ok(Volume { file, path: path.to_path_buf(), size, sparse_aware: ft.is_file() })
+        let size = file
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("cannot size volume {}", path.display()))?;
+        Ok(Volume {
+            file,
+            path: path.to_path_buf(),
+            size,
+            sparse_aware: ft.is_file(),
+        })
     }
 
     /// Size in bytes, from the device.
@@ -83,7 +103,13 @@ impl Volume {
             let n = self
                 .file
                 .read_at(&mut buf[done..], offset + done as u64)
-                .with_context(|| format!("read of {} at offset {} failed", self.path.display(), offset + done as u64))?;
+                .with_context(|| {
+                    format!(
+                        "read of {} at offset {} failed",
+                        self.path.display(),
+                        offset + done as u64
+                    )
+                })?;
             if n == 0 {
                 break;
             }
@@ -123,9 +149,19 @@ impl VolumeWriter {
             .create(true)
             .truncate(true)
             .open(path)
-            .with_context(|| format!("cannot create image {}: check the directory exists and is writable", path.display()))?;
-        file.set_len(size).with_context(|| format!("cannot size image {} to {size} bytes", path.display()))?;
-        Ok(VolumeWriter { file, path: path.to_path_buf(), is_device: false })
+            .with_context(|| {
+                format!(
+                    "cannot create image {}: check the directory exists and is writable",
+                    path.display()
+                )
+            })?;
+        file.set_len(size)
+            .with_context(|| format!("cannot size image {} to {size} bytes", path.display()))?;
+        Ok(VolumeWriter {
+            file,
+            path: path.to_path_buf(),
+            is_device: false,
+        })
     }
 
     /// Opens an existing block device (or file) of at least `size` bytes for writing.
@@ -134,7 +170,12 @@ impl VolumeWriter {
             .read(true)
             .write(true)
             .open(path)
-            .with_context(|| format!("cannot open {} for writing: check it exists and is not in use", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot open {} for writing: check it exists and is not in use",
+                    path.display()
+                )
+            })?;
         let have = file.seek(SeekFrom::End(0))?;
         anyhow::ensure!(
             have >= size,
@@ -142,14 +183,21 @@ impl VolumeWriter {
             path.display()
         );
         let is_device = file.metadata()?.file_type().is_block_device();
-        Ok(VolumeWriter { file, path: path.to_path_buf(), is_device })
+        Ok(VolumeWriter {
+            file,
+            path: path.to_path_buf(),
+            is_device,
+        })
     }
 
     /// Writes a block's bytes at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .with_context(|| format!("write to {} at offset {offset} failed (disk full or device error?)", self.path.display()))
+        self.file.write_all_at(data, offset).with_context(|| {
+            format!(
+                "write to {} at offset {offset} failed (disk full or device error?)",
+                self.path.display()
+            )
+        })
     }
 
     /// Makes `[offset, offset+len)` read as zeros: nothing to do on a fresh image, zeros written on
@@ -163,7 +211,9 @@ impl VolumeWriter {
 
     /// Flushes the written data to stable storage.
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_all().with_context(|| format!("fsync of {} failed", self.path.display()))
+        self.file
+            .sync_all()
+            .with_context(|| format!("fsync of {} failed", self.path.display()))
     }
 
     /// Opens the written volume again for reading (read-back verification).
@@ -193,8 +243,17 @@ mod tests {
 
     #[test]
     fn bad_specs_are_explained() {
-        assert!("data".parse::<VolumeSpec>().unwrap_err().to_string().contains("NAME=PATH"));
+        assert!(
+            "data"
+                .parse::<VolumeSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("NAME=PATH")
+        );
         assert!("../x=/dev/sda".parse::<VolumeSpec>().is_err());
-        assert_eq!("db-0=/dev/loop1".parse::<VolumeSpec>().unwrap().name, "db-0");
+        assert_eq!(
+            "db-0=/dev/loop1".parse::<VolumeSpec>().unwrap().name,
+            "db-0"
+        );
     }
 }

@@ -21,23 +21,45 @@ struct Image {
 
 impl Image {
     fn new(n: usize) -> Self {
-        Image { blocks: vec![vec![0u8; BS as usize]; n] }
+        Image {
+            blocks: vec![vec![0u8; BS as usize]; n],
+        }
     }
     fn map(&self) -> Vec<BlockRef> {
         self.blocks
             .iter()
-            .map(|b| if b.iter().all(|x| *x == 0) { BlockRef::Hole } else { BlockRef::Data(ChunkHash::of(b)) })
+            .map(|b| {
+                if b.iter().all(|x| *x == 0) {
+                    BlockRef::Hole
+                } else {
+                    BlockRef::Data(ChunkHash::of(b))
+                }
+            })
             .collect()
     }
     fn frames(&self) -> HashMap<ChunkHash, Vec<u8>> {
-        self.blocks.iter().filter(|b| b.iter().any(|x| *x != 0)).map(|b| (ChunkHash::of(b), chunk::encode(b, 1))).collect()
+        self.blocks
+            .iter()
+            .filter(|b| b.iter().any(|x| *x != 0))
+            .map(|b| (ChunkHash::of(b), chunk::encode(b, 1)))
+            .collect()
     }
     fn offer(&self, id: &str, base: Option<(u64, &[BlockRef])>) -> Offer {
         let map = self.map();
         let size = (self.blocks.len() as u64) * BS as u64;
         let entries: Vec<(u64, BlockRef)> = match base {
-            None => map.iter().enumerate().filter(|(_, b)| **b != BlockRef::Hole).map(|(i, b)| (i as u64, *b)).collect(),
-            Some((_, old)) => map.iter().enumerate().filter(|(i, b)| old.get(*i) != Some(b)).map(|(i, b)| (i as u64, *b)).collect(),
+            None => map
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b != BlockRef::Hole)
+                .map(|(i, b)| (i as u64, *b))
+                .collect(),
+            Some((_, old)) => map
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| old.get(*i) != Some(b))
+                .map(|(i, b)| (i as u64, *b))
+                .collect(),
         };
         Offer {
             kind: base.map_or(OfferKind::Full, |(s, _)| OfferKind::Delta { base: s }),
@@ -46,7 +68,11 @@ impl Image {
                 source: "sha256:test".into(),
                 created_ms: 1,
                 block_size: BS,
-                volumes: vec![VolumeMeta { name: "data".into(), size, digest: VolumeDigest::of_map(size, BS, &map) }],
+                volumes: vec![VolumeMeta {
+                    name: "data".into(),
+                    size,
+                    digest: VolumeDigest::of_map(size, BS, &map),
+                }],
                 manifests: ManifestRef::default(),
             },
             entries: vec![entries],
@@ -63,7 +89,12 @@ enum Outcome {
 }
 
 /// Runs a session; `break_after` stops delivering chunks after that many (the link broke).
-fn run(store: &Arc<Store>, offer: Offer, frames: &HashMap<ChunkHash, Vec<u8>>, break_after: Option<usize>) -> Outcome {
+fn run(
+    store: &Arc<Store>,
+    offer: Offer,
+    frames: &HashMap<ChunkHash, Vec<u8>>,
+    break_after: Option<usize>,
+) -> Outcome {
     let (mut src, hello) = SourceSession::new("app", offer);
     let mut tgt = TargetSession::new(store.clone());
     let mut to_target = vec![hello];
@@ -71,7 +102,10 @@ fn run(store: &Arc<Store>, offer: Offer, frames: &HashMap<ChunkHash, Vec<u8>>, b
         let mut to_source = Vec::new();
         let mut commit_wanted = false;
         for m in to_target.drain(..) {
-            match tgt.on_message(m).expect("target accepts a well-formed session") {
+            match tgt
+                .on_message(m)
+                .expect("target accepts a well-formed session")
+            {
                 TargetStep::Reply(r) => to_source.extend(r),
                 TargetStep::CommitWhenDrained { .. } => commit_wanted = true,
             }
@@ -80,7 +114,10 @@ fn run(store: &Arc<Store>, offer: Offer, frames: &HashMap<ChunkHash, Vec<u8>>, b
             to_source.push(tgt.commit().expect("commit"));
         }
         for m in to_source {
-            match src.on_message(m).expect("source accepts the target's replies") {
+            match src
+                .on_message(m)
+                .expect("source accepts the target's replies")
+            {
                 SourceStep::Send(out) => to_target.extend(out),
                 SourceStep::SendChunks(hashes) => {
                     for (n, h) in hashes.iter().enumerate() {
@@ -94,7 +131,12 @@ fn run(store: &Arc<Store>, offer: Offer, frames: &HashMap<ChunkHash, Vec<u8>>, b
                     to_target.push(src.commit(1, hashes.len() as u64));
                     SENT.with(|s| s.set(hashes.len()));
                 }
-                SourceStep::Committed { seq, .. } => return Outcome::Committed { seq, sent: SENT.with(|s| s.get()) },
+                SourceStep::Committed { seq, .. } => {
+                    return Outcome::Committed {
+                        seq,
+                        sent: SENT.with(|s| s.get()),
+                    };
+                }
                 other => return Outcome::Step(format!("{other:?}")),
             }
         }
@@ -105,7 +147,10 @@ thread_local!(static SENT: std::cell::Cell<usize> = const { std::cell::Cell::new
 
 fn fill(img: &mut Image, range: std::ops::Range<usize>, seed: u8) {
     for i in range {
-        let mut xof = blake3::Hasher::new().update(&[seed]).update(&i.to_le_bytes()).finalize_xof();
+        let mut xof = blake3::Hasher::new()
+            .update(&[seed])
+            .update(&i.to_le_bytes())
+            .finalize_xof();
         xof.fill(&mut img.blocks[i]);
     }
 }
@@ -124,18 +169,37 @@ fn full_then_delta_then_resume_without_resending() {
     let base = img.map();
     fill(&mut img, 10..15, 9);
     img.blocks[20] = vec![0; BS as usize];
-    let o = run(&store, img.offer("c2", Some((1, &base))), &img.frames(), None);
+    let o = run(
+        &store,
+        img.offer("c2", Some((1, &base))),
+        &img.frames(),
+        None,
+    );
     assert_eq!(o, Outcome::Committed { seq: 2, sent: 5 });
     assert_eq!(store.block_map("app", 2, "data").unwrap(), img.map());
-    assert_eq!(store.block_map("app", 1, "data").unwrap(), base, "older point still restores");
+    assert_eq!(
+        store.block_map("app", 1, "data").unwrap(),
+        base,
+        "older point still restores"
+    );
 
     // Broken after 12 of 30 chunks, then resumed: only the other 18 are sent again.
     let base2 = img.map();
     fill(&mut img, 30..60, 77);
     let offer = img.offer("c3", Some((2, &base2)));
-    assert_eq!(run(&store, offer.clone(), &img.frames(), Some(12)), Outcome::Broken { sent: 12 });
-    assert_eq!(store.latest("app").unwrap().unwrap().seq, 2, "no half point is visible");
-    assert_eq!(run(&store, offer, &img.frames(), None), Outcome::Committed { seq: 3, sent: 18 });
+    assert_eq!(
+        run(&store, offer.clone(), &img.frames(), Some(12)),
+        Outcome::Broken { sent: 12 }
+    );
+    assert_eq!(
+        store.latest("app").unwrap().unwrap().seq,
+        2,
+        "no half point is visible"
+    );
+    assert_eq!(
+        run(&store, offer, &img.frames(), None),
+        Outcome::Committed { seq: 3, sent: 18 }
+    );
     assert_eq!(store.block_map("app", 3, "data").unwrap(), img.map());
 }
 
@@ -147,9 +211,15 @@ fn stale_base_and_repeated_cut_are_recognised() {
     fill(&mut img, 0..8, 3);
     let offer = img.offer("c1", None);
     run(&store, offer.clone(), &img.frames(), None);
-    assert_eq!(run(&store, offer, &img.frames(), None), Outcome::Step("AlreadyCommitted { seq: 1 }".into()));
+    assert_eq!(
+        run(&store, offer, &img.frames(), None),
+        Outcome::Step("AlreadyCommitted { seq: 1 }".into())
+    );
     let stale = img.offer("c9", Some((7, &img.map())));
-    assert_eq!(run(&store, stale, &img.frames(), None), Outcome::Step("BaseMismatch { latest: Some(1) }".into()));
+    assert_eq!(
+        run(&store, stale, &img.frames(), None),
+        Outcome::Step("BaseMismatch { latest: Some(1) }".into())
+    );
 }
 
 #[test]
@@ -173,23 +243,59 @@ fn target_refuses_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let mut t = TargetSession::new(store.clone());
-    assert!(t.on_message(Control::Commit { data_streams: 1, chunks: 0 }).is_err(), "commit before hello");
+    assert!(
+        t.on_message(Control::Commit {
+            data_streams: 1,
+            chunks: 0
+        })
+        .is_err(),
+        "commit before hello"
+    );
     let mut t = TargetSession::new(store.clone());
-    assert!(t.on_message(Control::Hello { group: "../etc".into() }).is_err(), "bad group name");
+    assert!(
+        t.on_message(Control::Hello {
+            group: "../etc".into()
+        })
+        .is_err(),
+        "bad group name"
+    );
     let mut t = TargetSession::new(store.clone());
-    t.on_message(Control::Hello { group: "app".into() }).unwrap();
+    t.on_message(Control::Hello {
+        group: "app".into(),
+    })
+    .unwrap();
     let mut img = Image::new(4);
     fill(&mut img, 0..4, 1);
     let mut offer = img.offer("c1", None);
-    t.on_message(Control::Offer { kind: offer.kind, cut: offer.cut.clone() }).unwrap();
-    let e = t.on_message(Control::Entries { volume: 0, entries: vec![(99, BlockRef::Hole)] }).unwrap_err();
+    t.on_message(Control::Offer {
+        kind: offer.kind,
+        cut: offer.cut.clone(),
+    })
+    .unwrap();
+    let e = t
+        .on_message(Control::Entries {
+            volume: 0,
+            entries: vec![(99, BlockRef::Hole)],
+        })
+        .unwrap_err();
     assert!(e.to_string().contains("past the end"), "{e}");
     // A chunk nobody asked for is refused and not stored.
     let mut t = TargetSession::new(store.clone());
-    t.on_message(Control::Hello { group: "app".into() }).unwrap();
+    t.on_message(Control::Hello {
+        group: "app".into(),
+    })
+    .unwrap();
     offer.entries[0].truncate(1);
-    t.on_message(Control::Offer { kind: offer.kind, cut: offer.cut.clone() }).unwrap();
-    t.on_message(Control::Entries { volume: 0, entries: offer.entries[0].clone() }).unwrap();
+    t.on_message(Control::Offer {
+        kind: offer.kind,
+        cut: offer.cut.clone(),
+    })
+    .unwrap();
+    t.on_message(Control::Entries {
+        volume: 0,
+        entries: offer.entries[0].clone(),
+    })
+    .unwrap();
     t.on_message(Control::OfferEnd { entries: 1 }).unwrap();
     let stray = chunk::verify(chunk::encode(&[9u8; 100], 1)).unwrap();
     assert!(t.on_chunk(&stray).is_err());

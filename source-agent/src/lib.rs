@@ -1,1 +1,8 @@
-//! placeholder
+//! Understudy source agent: cuts a group of volumes and manifests, detects changed blocks and
+//! ships them to the target over mutual-TLS QUIC, on a schedule. The binary only parses arguments
+//! ([`cli`]).
+
+pub mod cli;
+pub mod cycle;
+pub mod schedule;
+pub mod ship;

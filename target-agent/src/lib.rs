@@ -1,1 +1,7 @@
-//! placeholder
+//! Understudy target agent: receives sessions into the recovery-point store, lists, verifies and
+//! prunes points, and fails over. The binary only parses arguments ([`cli`]).
+
+pub mod cli;
+pub mod failover;
+pub mod server;
+pub mod session;

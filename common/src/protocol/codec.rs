@@ -9,9 +9,13 @@ use super::messages::*;
 /// Why bytes from the peer were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
-    #[error("peer did not open with the Understudy preamble: it is not an Understudy agent, or speaks another protocol")]
+    #[error(
+        "peer did not open with the Understudy preamble: it is not an Understudy agent, or speaks another protocol"
+    )]
     BadPreamble,
-    #[error("peer speaks protocol version {peer}, this agent speaks {ours}: upgrade the older agent so both run the same release")]
+    #[error(
+        "peer speaks protocol version {peer}, this agent speaks {ours}: upgrade the older agent so both run the same release"
+    )]
     Version { peer: u16, ours: u16 },
     #[error("control message of {0} bytes exceeds the {MAX_CONTROL_MESSAGE}-byte limit")]
     TooLarge(u32),
@@ -33,7 +37,10 @@ pub fn check_preamble(b: &[u8; 6]) -> Result<(), CodecError> {
     }
     let peer = u16::from_be_bytes([b[4], b[5]]);
     if peer != PROTOCOL_VERSION {
-        return Err(CodecError::Version { peer, ours: PROTOCOL_VERSION });
+        return Err(CodecError::Version {
+            peer,
+            ours: PROTOCOL_VERSION,
+        });
     }
     Ok(())
 }
@@ -71,13 +78,18 @@ mod tests {
         assert_eq!(check_preamble(&preamble()), Ok(()));
         let mut p = preamble();
         p[5] = p[5].wrapping_add(1);
-        assert!(matches!(check_preamble(&p), Err(CodecError::Version { .. })));
+        assert!(matches!(
+            check_preamble(&p),
+            Err(CodecError::Version { .. })
+        ));
         assert_eq!(check_preamble(b"GET / "), Err(CodecError::BadPreamble));
     }
 
     #[test]
     fn round_trip_and_limit() {
-        let m = Control::Hello { group: "shop".into() };
+        let m = Control::Hello {
+            group: "shop".into(),
+        };
         let bytes = encode(&m);
         let len = check_len(bytes[..4].try_into().unwrap()).unwrap();
         assert_eq!(decode(&bytes[4..4 + len]).unwrap(), m);

@@ -55,7 +55,10 @@ pub enum Control {
     /// Source -> target: a cut to replicate.
     Offer { kind: OfferKind, cut: CutMeta },
     /// Source -> target: block-map entries of one volume of the offer (index into `cut.volumes`).
-    Entries { volume: u32, entries: Vec<(u64, BlockRef)> },
+    Entries {
+        volume: u32,
+        entries: Vec<(u64, BlockRef)>,
+    },
     /// Source -> target: all entries sent.
     OfferEnd { entries: u64 },
     /// Target -> source: chunks it lacks.

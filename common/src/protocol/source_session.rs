@@ -22,7 +22,10 @@ pub enum SessionError {
     #[error("target refused the session ({code:?}): {message}")]
     Refused { code: RefuseCode, message: String },
     #[error("protocol violation: got {got} while {state}")]
-    Unexpected { got: &'static str, state: &'static str },
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -73,14 +76,29 @@ pub struct SourceSession {
 impl SourceSession {
     /// Starts a session for `group`; returns it and the first message to send.
     pub fn new(group: &str, offer: Offer) -> (Self, Control) {
-        let s = SourceSession { offer, state: State::AwaitWelcome, need: Vec::new() };
-        (s, Control::Hello { group: group.to_string() })
+        let s = SourceSession {
+            offer,
+            state: State::AwaitWelcome,
+            need: Vec::new(),
+        };
+        (
+            s,
+            Control::Hello {
+                group: group.to_string(),
+            },
+        )
     }
 
     /// Handles one message from the target.
     pub fn on_message(&mut self, msg: Control) -> Result<SourceStep, SessionError> {
         match (self.state, msg) {
-            (_, Control::Refused { code: RefuseCode::BaseMismatch, .. }) => {
+            (
+                _,
+                Control::Refused {
+                    code: RefuseCode::BaseMismatch,
+                    ..
+                },
+            ) => {
                 self.state = State::Done;
                 Ok(SourceStep::BaseMismatch { latest: None })
             }
@@ -103,11 +121,23 @@ impl SourceSession {
                 self.state = State::Sending;
                 Ok(SourceStep::SendChunks(std::mem::take(&mut self.need)))
             }
-            (State::AwaitCommitted, Control::Committed { seq, blocks_changed }) => {
+            (
+                State::AwaitCommitted,
+                Control::Committed {
+                    seq,
+                    blocks_changed,
+                },
+            ) => {
                 self.state = State::Done;
-                Ok(SourceStep::Committed { seq, blocks_changed })
+                Ok(SourceStep::Committed {
+                    seq,
+                    blocks_changed,
+                })
             }
-            (state, other) => Err(SessionError::Unexpected { got: other.name(), state: state.describe() }),
+            (state, other) => Err(SessionError::Unexpected {
+                got: other.name(),
+                state: state.describe(),
+            }),
         }
     }
 
@@ -122,19 +152,27 @@ impl SourceSession {
             && latest.as_ref().map(|l| l.0) != Some(base)
         {
             self.state = State::Done;
-            return SourceStep::BaseMismatch { latest: latest.map(|l| l.0) };
+            return SourceStep::BaseMismatch {
+                latest: latest.map(|l| l.0),
+            };
         }
         self.state = State::AwaitNeed;
         SourceStep::Send(self.offer_messages())
     }
 
     fn offer_messages(&self) -> Vec<Control> {
-        let mut out = vec![Control::Offer { kind: self.offer.kind, cut: self.offer.cut.clone() }];
+        let mut out = vec![Control::Offer {
+            kind: self.offer.kind,
+            cut: self.offer.cut.clone(),
+        }];
         let mut total = 0u64;
         for (i, entries) in self.offer.entries.iter().enumerate() {
             for batch in entries.chunks(ENTRIES_PER_MESSAGE) {
                 total += batch.len() as u64;
-                out.push(Control::Entries { volume: i as u32, entries: batch.to_vec() });
+                out.push(Control::Entries {
+                    volume: i as u32,
+                    entries: batch.to_vec(),
+                });
             }
         }
         out.push(Control::OfferEnd { entries: total });
@@ -144,6 +182,9 @@ impl SourceSession {
     /// The commit message, once every needed chunk was written to `data_streams` streams.
     pub fn commit(&mut self, data_streams: u32, chunks: u64) -> Control {
         self.state = State::AwaitCommitted;
-        Control::Commit { data_streams, chunks }
+        Control::Commit {
+            data_streams,
+            chunks,
+        }
     }
 }

@@ -4,7 +4,7 @@
 use super::messages::*;
 use super::source_session::SessionError;
 use crate::chunk::Verified;
-use crate::hash::{block_count, BlockRef, ChunkHash};
+use crate::hash::{BlockRef, ChunkHash, block_count};
 use crate::store::{CommitError, CutMeta, Store, VolumeEntries};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -58,17 +58,30 @@ pub fn refusal(err: &SessionError) -> Control {
 }
 
 fn refuse(code: RefuseCode, message: impl Into<String>) -> SessionError {
-    SessionError::Refused { code, message: message.into() }
+    SessionError::Refused {
+        code,
+        message: message.into(),
+    }
 }
 
 fn store_failed(e: anyhow::Error) -> SessionError {
-    refuse(RefuseCode::StoreFailed, format!("target store failed: {e:#}"))
+    refuse(
+        RefuseCode::StoreFailed,
+        format!("target store failed: {e:#}"),
+    )
 }
 
 impl TargetSession {
     /// A new session writing into `store`.
     pub fn new(store: Arc<Store>) -> Self {
-        TargetSession { store, state: State::AwaitHello, group: String::new(), pending: None, expected: HashSet::new(), received: (0, 0) }
+        TargetSession {
+            store,
+            state: State::AwaitHello,
+            group: String::new(),
+            pending: None,
+            expected: HashSet::new(),
+            received: (0, 0),
+        }
     }
 
     /// The group named in Hello (empty before it).
@@ -86,15 +99,24 @@ impl TargetSession {
         let step = match (self.state, msg) {
             (State::AwaitHello, Control::Hello { group }) => self.on_hello(group)?,
             (State::AwaitOffer, Control::Offer { kind, cut }) => self.on_offer(kind, cut)?,
-            (State::ReceivingEntries, Control::Entries { volume, entries }) => self.on_entries(volume, entries)?,
-            (State::ReceivingEntries, Control::OfferEnd { entries }) => self.on_offer_end(entries)?,
+            (State::ReceivingEntries, Control::Entries { volume, entries }) => {
+                self.on_entries(volume, entries)?
+            }
+            (State::ReceivingEntries, Control::OfferEnd { entries }) => {
+                self.on_offer_end(entries)?
+            }
             (State::ReceivingChunks, Control::Commit { data_streams, .. }) => {
                 self.state = State::Committing;
                 TargetStep::CommitWhenDrained { data_streams }
             }
-            (_, Control::Refused { code, message }) => return Err(SessionError::Refused { code, message }),
+            (_, Control::Refused { code, message }) => {
+                return Err(SessionError::Refused { code, message });
+            }
             (state, other) => {
-                return Err(SessionError::Unexpected { got: other.name(), state: describe(state) });
+                return Err(SessionError::Unexpected {
+                    got: other.name(),
+                    state: describe(state),
+                });
             }
         };
         Ok(step)
@@ -105,36 +127,71 @@ impl TargetSession {
         let latest = self.store.latest(&group).map_err(store_failed)?;
         self.group = group;
         self.state = State::AwaitOffer;
-        Ok(TargetStep::Reply(vec![Control::Welcome { latest: latest.map(|p| (p.seq, p.cut.cut_id)) }]))
+        Ok(TargetStep::Reply(vec![Control::Welcome {
+            latest: latest.map(|p| (p.seq, p.cut.cut_id)),
+        }]))
     }
 
     fn on_offer(&mut self, kind: OfferKind, cut: CutMeta) -> Result<TargetStep, SessionError> {
-        crate::check_block_size(cut.block_size).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
+        crate::check_block_size(cut.block_size)
+            .map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
         let mut names = HashSet::new();
         for v in &cut.volumes {
-            crate::volume::check_name(&v.name).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
+            crate::volume::check_name(&v.name)
+                .map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
             if !names.insert(v.name.as_str()) {
-                return Err(SessionError::Invalid(format!("offer declares volume {} twice", v.name)));
+                return Err(SessionError::Invalid(format!(
+                    "offer declares volume {} twice",
+                    v.name
+                )));
             }
         }
         if let OfferKind::Delta { base } = kind {
-            let latest = self.store.latest(&self.group).map_err(store_failed)?.map(|p| p.seq);
+            let latest = self
+                .store
+                .latest(&self.group)
+                .map_err(store_failed)?
+                .map(|p| p.seq);
             if latest != Some(base) {
-                return Err(refuse(RefuseCode::BaseMismatch, format!("delta against point {base}, latest is {latest:?}")));
+                return Err(refuse(
+                    RefuseCode::BaseMismatch,
+                    format!("delta against point {base}, latest is {latest:?}"),
+                ));
             }
         }
-        let blocks = cut.volumes.iter().map(|v| block_count(v.size, cut.block_size)).collect();
-        let entries = cut.volumes.iter().map(|v| (v.name.clone(), Vec::new())).collect();
-        self.pending = Some(Pending { kind, cut, entries, blocks, count: 0 });
+        let blocks = cut
+            .volumes
+            .iter()
+            .map(|v| block_count(v.size, cut.block_size))
+            .collect();
+        let entries = cut
+            .volumes
+            .iter()
+            .map(|v| (v.name.clone(), Vec::new()))
+            .collect();
+        self.pending = Some(Pending {
+            kind,
+            cut,
+            entries,
+            blocks,
+            count: 0,
+        });
         self.state = State::ReceivingEntries;
         Ok(TargetStep::Reply(vec![]))
     }
 
-    fn on_entries(&mut self, volume: u32, entries: Vec<(u64, BlockRef)>) -> Result<TargetStep, SessionError> {
+    fn on_entries(
+        &mut self,
+        volume: u32,
+        entries: Vec<(u64, BlockRef)>,
+    ) -> Result<TargetStep, SessionError> {
         let p = self.pending.as_mut().expect("pending offer in this state");
         let v = volume as usize;
         let (Some((_, list)), Some(&blocks)) = (p.entries.get_mut(v), p.blocks.get(v)) else {
-            return Err(SessionError::Invalid(format!("entries for volume #{volume}, the offer has {}", p.blocks.len())));
+            return Err(SessionError::Invalid(format!(
+                "entries for volume #{volume}, the offer has {}",
+                p.blocks.len()
+            )));
         };
         for (index, r) in entries {
             let increasing = list.last().is_none_or(|(last, _)| index > *last);
@@ -153,7 +210,10 @@ impl TargetSession {
     fn on_offer_end(&mut self, declared: u64) -> Result<TargetStep, SessionError> {
         let p = self.pending.as_ref().expect("pending offer in this state");
         if declared != p.count {
-            return Err(SessionError::Invalid(format!("offer announced {declared} entries, {} arrived", p.count)));
+            return Err(SessionError::Invalid(format!(
+                "offer announced {declared} entries, {} arrived",
+                p.count
+            )));
         }
         let mut referenced: Vec<ChunkHash> = p
             .entries
@@ -169,9 +229,14 @@ impl TargetSession {
         referenced.dedup();
         let missing = self.store.missing(&referenced).map_err(store_failed)?;
         let held = (referenced.len() - missing.len()) as u64;
-        let mut out: Vec<Control> =
-            missing.chunks(HASHES_PER_MESSAGE).map(|c| Control::Need { hashes: c.to_vec() }).collect();
-        out.push(Control::NeedEnd { needed: missing.len() as u64, held });
+        let mut out: Vec<Control> = missing
+            .chunks(HASHES_PER_MESSAGE)
+            .map(|c| Control::Need { hashes: c.to_vec() })
+            .collect();
+        out.push(Control::NeedEnd {
+            needed: missing.len() as u64,
+            held,
+        });
         self.expected = missing.into_iter().collect();
         self.state = State::ReceivingChunks;
         Ok(TargetStep::Reply(out))
@@ -181,12 +246,20 @@ impl TargetSession {
     /// fill the store with data no point will reference); repeats are ignored.
     pub fn on_chunk(&mut self, chunk: &Verified) -> Result<(), SessionError> {
         if !matches!(self.state, State::ReceivingChunks | State::Committing) {
-            return Err(SessionError::Unexpected { got: "a chunk", state: describe(self.state) });
+            return Err(SessionError::Unexpected {
+                got: "a chunk",
+                state: describe(self.state),
+            });
         }
         if !self.expected.remove(&chunk.hash()) {
-            return Err(SessionError::Invalid(format!("chunk {} was not requested", chunk.hash())));
+            return Err(SessionError::Invalid(format!(
+                "chunk {} was not requested",
+                chunk.hash()
+            )));
         }
-        self.store.append(chunk.hash(), chunk.frame()).map_err(store_failed)?;
+        self.store
+            .append(chunk.hash(), chunk.frame())
+            .map_err(store_failed)?;
         self.received.0 += 1;
         self.received.1 += chunk.frame().len() as u64;
         Ok(())
@@ -195,7 +268,10 @@ impl TargetSession {
     /// Commits the point once the data streams drained; returns the reply to send.
     pub fn commit(&mut self) -> Result<Control, SessionError> {
         if self.state != State::Committing {
-            return Err(SessionError::Unexpected { got: "Commit", state: describe(self.state) });
+            return Err(SessionError::Unexpected {
+                got: "Commit",
+                state: describe(self.state),
+            });
         }
         self.state = State::Done;
         let p = self.pending.take().expect("pending offer in this state");
@@ -203,11 +279,24 @@ impl TargetSession {
             OfferKind::Delta { base } => Some(base),
             OfferKind::Full => None,
         };
-        match self.store.commit_point(&self.group, p.cut, base, &p.entries, self.received) {
-            Ok(rec) => Ok(Control::Committed { seq: rec.seq, blocks_changed: rec.stats.blocks_changed }),
-            Err(CommitError::BaseMismatch { .. }) => Err(refuse(RefuseCode::BaseMismatch, "the group moved on during the session")),
-            Err(e @ CommitError::MissingChunks { .. }) => Err(refuse(RefuseCode::MissingChunks, e.to_string())),
-            Err(e @ CommitError::EntryOutOfRange { .. }) => Err(SessionError::Invalid(e.to_string())),
+        match self
+            .store
+            .commit_point(&self.group, p.cut, base, &p.entries, self.received)
+        {
+            Ok(rec) => Ok(Control::Committed {
+                seq: rec.seq,
+                blocks_changed: rec.stats.blocks_changed,
+            }),
+            Err(CommitError::BaseMismatch { .. }) => Err(refuse(
+                RefuseCode::BaseMismatch,
+                "the group moved on during the session",
+            )),
+            Err(e @ CommitError::MissingChunks { .. }) => {
+                Err(refuse(RefuseCode::MissingChunks, e.to_string()))
+            }
+            Err(e @ CommitError::EntryOutOfRange { .. }) => {
+                Err(SessionError::Invalid(e.to_string()))
+            }
             Err(CommitError::Store(e)) => Err(store_failed(e)),
         }
     }

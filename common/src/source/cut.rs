@@ -1,15 +1,15 @@
 //! Making a cut: freeze (pre hook), note the instant, capture manifests, scan every volume, thaw
 //! (post hook), and record the result durably as the pending cut.
 
-use super::scan::{scan_volume, ScanSettings};
+use super::scan::{ScanSettings, scan_volume};
 use super::spool::{SpoolIndex, SpoolWriter};
 use super::state::{Base, GroupState};
 use crate::change::{ChangeSource, VolumeBase};
 use crate::hash::ChunkHash;
 use crate::hooks::Hook;
 use crate::manifest::Bundle;
-use crate::protocol::source_session::Offer;
 use crate::protocol::OfferKind;
+use crate::protocol::source_session::Offer;
 use crate::store::{CutMeta, ManifestRef, VolumeMeta};
 use crate::volume::{Volume, VolumeSpec};
 use anyhow::{Context, Result};
@@ -61,7 +61,11 @@ pub fn make_cut(
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<PendingCut> {
     let base = base.filter(|b| b.block_size == cfg.block_size);
-    let volumes: Vec<Volume> = cfg.volumes.iter().map(|v| Volume::open(&v.path)).collect::<Result<_>>()?;
+    let volumes: Vec<Volume> = cfg
+        .volumes
+        .iter()
+        .map(|v| Volume::open(&v.path))
+        .collect::<Result<_>>()?;
     state.clear_pending()?;
     let spool_path = state.cut_dir().join("spool.frames");
     let mut spool = SpoolWriter::create(&spool_path)?;
@@ -83,7 +87,13 @@ pub fn make_cut(
         manifests,
     };
     let kind = base.map_or(OfferKind::Full, |b| OfferKind::Delta { base: b.seq });
-    let pending = PendingCut { offer: Offer { kind, cut, entries }, maps, spool: index, bytes_read, bytes_spooled };
+    let pending = PendingCut {
+        offer: Offer { kind, cut, entries },
+        maps,
+        spool: index,
+        bytes_read,
+        bytes_spooled,
+    };
     state.set_pending(&pending)?;
     Ok(pending)
 }
@@ -96,7 +106,13 @@ fn run_post(cfg: &CutConfig) {
     }
 }
 
-type Scanned = (Vec<VolumeMeta>, Vec<VolumeBase>, Vec<Vec<(u64, crate::hash::BlockRef)>>, u64, ManifestRef);
+type Scanned = (
+    Vec<VolumeMeta>,
+    Vec<VolumeBase>,
+    Vec<Vec<(u64, crate::hash::BlockRef)>>,
+    u64,
+    ManifestRef,
+);
 
 fn scan_all(
     cfg: &CutConfig,
@@ -110,22 +126,46 @@ fn scan_all(
         Some(dir) => spool_manifests(&Bundle::capture(dir)?, cfg, spool)?,
         None => spool_manifests(&Bundle::default(), cfg, spool)?,
     };
-    let settings = ScanSettings { block_size: cfg.block_size, zstd_level: cfg.zstd_level, workers: cfg.workers };
+    let settings = ScanSettings {
+        block_size: cfg.block_size,
+        zstd_level: cfg.zstd_level,
+        workers: cfg.workers,
+    };
     let (mut metas, mut maps, mut entries, mut read) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for (spec, vol) in cfg.volumes.iter().zip(volumes) {
         let vbase = base.and_then(|b| b.volume(&spec.name));
         let size = vol.size();
-        let s = scan_volume(&spec.name, vol, vbase, change, settings, spool, &|done| progress(&spec.name, done, size))
-            .with_context(|| format!("scan of volume {} ({}) failed", spec.name, spec.path.display()))?;
-        metas.push(VolumeMeta { name: spec.name.clone(), size, digest: s.digest });
-        maps.push(VolumeBase { name: spec.name.clone(), size, blocks: s.map });
+        let s = scan_volume(&spec.name, vol, vbase, change, settings, spool, &|done| {
+            progress(&spec.name, done, size)
+        })
+        .with_context(|| {
+            format!(
+                "scan of volume {} ({}) failed",
+                spec.name,
+                spec.path.display()
+            )
+        })?;
+        metas.push(VolumeMeta {
+            name: spec.name.clone(),
+            size,
+            digest: s.digest,
+        });
+        maps.push(VolumeBase {
+            name: spec.name.clone(),
+            size,
+            blocks: s.map,
+        });
         entries.push(s.entries);
         read += s.bytes_read;
     }
     Ok((metas, maps, entries, read, manifests))
 }
 
-fn spool_manifests(bundle: &Bundle, cfg: &CutConfig, spool: &mut SpoolWriter) -> Result<ManifestRef> {
+fn spool_manifests(
+    bundle: &Bundle,
+    cfg: &CutConfig,
+    spool: &mut SpoolWriter,
+) -> Result<ManifestRef> {
     let bytes = bundle.encode();
     let mut chunks = Vec::new();
     for piece in bytes.chunks(cfg.block_size as usize) {
@@ -148,7 +188,10 @@ fn cut_id(source: &str, created_ms: i64) -> String {
     h.update(source.as_bytes());
     h.update(&created_ms.to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     h.update(&nanos.to_le_bytes());
     format!("{}-{}", created_ms, &h.finalize().to_hex()[..12])
 }

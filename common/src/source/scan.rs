@@ -2,9 +2,9 @@
 //! the changed ones (compressed) into the spool.
 
 use super::spool::SpoolWriter;
-use crate::change::{batches, ChangeSource, VolumeBase};
+use crate::change::{ChangeSource, VolumeBase, batches};
 use crate::chunk;
-use crate::hash::{block_count, block_len, is_zero, BlockRef, ChunkHash, VolumeDigest};
+use crate::hash::{BlockRef, ChunkHash, VolumeDigest, block_count, block_len, is_zero};
 use crate::volume::Volume;
 use anyhow::Result;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,10 +57,15 @@ pub fn scan_volume(
     let blocks = block_count(size, s.block_size);
     let base = base.filter(|b| b.name == name);
     let mut map: Vec<BlockRef> = match base {
-        Some(b) => (0..blocks).map(|i| b.blocks.get(i as usize).copied().unwrap_or(BlockRef::Hole)).collect(),
+        Some(b) => (0..blocks)
+            .map(|i| b.blocks.get(i as usize).copied().unwrap_or(BlockRef::Hole))
+            .collect(),
         None => vec![BlockRef::Hole; blocks as usize],
     };
-    let work = batches(&change.candidates(name, size, s.block_size, base)?, BATCH_BLOCKS);
+    let work = batches(
+        &change.candidates(name, size, s.block_size, base)?,
+        BATCH_BLOCKS,
+    );
     let next = AtomicUsize::new(0);
     let read = std::sync::atomic::AtomicU64::new(0);
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<Block>>>(s.workers * 2);
@@ -99,7 +104,12 @@ pub fn scan_volume(
         entries.retain(|(_, b)| *b != BlockRef::Hole);
     }
     let digest = VolumeDigest::of_map(size, s.block_size, &map);
-    Ok(VolumeScan { map, entries, digest, bytes_read: read.into_inner() })
+    Ok(VolumeScan {
+        map,
+        entries,
+        digest,
+        bytes_read: read.into_inner(),
+    })
 }
 
 /// Reads, hashes and frames one batch; returns only blocks that differ from the base.
@@ -126,7 +136,11 @@ fn scan_batch(
         let off = ((index * bs) - start) as usize;
         let bl = block_len(size, s.block_size, index) as usize;
         let data = &buf[off..off + bl];
-        let block = if !has_data || is_zero(data) { BlockRef::Hole } else { BlockRef::Data(ChunkHash::of(data)) };
+        let block = if !has_data || is_zero(data) {
+            BlockRef::Hole
+        } else {
+            BlockRef::Data(ChunkHash::of(data))
+        };
         let old = base.and_then(|b| b.blocks.get(index as usize)).copied();
         if base.is_some() && old == Some(block) {
             continue;
@@ -135,7 +149,11 @@ fn scan_batch(
             BlockRef::Data(h) => Some(chunk::encode_with_hash(data, h, s.zstd_level)),
             BlockRef::Hole => None,
         };
-        out.push(Block { index, block, frame });
+        out.push(Block {
+            index,
+            block,
+            frame,
+        });
     }
     Ok(out)
 }

@@ -23,9 +23,23 @@ pub struct SpoolWriter {
 impl SpoolWriter {
     /// Creates the spool file.
     pub fn create(path: &Path) -> Result<Self> {
-        let f = OpenOptions::new().write(true).create(true).truncate(true).open(path)
-            .with_context(|| format!("cannot create spool {}: check the state directory is writable", path.display()))?;
-        Ok(SpoolWriter { out: BufWriter::with_capacity(4 << 20, f), len: 0, index: HashMap::new(), bytes_added: 0 })
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "cannot create spool {}: check the state directory is writable",
+                    path.display()
+                )
+            })?;
+        Ok(SpoolWriter {
+            out: BufWriter::with_capacity(4 << 20, f),
+            len: 0,
+            index: HashMap::new(),
+            bytes_added: 0,
+        })
     }
 
     /// True when the spool already holds this chunk.
@@ -38,7 +52,9 @@ impl SpoolWriter {
         if self.index.contains_key(&hash) {
             return Ok(());
         }
-        self.out.write_all(frame).context("write to spool failed: is the source state disk full?")?;
+        self.out
+            .write_all(frame)
+            .context("write to spool failed: is the source state disk full?")?;
         self.index.insert(hash, (self.len, frame.len() as u32));
         self.len += frame.len() as u64;
         self.bytes_added += frame.len() as u64;
@@ -52,7 +68,11 @@ impl SpoolWriter {
 
     /// Flushes and fsyncs; returns the index.
     pub fn finish(self) -> Result<SpoolIndex> {
-        let f = self.out.into_inner().map_err(|e| e.into_error()).context("flush of spool failed")?;
+        let f = self
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("flush of spool failed")?;
         f.sync_all().context("fsync of spool failed")?;
         Ok(self.index)
     }
@@ -67,15 +87,26 @@ pub struct SpoolReader {
 impl SpoolReader {
     /// Opens a spool with its index.
     pub fn open(path: &Path, index: SpoolIndex) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("spool {} is missing", path.display()))?;
+        let file =
+            File::open(path).with_context(|| format!("spool {} is missing", path.display()))?;
         Ok(SpoolReader { file, index })
+    }
+
+    /// Frame length of a chunk, if spooled.
+    pub fn len_of(&self, h: &ChunkHash) -> Option<u64> {
+        self.index.get(h).map(|(_, l)| *l as u64)
     }
 
     /// The frame of a chunk.
     pub fn frame(&self, h: &ChunkHash) -> Result<Vec<u8>> {
-        let (off, len) = *self.index.get(h).with_context(|| format!("chunk {h} is not in this cut's spool"))?;
+        let (off, len) = *self
+            .index
+            .get(h)
+            .with_context(|| format!("chunk {h} is not in this cut's spool"))?;
         let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, off).context("read from spool failed")?;
+        self.file
+            .read_exact_at(&mut buf, off)
+            .context("read from spool failed")?;
         Ok(buf)
     }
 }

@@ -6,7 +6,7 @@
 use super::cut::PendingCut;
 use crate::change::VolumeBase;
 use anyhow::{Context, Result};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,8 +41,12 @@ impl GroupState {
     /// Opens (creating) and locks the state of `group` under `state_dir`.
     pub fn lock(state_dir: &Path, group: &str) -> Result<Self> {
         let dir = state_dir.join("groups").join(group);
-        std::fs::create_dir_all(dir.join("cut"))
-            .with_context(|| format!("cannot create source state {}: check permissions", dir.display()))?;
+        std::fs::create_dir_all(dir.join("cut")).with_context(|| {
+            format!(
+                "cannot create source state {}: check permissions",
+                dir.display()
+            )
+        })?;
         let lock = File::create(dir.join("lock"))?;
         lock.try_lock().map_err(|_| {
             anyhow::anyhow!("another cycle of group {group} is running (lock {} is held); wait for it to finish", dir.join("lock").display())
@@ -86,7 +90,12 @@ impl GroupState {
 
     /// After the target committed `cut` as `seq`: it becomes the base, and the cut is dropped.
     pub fn promote(&self, cut: &PendingCut, seq: u64) -> Result<()> {
-        let base = Base { seq, cut_id: cut.offer.cut.cut_id.clone(), block_size: cut.offer.cut.block_size, volumes: cut.maps.clone() };
+        let base = Base {
+            seq,
+            cut_id: cut.offer.cut.cut_id.clone(),
+            block_size: cut.offer.cut.block_size,
+            volumes: cut.maps.clone(),
+        };
         self.set_base(Some(&base))?;
         self.clear_pending()
     }
@@ -95,7 +104,10 @@ impl GroupState {
 fn read_file<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(b) => postcard::from_bytes(&b).map(Some).with_context(|| {
-            format!("source state {} is unreadable: delete it to start over with a full sync", path.display())
+            format!(
+                "source state {} is unreadable: delete it to start over with a full sync",
+                path.display()
+            )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -104,18 +116,27 @@ fn read_file<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 
 fn remove(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
         _ => Ok(()),
     }
 }
 
 /// Writes a file so a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("cannot replace {}", path.display()))?;
-    File::open(dir)?.sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot replace {}", path.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
     Ok(())
 }

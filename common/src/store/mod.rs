@@ -9,8 +9,8 @@ pub mod retention;
 pub mod verify;
 
 use crate::chunk;
-use crate::hash::{block_count, BlockRef, ChunkHash};
-use anyhow::{bail, Context, Result};
+use crate::hash::{BlockRef, ChunkHash, block_count};
+use anyhow::{Context, Result, bail};
 use catalog::*;
 use pack::{Location, PackWriter};
 pub use recovery_point::{CutMeta, ManifestRef, PointRecord, PointStats, VolumeMeta};
@@ -26,12 +26,23 @@ pub type VolumeEntries = (String, Vec<(u64, BlockRef)>);
 /// Why a commit was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    #[error("the offer was made against point {offered:?} but the group's latest point is {latest:?}")]
-    BaseMismatch { offered: Option<u64>, latest: Option<u64> },
-    #[error("{count} chunks the point needs are not in the store (first: {first}); the source must send them")]
+    #[error(
+        "the offer was made against point {offered:?} but the group's latest point is {latest:?}"
+    )]
+    BaseMismatch {
+        offered: Option<u64>,
+        latest: Option<u64>,
+    },
+    #[error(
+        "{count} chunks the point needs are not in the store (first: {first}); the source must send them"
+    )]
     MissingChunks { count: usize, first: ChunkHash },
     #[error("volume {volume}: entry for block {index} is past its end ({blocks} blocks)")]
-    EntryOutOfRange { volume: String, index: u64, blocks: u64 },
+    EntryOutOfRange {
+        volume: String,
+        index: u64,
+        blocks: u64,
+    },
     #[error(transparent)]
     Store(#[from] anyhow::Error),
 }
@@ -58,16 +69,32 @@ impl Store {
     /// Opens (creating if needed) the store at `root`, truncating torn pack tails and removing
     /// packs no committed catalog entry refers to (both are left by a crash).
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("packs"))
-            .with_context(|| format!("cannot create store directory {}: check permissions", root.display()))?;
-        let db_path = root.join("catalog.redb");
-        let db = Database::create(&db_path).with_context(|| {
-            format!("cannot open catalog {}: is another target-agent using this store?", db_path.display())
+        std::fs::create_dir_all(root.join("packs")).with_context(|| {
+            format!(
+                "cannot create store directory {}: check permissions",
+                root.display()
+            )
         })?;
+        let db_path = root.join("catalog.redb");
+        let db = match Database::create(&db_path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => bail!(
+                "store {} is in use by another target-agent process (a running `serve`?): stop it first; \
+                 points, inspect, verify, retention and failover need the store to themselves",
+                root.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open catalog {}", db_path.display()));
+            }
+        };
         let store = Store {
             root: root.to_path_buf(),
             db,
-            pending: Mutex::new(Pending { writer: None, chunks: Vec::new(), bytes: 0 }),
+            pending: Mutex::new(Pending {
+                writer: None,
+                chunks: Vec::new(),
+                bytes: 0,
+            }),
             readers: Mutex::new(HashMap::new()),
         };
         store.init_tables()?;
@@ -179,7 +206,10 @@ impl Store {
     /// next [`Store::flush`], which happens on its own every 64 MiB.
     pub fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
         let mut p = self.pending.lock().expect("store lock");
-        if p.writer.as_ref().is_none_or(|w| w.len() >= pack::PACK_TARGET_SIZE) {
+        if p.writer
+            .as_ref()
+            .is_none_or(|w| w.len() >= pack::PACK_TARGET_SIZE)
+        {
             self.flush_locked(&mut p)?;
             p.writer = Some(PackWriter::create(&self.packs_dir(), self.next_pack_id()?)?);
         }
@@ -206,7 +236,9 @@ impl Store {
     }
 
     fn flush_locked(&self, p: &mut Pending) -> Result<usize> {
-        let Some(w) = p.writer.as_mut() else { return Ok(0) };
+        let Some(w) = p.writer.as_mut() else {
+            return Ok(0);
+        };
         if p.chunks.is_empty() {
             return Ok(0);
         }
@@ -220,7 +252,8 @@ impl Store {
             }
             txn.open_table(PACKS)?.insert(id, len)?;
         }
-        txn.commit().context("catalog commit failed: the store's disk may be full")?;
+        txn.commit()
+            .context("catalog commit failed: the store's disk may be full")?;
         let n = p.chunks.len();
         p.chunks.clear();
         p.bytes = 0;
@@ -245,7 +278,9 @@ impl Store {
             return Ok(f.clone());
         }
         let path = pack::pack_path(&self.packs_dir(), id);
-        let f = Arc::new(File::open(&path).with_context(|| format!("pack {} is missing", path.display()))?);
+        let f = Arc::new(
+            File::open(&path).with_context(|| format!("pack {} is missing", path.display()))?,
+        );
         r.insert(id, f.clone());
         Ok(f)
     }
@@ -269,9 +304,9 @@ impl Store {
 
     /// Reads a chunk, decompresses it and checks its hash.
     pub fn read_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>> {
-        let loc = self
-            .locate(hash)?
-            .with_context(|| format!("chunk {hash} is not in the store: run `target-agent verify`"))?;
+        let loc = self.locate(hash)?.with_context(|| {
+            format!("chunk {hash} is not in the store: run `target-agent verify`")
+        })?;
         let frame = self.read_frame_at(loc)?;
         let (header, raw) = chunk::decode(&frame).with_context(|| {
             format!(
@@ -281,7 +316,14 @@ impl Store {
                 pack::pack_path(&self.packs_dir(), loc.pack).display()
             )
         })?;
-        anyhow::ensure!(header.hash == *hash, "pack {:08x} offset {} holds chunk {} where the catalog expects {}", loc.pack, loc.offset, header.hash, hash);
+        anyhow::ensure!(
+            header.hash == *hash,
+            "pack {:08x} offset {} holds chunk {} where the catalog expects {}",
+            loc.pack,
+            loc.offset,
+            header.hash,
+            hash
+        );
         Ok(raw)
     }
 
@@ -317,15 +359,21 @@ impl Store {
     pub fn point(&self, group: &str, seq: u64) -> Result<Option<PointRecord>> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(POINTS)?;
-        t.get((group, seq))?.map(|v| PointRecord::decode(v.value())).transpose()
+        t.get((group, seq))?
+            .map(|v| PointRecord::decode(v.value()))
+            .transpose()
     }
 
     /// The group's latest point.
     pub fn latest(&self, group: &str) -> Result<Option<PointRecord>> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(POINTS)?;
-        let last = t.range((group, 0)..=(group, u64::MAX))?.next_back().transpose()?;
-        last.map(|(_, v)| PointRecord::decode(v.value())).transpose()
+        let last = t
+            .range((group, 0)..=(group, u64::MAX))?
+            .next_back()
+            .transpose()?;
+        last.map(|(_, v)| PointRecord::decode(v.value()))
+            .transpose()
     }
 
     /// Commits a recovery point in one transaction: the point becomes visible together with all of
@@ -353,31 +401,44 @@ impl Store {
             }
             let latest_seq = latest.as_ref().map(|l| l.seq);
             if base.is_some() && base != latest_seq {
-                return Err(CommitError::BaseMismatch { offered: base, latest: latest_seq });
+                return Err(CommitError::BaseMismatch {
+                    offered: base,
+                    latest: latest_seq,
+                });
             }
             check_entries(&txn, &cut, entries)?;
-            let changed = apply_entries(&txn, group, latest_seq, entries, base.is_none()).map_err(anyhow::Error::from)?;
+            let changed = apply_entries(&txn, group, latest_seq, entries, base.is_none())
+                .map_err(anyhow::Error::from)?;
             let record = PointRecord {
                 group: group.to_string(),
                 seq: latest_seq.unwrap_or(0) + 1,
                 cut,
                 committed_ms: crate::now_ms(),
-                stats: PointStats { blocks_changed: changed, chunks_received: received.0, bytes_received: received.1 },
+                stats: PointStats {
+                    blocks_changed: changed,
+                    chunks_received: received.0,
+                    bytes_received: received.1,
+                },
             };
-            points.insert((group, record.seq), record.encode().as_slice()).map_err(anyhow::Error::from)?;
+            points
+                .insert((group, record.seq), record.encode().as_slice())
+                .map_err(anyhow::Error::from)?;
             record
         };
-        txn.commit().context("catalog commit failed: the store's disk may be full").map_err(CommitError::Store)?;
+        txn.commit()
+            .context("catalog commit failed: the store's disk may be full")
+            .map_err(CommitError::Store)?;
         Ok(record)
     }
 
     /// The full block map of a volume at a point.
     pub fn block_map(&self, group: &str, seq: u64, volume: &str) -> Result<Vec<BlockRef>> {
         let points = self.points(group)?;
-        let point = points
-            .iter()
-            .find(|p| p.seq == seq)
-            .with_context(|| format!("group {group} has no recovery point {seq}: list them with `target-agent points`"))?;
+        let point = points.iter().find(|p| p.seq == seq).with_context(|| {
+            format!(
+                "group {group} has no recovery point {seq}: list them with `target-agent points`"
+            )
+        })?;
         let meta = point
             .cut
             .volume(volume)
@@ -419,13 +480,21 @@ impl Store {
     }
 }
 
-fn last_point(points: &redb::Table<(&str, u64), &[u8]>, group: &str) -> Result<Option<PointRecord>> {
-    let last = points.range((group, 0)..=(group, u64::MAX))?.next_back().transpose()?;
-    last.map(|(_, v)| PointRecord::decode(v.value())).transpose()
+fn last_point(
+    points: &redb::Table<(&str, u64), &[u8]>,
+    group: &str,
+) -> Result<Option<PointRecord>> {
+    let last = points
+        .range((group, 0)..=(group, u64::MAX))?
+        .next_back()
+        .transpose()?;
+    last.map(|(_, v)| PointRecord::decode(v.value()))
+        .transpose()
 }
 
 fn decode_ref(b: &[u8]) -> Result<BlockRef> {
-    BlockRef::from_bytes(b).context("catalog holds a malformed block-map entry: run `target-agent verify`")
+    BlockRef::from_bytes(b)
+        .context("catalog holds a malformed block-map entry: run `target-agent verify`")
 }
 
 fn overlay(
@@ -445,7 +514,11 @@ fn overlay(
 }
 
 /// Checks that entries fit their volumes and every chunk they (and the manifests) name is durable.
-fn check_entries(txn: &redb::WriteTransaction, cut: &CutMeta, entries: &[VolumeEntries]) -> Result<(), CommitError> {
+fn check_entries(
+    txn: &redb::WriteTransaction,
+    cut: &CutMeta,
+    entries: &[VolumeEntries],
+) -> Result<(), CommitError> {
     let chunks = txn.open_table(CHUNKS).map_err(anyhow::Error::from)?;
     let mut missing = Vec::new();
     let mut need = |h: &ChunkHash| -> Result<(), CommitError> {
@@ -455,13 +528,17 @@ fn check_entries(txn: &redb::WriteTransaction, cut: &CutMeta, entries: &[VolumeE
         Ok(())
     };
     for (volume, list) in entries {
-        let meta = cut
-            .volume(volume)
-            .with_context(|| format!("entries name volume {volume}, which the cut does not declare"))?;
+        let meta = cut.volume(volume).with_context(|| {
+            format!("entries name volume {volume}, which the cut does not declare")
+        })?;
         let blocks = block_count(meta.size, cut.block_size);
         for (index, r) in list {
             if *index >= blocks {
-                return Err(CommitError::EntryOutOfRange { volume: volume.clone(), index: *index, blocks });
+                return Err(CommitError::EntryOutOfRange {
+                    volume: volume.clone(),
+                    index: *index,
+                    blocks,
+                });
             }
             if let BlockRef::Data(h) = r {
                 need(h)?;
@@ -472,7 +549,10 @@ fn check_entries(txn: &redb::WriteTransaction, cut: &CutMeta, entries: &[VolumeE
         need(h)?;
     }
     match missing.first() {
-        Some(first) => Err(CommitError::MissingChunks { count: missing.len(), first: *first }),
+        Some(first) => Err(CommitError::MissingChunks {
+            count: missing.len(),
+            first: *first,
+        }),
         None => Ok(()),
     }
 }
@@ -493,7 +573,9 @@ fn apply_entries(
         let mut list = list.clone();
         if full {
             let listed: std::collections::HashSet<u64> = list.iter().map(|(i, _)| *i).collect();
-            for row in heads.range((group, volume.as_str(), 0)..=(group, volume.as_str(), u64::MAX))? {
+            for row in
+                heads.range((group, volume.as_str(), 0)..=(group, volume.as_str(), u64::MAX))?
+            {
                 let index = row?.0.value().2;
                 if !listed.contains(&index) {
                     list.push((index, BlockRef::Hole));
@@ -502,7 +584,10 @@ fn apply_entries(
         }
         for (index, new) in list {
             let key = (group, volume.as_str(), index);
-            let old = heads.get(key)?.map(|v| v.value().to_vec()).unwrap_or_default();
+            let old = heads
+                .get(key)?
+                .map(|v| v.value().to_vec())
+                .unwrap_or_default();
             let new_bytes = new.to_bytes();
             if old == new_bytes {
                 continue;

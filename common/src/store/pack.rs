@@ -41,7 +41,9 @@ pub fn pack_path(dir: &Path, id: u32) -> PathBuf {
 /// Parses a pack file name back into its id.
 pub fn pack_id_of(name: &str) -> Option<u32> {
     let hex = name.strip_suffix(".pack")?;
-    (hex.len() == 8).then(|| u32::from_str_radix(hex, 16).ok()).flatten()
+    (hex.len() == 8)
+        .then(|| u32::from_str_radix(hex, 16).ok())
+        .flatten()
 }
 
 /// The pack being appended to.
@@ -66,9 +68,18 @@ impl PackWriter {
         let mut header = PACK_MAGIC.to_vec();
         header.extend_from_slice(&id.to_le_bytes());
         header.extend_from_slice(&[0; 4]);
-        file.write_all(&header).with_context(|| format!("cannot write pack header {}", path.display()))?;
-        File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot fsync {}", dir.display()))?;
-        Ok(PackWriter { id, file, path, len: PACK_HEADER_LEN, buf: Vec::with_capacity(8 << 20) })
+        file.write_all(&header)
+            .with_context(|| format!("cannot write pack header {}", path.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot fsync {}", dir.display()))?;
+        Ok(PackWriter {
+            id,
+            file,
+            path,
+            len: PACK_HEADER_LEN,
+            buf: Vec::with_capacity(8 << 20),
+        })
     }
 
     /// This pack's id.
@@ -88,7 +99,11 @@ impl PackWriter {
 
     /// Appends a frame; returns where it will be once flushed.
     pub fn append(&mut self, frame: &[u8]) -> Result<Location> {
-        let loc = Location { pack: self.id, offset: self.len(), len: frame.len() as u32 };
+        let loc = Location {
+            pack: self.id,
+            offset: self.len(),
+            len: frame.len() as u32,
+        };
         self.buf.extend_from_slice(frame);
         if self.buf.len() >= 8 << 20 {
             self.write_buffer()?;
@@ -100,9 +115,14 @@ impl PackWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.file.write_all_at(&self.buf, self.len).with_context(|| {
-            format!("write to pack {} failed: is the store's disk full?", self.path.display())
-        })?;
+        self.file
+            .write_all_at(&self.buf, self.len)
+            .with_context(|| {
+                format!(
+                    "write to pack {} failed: is the store's disk full?",
+                    self.path.display()
+                )
+            })?;
         self.len += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
@@ -111,9 +131,12 @@ impl PackWriter {
     /// Writes buffered frames and fsyncs; returns the now-durable length.
     pub fn sync(&mut self) -> Result<u64> {
         self.write_buffer()?;
-        self.file
-            .sync_data()
-            .with_context(|| format!("fsync of pack {} failed: the store's disk may be full or failing", self.path.display()))?;
+        self.file.sync_data().with_context(|| {
+            format!(
+                "fsync of pack {} failed: the store's disk may be full or failing",
+                self.path.display()
+            )
+        })?;
         Ok(self.len)
     }
 }
@@ -128,9 +151,13 @@ pub fn read_frame(file: &File, loc: Location) -> std::io::Result<Vec<u8>> {
 /// Checks a pack file's header.
 pub fn check_header(file: &File, id: u32) -> Result<()> {
     let mut h = [0u8; PACK_HEADER_LEN as usize];
-    file.read_exact_at(&mut h, 0).context("pack is shorter than its header")?;
+    file.read_exact_at(&mut h, 0)
+        .context("pack is shorter than its header")?;
     anyhow::ensure!(&h[..8] == PACK_MAGIC, "pack header magic is wrong");
     let got = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    anyhow::ensure!(got == id, "pack header names pack {got:08x}, file name says {id:08x}");
+    anyhow::ensure!(
+        got == id,
+        "pack header names pack {got:08x}, file name says {id:08x}"
+    );
     Ok(())
 }

@@ -85,6 +85,10 @@ impl PointRecord {
 
     /// Decodes a catalog value.
     pub fn decode(b: &[u8]) -> anyhow::Result<Self> {
-        postcard::from_bytes(b).map_err(|e| anyhow::anyhow!("catalog holds an unreadable recovery point record ({e}): run `target-agent verify`"))
+        postcard::from_bytes(b).map_err(|e| {
+            anyhow::anyhow!(
+                "catalog holds an unreadable recovery point record ({e}): run `target-agent verify`"
+            )
+        })
     }
 }

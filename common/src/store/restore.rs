@@ -2,7 +2,7 @@
 //! the volume digest the source recorded at the cut, and (optionally) the written bytes read back.
 
 use super::Store;
-use crate::hash::{block_len, BlockRef, ChunkHash, VolumeDigest};
+use crate::hash::{BlockRef, ChunkHash, VolumeDigest, block_len};
 use crate::volume::VolumeWriter;
 use anyhow::{Context, Result};
 
@@ -48,8 +48,14 @@ impl Store {
         path: &str,
         opts: &RestoreOptions,
     ) -> Result<VolumeRestore> {
-        let point = self.point(group, seq)?.with_context(|| format!("group {group} has no point {seq}"))?;
-        let meta = point.cut.volume(volume).with_context(|| format!("point {seq} has no volume {volume}"))?.clone();
+        let point = self
+            .point(group, seq)?
+            .with_context(|| format!("group {group} has no point {seq}"))?;
+        let meta = point
+            .cut
+            .volume(volume)
+            .with_context(|| format!("point {seq} has no volume {volume}"))?
+            .clone();
         let bs = point.cut.block_size;
         let map = self.block_map(group, seq, volume)?;
         let mut digest = VolumeDigest::new(meta.size, bs);
@@ -60,7 +66,9 @@ impl Store {
             match b {
                 BlockRef::Hole => out.zero_range(offset, len, opts.fresh_image)?,
                 BlockRef::Data(h) => {
-                    let raw = self.read_chunk(h).with_context(|| format!("volume {volume}, block at byte {offset}"))?;
+                    let raw = self
+                        .read_chunk(h)
+                        .with_context(|| format!("volume {volume}, block at byte {offset}"))?;
                     anyhow::ensure!(
                         raw.len() == len as usize,
                         "volume {volume}: block at byte {offset} should be {len} bytes, chunk {h} holds {}",
@@ -76,7 +84,11 @@ impl Store {
             }
         }
         out.sync()?;
-        let actual = if opts.read_back { read_back_digest(out, meta.size, bs, opts.progress)? } else { digest.finish() };
+        let actual = if opts.read_back {
+            read_back_digest(out, meta.size, bs, opts.progress)?
+        } else {
+            digest.finish()
+        };
         (opts.progress)(meta.size);
         Ok(VolumeRestore {
             volume: volume.to_string(),
@@ -84,7 +96,8 @@ impl Store {
             size: meta.size,
             bytes_written: written,
             ok: actual == meta.digest,
-            error: (actual != meta.digest).then(|| "restored bytes do not match the source digest".to_string()),
+            error: (actual != meta.digest)
+                .then(|| "restored bytes do not match the source digest".to_string()),
             expected_digest: meta.digest,
             actual_digest: actual,
         })
@@ -92,7 +105,12 @@ impl Store {
 }
 
 /// Hashes what the output actually holds, block by block.
-fn read_back_digest(out: &VolumeWriter, size: u64, bs: u32, progress: &dyn Fn(u64)) -> Result<String> {
+fn read_back_digest(
+    out: &VolumeWriter,
+    size: u64,
+    bs: u32,
+    progress: &dyn Fn(u64),
+) -> Result<String> {
     let v = out.reopen()?;
     let mut digest = VolumeDigest::new(size, bs);
     let mut buf = vec![0u8; bs as usize];

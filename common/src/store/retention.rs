@@ -1,8 +1,8 @@
 //! Retention (which points to keep) and garbage collection (dropping chunks no point references).
 
+use super::Store;
 use super::catalog::*;
 use super::pack::{self, Location};
-use super::Store;
 use crate::hash::BlockRef;
 use anyhow::{Context, Result};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -41,7 +41,12 @@ pub struct GcReport {
 
 impl Store {
     /// Drops the points the policy does not keep, oldest first; returns the dropped sequence numbers.
-    pub fn apply_retention(&self, group: &str, policy: RetentionPolicy, now_ms: i64) -> Result<Vec<u64>> {
+    pub fn apply_retention(
+        &self,
+        group: &str,
+        policy: RetentionPolicy,
+        now_ms: i64,
+    ) -> Result<Vec<u64>> {
         if policy.keeps_all() {
             return Ok(Vec::new());
         }
@@ -49,7 +54,9 @@ impl Store {
         let n = points.len();
         let keep = |i: usize, created: i64| {
             let by_count = policy.keep_last.is_some_and(|k| n - i <= k.max(1));
-            let by_age = policy.max_age.is_some_and(|a| now_ms - created <= a.as_millis() as i64);
+            let by_age = policy
+                .max_age
+                .is_some_and(|a| now_ms - created <= a.as_millis() as i64);
             i + 1 == n || by_count || by_age
         };
         // Both rules keep a suffix of the list, so the dropped points are a prefix: dropping the
@@ -69,10 +76,14 @@ impl Store {
             let mut undo = txn.open_table(UNDO)?;
             for seq in &drop {
                 pts.remove((group, *seq))?;
-                undo.retain_in((group, *seq, "", 0)..=(group, *seq, "\u{10FFFF}", u64::MAX), |_, _| false)?;
+                undo.retain_in(
+                    (group, *seq, "", 0)..=(group, *seq, "\u{10FFFF}", u64::MAX),
+                    |_, _| false,
+                )?;
             }
         }
-        txn.commit().context("catalog commit failed while dropping expired points")?;
+        txn.commit()
+            .context("catalog commit failed while dropping expired points")?;
         Ok(drop)
     }
 
@@ -92,7 +103,9 @@ impl Store {
         txn.commit()?;
         let usage = self.pack_usage()?;
         for (id, len) in self.committed_packs()? {
-            let live_bytes = usage.get(&id).map_or(0, |u| u.iter().map(|(_, l)| l.len as u64).sum());
+            let live_bytes = usage
+                .get(&id)
+                .map_or(0, |u| u.iter().map(|(_, l)| l.len as u64).sum());
             if live_bytes == 0 {
                 self.drop_pack(id)?;
                 report.packs_deleted += 1;
@@ -146,7 +159,8 @@ impl Store {
         txn.commit()?;
         self.forget_reader(id);
         let path = pack::pack_path(&self.root().join("packs"), id);
-        std::fs::remove_file(&path).with_context(|| format!("cannot delete dead pack {}", path.display()))
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot delete dead pack {}", path.display()))
     }
 
     /// Copies a pack's live chunks into the current pack, repoints the catalog, then deletes it.

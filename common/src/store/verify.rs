@@ -2,9 +2,9 @@
 //! digest of every point from the catalog. Damage is named: pack file, offset, and which points,
 //! volumes and block offsets use the damaged chunk.
 
+use super::Store;
 use super::catalog::*;
 use super::pack;
-use super::Store;
 use crate::chunk;
 use crate::hash::{BlockRef, ChunkHash, VolumeDigest};
 use anyhow::Result;
@@ -59,11 +59,17 @@ impl Store {
         Ok(self.committed_packs()?.iter().map(|(_, l)| *l).sum())
     }
 
-    fn verify_chunks(&self, report: &mut VerifyReport, progress: &dyn Fn(u64)) -> Result<HashMap<ChunkHash, Problem>> {
+    fn verify_chunks(
+        &self,
+        report: &mut VerifyReport,
+        progress: &dyn Fn(u64),
+    ) -> Result<HashMap<ChunkHash, Problem>> {
         let packs_dir = self.root().join("packs");
         for (id, _) in self.committed_packs()? {
             let path = pack::pack_path(&packs_dir, id);
-            let header = std::fs::File::open(&path).map_err(anyhow::Error::from).and_then(|f| pack::check_header(&f, id));
+            let header = std::fs::File::open(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|f| pack::check_header(&f, id));
             if let Err(e) = header {
                 report.problems.push(Problem {
                     what: format!("pack header unreadable: {e:#}"),
@@ -84,20 +90,34 @@ impl Store {
             if report.chunks_checked % 256 == 0 {
                 progress(report.bytes_checked);
             }
-            let result = self.read_frame_at(loc).and_then(|f| chunk::decode(&f).map_err(anyhow::Error::from));
+            let result = self
+                .read_frame_at(loc)
+                .and_then(|f| chunk::decode(&f).map_err(anyhow::Error::from));
             let what = match result {
                 Ok((h, _)) if h.hash == hash => continue,
                 Ok((h, _)) => format!("chunk {hash} holds chunk {} instead", h.hash),
                 Err(e) => format!("chunk {hash} is damaged: {e:#}"),
             };
             let file = pack::pack_path(&packs_dir, loc.pack).display().to_string();
-            damaged.insert(hash, Problem { what, pack_file: Some(file), offset: Some(loc.offset), used_by: vec![] });
+            damaged.insert(
+                hash,
+                Problem {
+                    what,
+                    pack_file: Some(file),
+                    offset: Some(loc.offset),
+                    used_by: vec![],
+                },
+            );
         }
         progress(report.bytes_checked);
         Ok(damaged)
     }
 
-    fn verify_points(&self, report: &mut VerifyReport, damaged: &HashMap<ChunkHash, Problem>) -> Result<()> {
+    fn verify_points(
+        &self,
+        report: &mut VerifyReport,
+        damaged: &HashMap<ChunkHash, Problem>,
+    ) -> Result<()> {
         let mut damaged = damaged.clone();
         for group in self.groups()? {
             for point in self.points(&group)? {
@@ -108,7 +128,10 @@ impl Store {
                     for (i, b) in map.iter().enumerate() {
                         let BlockRef::Data(h) = b else { continue };
                         let at = i as u64 * point.cut.block_size as u64;
-                        let place = format!("group {group} point {} volume {} at byte {at}", point.seq, vol.name);
+                        let place = format!(
+                            "group {group} point {} volume {} at byte {at}",
+                            point.seq, vol.name
+                        );
                         if let Some(p) = damaged.get_mut(h) {
                             p.used_by.push(place);
                         } else if self.locate(h)?.is_none() {
@@ -138,7 +161,8 @@ impl Store {
                 }
                 for h in &point.cut.manifests.chunks {
                     if let Some(p) = damaged.get_mut(h) {
-                        p.used_by.push(format!("group {group} point {} manifests", point.seq));
+                        p.used_by
+                            .push(format!("group {group} point {} manifests", point.seq));
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! Peers are pinned by the SHA-256 fingerprint of their certificate (what
 //! `openssl x509 -noout -fingerprint -sha256` prints, without the colons).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -28,9 +28,16 @@ impl Fingerprint {
 impl std::str::FromStr for Fingerprint {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let hex_part = s.trim().strip_prefix("sha256:").unwrap_or(s.trim()).replace(':', "").to_ascii_lowercase();
+        let hex_part = s
+            .trim()
+            .strip_prefix("sha256:")
+            .unwrap_or(s.trim())
+            .replace(':', "")
+            .to_ascii_lowercase();
         if hex_part.len() != 64 || !hex_part.chars().all(|c| c.is_ascii_hexdigit()) {
-            bail!("`{s}` is not a certificate fingerprint: expected sha256:<64 hex digits> as printed by `init` or `identity`");
+            bail!(
+                "`{s}` is not a certificate fingerprint: expected sha256:<64 hex digits> as printed by `init` or `identity`"
+            );
         }
         Ok(Fingerprint(format!("sha256:{hex_part}")))
     }
@@ -60,7 +67,11 @@ pub struct Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity { cert: self.cert.clone(), key: self.key.clone_key(), fingerprint: self.fingerprint.clone() }
+        Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint.clone(),
+        }
     }
 }
 
@@ -76,10 +87,16 @@ impl Identity {
     /// Creates a new identity under `dir/identity/`; refuses to replace an existing one.
     pub fn init(dir: &Path, name: &str) -> Result<Self> {
         if cert_path(dir).exists() {
-            bail!("{} already holds an identity; remove {} first to make a new one (peers paired with the old one must pair again)", dir.display(), dir.join("identity").display());
+            bail!(
+                "{} already holds an identity; remove {} first to make a new one (peers paired with the old one must pair again)",
+                dir.display(),
+                dir.join("identity").display()
+            );
         }
-        std::fs::create_dir_all(dir.join("identity")).with_context(|| format!("cannot create {}", dir.display()))?;
-        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).context("cannot generate a key pair")?;
+        std::fs::create_dir_all(dir.join("identity"))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()])
+            .context("cannot generate a key pair")?;
         let cert_pem = ck.cert.pem();
         let key_pem = ck.signing_key.serialize_pem();
         write_private(&key_path(dir), key_pem.as_bytes())?;
@@ -89,11 +106,19 @@ impl Identity {
 
     /// Loads the identity under `dir/identity/`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let hint = || format!("no identity in {}: run `init --dir {}` first", dir.display(), dir.display());
+        let hint = || {
+            format!(
+                "no identity in {}: run `init --dir {}` first",
+                dir.display(),
+                dir.display()
+            )
+        };
         let cert_pem = std::fs::read(cert_path(dir)).with_context(hint)?;
         let key_pem = std::fs::read(key_path(dir)).with_context(hint)?;
-        let cert = pem_block(&cert_pem, "CERTIFICATE").context("identity/cert.pem holds no certificate")?;
-        let key = pem_block(&key_pem, "PRIVATE KEY").context("identity/key.pem holds no PKCS#8 private key")?;
+        let cert = pem_block(&cert_pem, "CERTIFICATE")
+            .context("identity/cert.pem holds no certificate")?;
+        let key = pem_block(&key_pem, "PRIVATE KEY")
+            .context("identity/key.pem holds no PKCS#8 private key")?;
         let cert = CertificateDer::from(cert);
         Ok(Identity {
             fingerprint: Fingerprint::of(&cert),
@@ -107,7 +132,9 @@ fn pem_block(pem: &[u8], label: &str) -> Option<Vec<u8>> {
     use rustls::pki_types::pem::PemObject;
     match label {
         "CERTIFICATE" => CertificateDer::from_pem_slice(pem).ok().map(|c| c.to_vec()),
-        _ => PrivatePkcs8KeyDer::from_pem_slice(pem).ok().map(|k| k.secret_pkcs8_der().to_vec()),
+        _ => PrivatePkcs8KeyDer::from_pem_slice(pem)
+            .ok()
+            .map(|k| k.secret_pkcs8_der().to_vec()),
     }
 }
 
@@ -149,7 +176,12 @@ impl Peers {
     /// Loads the pinned peers (none when the file does not exist).
     pub fn load(dir: &Path) -> Result<Self> {
         match std::fs::read(Self::path(dir)) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not valid: fix it or pair again", Self::path(dir).display())),
+            Ok(b) => serde_json::from_slice(&b).with_context(|| {
+                format!(
+                    "{} is not valid: fix it or pair again",
+                    Self::path(dir).display()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Peers::default()),
             Err(e) => Err(e.into()),
         }
@@ -159,7 +191,10 @@ impl Peers {
     pub fn pair(dir: &Path, name: &str, fingerprint: Fingerprint) -> Result<Self> {
         let mut p = Self::load(dir)?;
         p.peers.retain(|x| x.name != name);
-        p.peers.push(Peer { name: name.to_string(), fingerprint });
+        p.peers.push(Peer {
+            name: name.to_string(),
+            fingerprint,
+        });
         crate::source::state::write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(&p)?)?;
         Ok(p)
     }

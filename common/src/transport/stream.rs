@@ -4,46 +4,61 @@
 use crate::chunk::{self, HEADER_LEN};
 use crate::protocol::codec::{self, CodecError};
 use crate::protocol::{Control, DATA_STREAM_KIND};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use quinn::{RecvStream, SendStream};
 
 /// Writes this build's preamble.
 pub async fn write_preamble(s: &mut SendStream) -> Result<()> {
-    s.write_all(&codec::preamble()).await.context("peer closed the control stream")
+    s.write_all(&codec::preamble())
+        .await
+        .context("peer closed the control stream")
 }
 
 /// Reads and checks the peer's preamble.
 pub async fn read_preamble(r: &mut RecvStream) -> Result<()> {
     let mut b = [0u8; 6];
-    r.read_exact(&mut b).await.context("peer closed the control stream before its preamble")?;
+    r.read_exact(&mut b)
+        .await
+        .context("peer closed the control stream before its preamble")?;
     codec::check_preamble(&b)?;
     Ok(())
 }
 
 /// Sends one control message.
 pub async fn send(s: &mut SendStream, msg: &Control) -> Result<()> {
-    s.write_all(&codec::encode(msg)).await.with_context(|| format!("cannot send {}: the connection broke", msg.name()))
+    s.write_all(&codec::encode(msg))
+        .await
+        .with_context(|| format!("cannot send {}: the connection broke", msg.name()))
 }
 
 /// Receives one control message.
 pub async fn recv(r: &mut RecvStream) -> Result<Control> {
     let mut len = [0u8; 4];
-    r.read_exact(&mut len).await.context("the peer closed the control stream")?;
+    r.read_exact(&mut len)
+        .await
+        .context("the peer closed the control stream")?;
     let len = codec::check_len(len)?;
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.context("the control stream ended inside a message")?;
+    r.read_exact(&mut body)
+        .await
+        .context("the control stream ended inside a message")?;
     Ok(codec::decode(&body)?)
 }
 
 /// True when an error is a protocol version mismatch (to report it as such).
 pub fn is_version_error(e: &anyhow::Error) -> bool {
-    matches!(e.downcast_ref::<CodecError>(), Some(CodecError::Version { .. }))
+    matches!(
+        e.downcast_ref::<CodecError>(),
+        Some(CodecError::Version { .. })
+    )
 }
 
 /// Reads the kind byte that opens a data stream.
 pub async fn read_data_kind(r: &mut RecvStream) -> Result<()> {
     let mut k = [0u8; 1];
-    r.read_exact(&mut k).await.context("data stream ended before its kind byte")?;
+    r.read_exact(&mut k)
+        .await
+        .context("data stream ended before its kind byte")?;
     if k[0] != DATA_STREAM_KIND {
         bail!("unknown stream kind {:#04x}", k[0]);
     }
@@ -64,6 +79,8 @@ pub async fn read_frame(r: &mut RecvStream) -> Result<Option<Vec<u8>>> {
     let h = chunk::parse_header(&header)?;
     let mut frame = vec![0u8; h.frame_len()];
     frame[..HEADER_LEN].copy_from_slice(&header);
-    r.read_exact(&mut frame[HEADER_LEN..]).await.context("data stream ended inside a chunk")?;
+    r.read_exact(&mut frame[HEADER_LEN..])
+        .await
+        .context("data stream ended inside a chunk")?;
     Ok(Some(frame))
 }

@@ -1,0 +1,79 @@
+//! Command-line pieces both agents share: identity creation, display and pairing.
+
+use crate::transport::{Fingerprint, Identity, Peers};
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// `init`: create this agent's identity.
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// Agent state directory (identity, peers, store or source state).
+    #[arg(long, env = "UNDERSTUDY_DIR")]
+    pub dir: PathBuf,
+    /// Name written into the certificate (for people; peers are pinned by fingerprint).
+    #[arg(long, default_value = "understudy-agent")]
+    pub name: String,
+}
+
+/// `identity`: print this agent's fingerprint.
+#[derive(clap::Args, Debug)]
+pub struct IdentityArgs {
+    /// Agent state directory.
+    #[arg(long, env = "UNDERSTUDY_DIR")]
+    pub dir: PathBuf,
+}
+
+/// `pair`: pin a peer's certificate fingerprint.
+#[derive(clap::Args, Debug)]
+pub struct PairArgs {
+    /// Agent state directory.
+    #[arg(long, env = "UNDERSTUDY_DIR")]
+    pub dir: PathBuf,
+    /// The peer's fingerprint, as its `init` or `identity` printed it (sha256:...).
+    #[arg(long)]
+    pub peer: Fingerprint,
+    /// A name for the peer.
+    #[arg(long, default_value = "peer")]
+    pub name: String,
+}
+
+/// Runs `init`.
+pub fn init(a: &InitArgs) -> Result<()> {
+    let id = Identity::init(&a.dir, &a.name)?;
+    println!("{}", id.fingerprint);
+    eprintln!(
+        "identity created in {}; give this fingerprint to the peer's `pair --peer`",
+        a.dir.join("identity").display()
+    );
+    Ok(())
+}
+
+/// Runs `identity`.
+pub fn identity(a: &IdentityArgs) -> Result<()> {
+    println!("{}", Identity::load(&a.dir)?.fingerprint);
+    Ok(())
+}
+
+/// Runs `pair`.
+pub fn pair(a: &PairArgs) -> Result<()> {
+    let peers = Peers::pair(&a.dir, &a.name, a.peer.clone())?;
+    eprintln!(
+        "paired with {} ({}); {} peer(s) pinned",
+        a.name,
+        a.peer,
+        peers.peers.len()
+    );
+    Ok(())
+}
+
+/// Loads pinned peers, refusing to run with none.
+pub fn require_peers(dir: &std::path::Path) -> Result<Vec<Fingerprint>> {
+    let fps = Peers::load(dir)?.fingerprints();
+    anyhow::ensure!(
+        !fps.is_empty(),
+        "no peer is paired in {}: run `pair --dir {} --peer <fingerprint>` first",
+        dir.display(),
+        dir.display()
+    );
+    Ok(fps)
+}

@@ -1,0 +1,193 @@
+//! Command line of the source agent.
+
+use crate::cycle::{SourceAgent, SourceConfig};
+use crate::schedule::{self, Schedule};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use understudy_common::cli::{IdentityArgs, InitArgs, PairArgs};
+use understudy_common::hooks::{Hook, OnError};
+use understudy_common::metrics::Metrics;
+use understudy_common::source::CutConfig;
+use understudy_common::telemetry::{self, LogFormat};
+use understudy_common::volume::VolumeSpec;
+
+/// Understudy source agent: replicates a group of volumes and its manifests to a target agent.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "UNDERSTUDY_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create this agent's identity (certificate and key) and print its fingerprint.
+    Init(InitArgs),
+    /// Print this agent's fingerprint.
+    Identity(IdentityArgs),
+    /// Pin the target agent's fingerprint: the source talks to no other.
+    Pair(PairArgs),
+    /// Replicate a group: one cycle every --interval (or one with --once).
+    Run(RunArgs),
+}
+
+/// `run` arguments.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Agent state directory (identity, peers, per-group cut state).
+    #[arg(long, env = "UNDERSTUDY_DIR")]
+    pub dir: PathBuf,
+    /// Protection group name.
+    #[arg(long)]
+    pub group: String,
+    /// Target agent address (host:port, UDP).
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// A volume of the group, NAME=PATH (block device or image file); repeat for each volume.
+    #[arg(long = "volume", value_name = "NAME=PATH", required = true)]
+    pub volumes: Vec<VolumeSpec>,
+    /// Directory of the group's YAML manifests.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// Time between cycle starts.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Run one cycle and exit (non-zero if it failed after retries).
+    #[arg(long)]
+    pub once: bool,
+    /// Retries of a failed cycle, with exponential backoff.
+    #[arg(long, default_value_t = 5)]
+    pub max_retries: usize,
+    /// Block size in bytes (power of two, 4 KiB to 4 MiB). Fixed for the life of a group.
+    #[arg(long, default_value_t = understudy_common::DEFAULT_BLOCK_SIZE)]
+    pub block_size: u32,
+    /// zstd level for changed blocks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
+    /// Threads reading and hashing volumes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Parallel QUIC data streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Command run (sh -c) before the cut, e.g. a freeze.
+    #[arg(long)]
+    pub pre_hook: Option<String>,
+    /// Command run after the cut, e.g. a thaw (also when the cut failed).
+    #[arg(long)]
+    pub post_hook: Option<String>,
+    /// Time limit of each hook.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub hook_timeout: Duration,
+    /// What a failing hook does to the cycle.
+    #[arg(long, value_enum, default_value = "fail")]
+    pub hook_on_error: OnError,
+    /// Address for Prometheus metrics (/metrics); off when not given.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Print each cycle's report as a JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    understudy_common::transport::install_crypto_provider();
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let r = match cli.command {
+        Command::Init(a) => understudy_common::cli::init(&a),
+        Command::Identity(a) => understudy_common::cli::identity(&a),
+        Command::Pair(a) => understudy_common::cli::pair(&a),
+        Command::Run(a) => run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+impl RunArgs {
+    fn hook(&self, cmd: &Option<String>) -> Option<Hook> {
+        cmd.as_ref().map(|c| Hook {
+            command: c.clone(),
+            timeout: self.hook_timeout,
+            on_error: self.hook_on_error,
+        })
+    }
+
+    /// The agent configuration these arguments describe.
+    pub fn config(&self) -> Result<SourceConfig> {
+        understudy_common::volume::check_name(&self.group)?;
+        understudy_common::check_block_size(self.block_size)?;
+        let mut names = std::collections::HashSet::new();
+        for v in &self.volumes {
+            anyhow::ensure!(
+                names.insert(&v.name),
+                "volume name {} is given twice",
+                v.name
+            );
+        }
+        Ok(SourceConfig {
+            dir: self.dir.clone(),
+            group: self.group.clone(),
+            target: self.target,
+            streams: self.streams.max(1),
+            cut: CutConfig {
+                volumes: self.volumes.clone(),
+                manifests: self.manifests.clone(),
+                block_size: self.block_size,
+                zstd_level: self.zstd_level,
+                workers: self.workers.max(1),
+                pre_hook: self.hook(&self.pre_hook),
+                post_hook: self.hook(&self.post_hook),
+                source_id: String::new(),
+            },
+        })
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let cfg = a.config()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        if let Some(m) = a.metrics_addr {
+            let bound = metrics.clone().serve(m).await?;
+            tracing::info!(%bound, "serving metrics");
+        }
+        let agent = SourceAgent::new(cfg, metrics)?;
+        let s = Schedule {
+            interval: a.interval,
+            max_retries: a.max_retries,
+            once: a.once,
+        };
+        let json = a.json;
+        let r = schedule::run(&agent, s, |r| {
+            if json {
+                println!("{}", serde_json::to_string(r).expect("serialisable"));
+            }
+        })
+        .await;
+        agent.shutdown().await;
+        r
+    })
+}

@@ -1,0 +1,74 @@
+//! The QUIC server: accepts authenticated connections and runs one session per connection.
+
+use crate::session::{SessionContext, run_session};
+use anyhow::{Context, Result};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use understudy_common::metrics::Metrics;
+use understudy_common::store::Store;
+use understudy_common::store::retention::RetentionPolicy;
+use understudy_common::transport::{Identity, quic};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Agent directory (identity, peers, store/).
+    pub dir: PathBuf,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Retention applied after every commit.
+    pub retention: RetentionPolicy,
+}
+
+/// A running server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<SessionContext>,
+}
+
+impl Server {
+    /// Opens the store and binds the endpoint.
+    pub fn bind(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Result<Self> {
+        let identity = Identity::load(&cfg.dir)?;
+        let peers = understudy_common::cli::require_peers(&cfg.dir)?;
+        let store = Arc::new(Store::open(&cfg.dir.join("store"))?);
+        let endpoint = quinn::Endpoint::server(quic::server_config(&identity, peers)?, cfg.listen)
+            .with_context(|| format!("cannot listen on {}: is the port in use?", cfg.listen))?;
+        let ctx = Arc::new(SessionContext {
+            store,
+            busy: Mutex::new(HashSet::new()),
+            gc_gate: tokio::sync::RwLock::new(()),
+            retention: cfg.retention,
+            metrics,
+        });
+        Ok(Server { endpoint, ctx })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn run(self) -> Result<()> {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "refused connection (TLS handshake failed: unpinned or invalid peer certificate?)");
+                        return;
+                    }
+                };
+                if let Err(e) = run_session(conn, ctx).await {
+                    tracing::warn!(%remote, error = %format!("{e:#}"), "session ended with an error");
+                }
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! Runs one replication session on an authenticated connection: moves bytes between QUIC streams
+//! and the [`TargetSession`] state machine, which holds all protocol logic.
+
+use anyhow::{Context, Result, bail};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use understudy_common::chunk::{self, Verified};
+use understudy_common::metrics::Metrics;
+use understudy_common::protocol::target_session::{TargetSession, TargetStep, refusal};
+use understudy_common::protocol::{Control, RefuseCode};
+use understudy_common::store::Store;
+use understudy_common::store::retention::RetentionPolicy;
+use understudy_common::transport::stream;
+
+/// What every session shares.
+pub struct SessionContext {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Groups with a session running (one session per group at a time).
+    pub busy: Mutex<HashSet<String>>,
+    /// Sessions hold it shared; garbage collection needs it alone.
+    pub gc_gate: tokio::sync::RwLock<()>,
+    /// Retention after each commit.
+    pub retention: RetentionPolicy,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+enum Event {
+    Control(Result<Control>),
+    Chunk(Verified),
+    StreamEnd,
+    StreamFailed(anyhow::Error),
+}
+
+/// Releases the group's busy mark when the session ends, however it ends.
+struct GroupGuard<'a> {
+    ctx: &'a SessionContext,
+    group: Option<String>,
+}
+
+impl Drop for GroupGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = &self.group {
+            self.ctx.busy.lock().expect("busy lock").remove(g);
+        }
+    }
+}
+
+/// Runs a session to its end.
+pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(30), conn.accept_bi())
+        .await
+        .context("peer opened no control stream within 30 s")?
+        .context("connection closed before the control stream")?;
+    if let Err(e) = stream::read_preamble(&mut recv).await {
+        let _ = stream::write_preamble(&mut send).await;
+        let _ = send.finish();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        conn.close(1u32.into(), b"bad preamble or protocol version");
+        return Err(e);
+    }
+    stream::write_preamble(&mut send).await?;
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(read_control(recv, tx.clone()));
+    tokio::spawn(accept_data(conn.clone(), tx));
+    let gate = ctx.gc_gate.read().await;
+    let mut guard = GroupGuard {
+        ctx: &ctx,
+        group: None,
+    };
+    let result = drive(&ctx, &mut send, rx, &mut guard).await;
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || store.flush()).await??;
+    drop(gate);
+    drop(guard);
+    match &result {
+        Ok(Some(group)) => {
+            after_commit(&ctx, group).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "session failed");
+            conn.close(2u32.into(), b"session failed");
+        }
+    }
+    result.map(|_| ())
+}
+
+/// The session loop; returns the group when a point was committed.
+async fn drive(
+    ctx: &SessionContext,
+    send: &mut quinn::SendStream,
+    mut rx: mpsc::Receiver<Event>,
+    guard: &mut GroupGuard<'_>,
+) -> Result<Option<String>> {
+    let mut session = TargetSession::new(ctx.store.clone());
+    let mut commit_after: Option<u32> = None;
+    let mut ended = 0u32;
+    let mut last_flush = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = tick.tick() => {
+                if last_flush.elapsed() >= Duration::from_secs(1) {
+                    tokio::task::block_in_place(|| ctx.store.flush())?;
+                    last_flush = Instant::now();
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else {
+            bail!("connection closed mid-session")
+        };
+        let step = match event {
+            Event::Control(msg) => {
+                let msg = msg?;
+                if let Control::Hello { group } = &msg {
+                    claim_group(ctx, guard, group, send).await?;
+                }
+                session.on_message(msg)
+            }
+            Event::Chunk(v) => tokio::task::block_in_place(|| session.on_chunk(&v))
+                .map(|_| TargetStep::Reply(vec![])),
+            Event::StreamEnd => {
+                ended += 1;
+                Ok(TargetStep::Reply(vec![]))
+            }
+            Event::StreamFailed(e) => return Err(e.context("a data stream failed")),
+        };
+        match step {
+            Ok(TargetStep::Reply(msgs)) => {
+                for m in msgs {
+                    stream::send(send, &m).await?;
+                }
+            }
+            Ok(TargetStep::CommitWhenDrained { data_streams }) => commit_after = Some(data_streams),
+            Err(e) => {
+                let _ = stream::send(send, &refusal(&e)).await;
+                return Err(e.into());
+            }
+        }
+        if commit_after.is_some_and(|n| ended >= n) {
+            let reply = tokio::task::block_in_place(|| session.commit());
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = stream::send(send, &refusal(&e)).await;
+                    return Err(e.into());
+                }
+            };
+            stream::send(send, &reply).await?;
+            if let Control::Committed {
+                seq,
+                blocks_changed,
+            } = reply
+            {
+                let (chunks, bytes) = session.received();
+                tracing::info!(
+                    group = session.group(),
+                    seq,
+                    blocks_changed,
+                    chunks,
+                    bytes,
+                    "recovery point committed"
+                );
+                return Ok(Some(session.group().to_string()));
+            }
+        }
+    }
+}
+
+async fn claim_group(
+    ctx: &SessionContext,
+    guard: &mut GroupGuard<'_>,
+    group: &str,
+    send: &mut quinn::SendStream,
+) -> Result<()> {
+    if !ctx
+        .busy
+        .lock()
+        .expect("busy lock")
+        .insert(group.to_string())
+    {
+        let msg = Control::Refused {
+            code: RefuseCode::GroupBusy,
+            message: format!("a session of group {group} is already running; retry later"),
+        };
+        let _ = stream::send(send, &msg).await;
+        bail!("group {group} is busy");
+    }
+    guard.group = Some(group.to_string());
+    ctx.metrics.track(group);
+    Ok(())
+}
+
+/// Metrics, retention and garbage collection after a commit (GC only when no session runs).
+async fn after_commit(ctx: &Arc<SessionContext>, group: &str) {
+    if let Ok(Some(p)) = ctx.store.latest(group) {
+        ctx.metrics.point_committed(group, p.cut.created_ms);
+        ctx.metrics
+            .bytes_stored
+            .get_or_create(&Metrics::group(group))
+            .inc_by(p.stats.bytes_received);
+    }
+    if ctx.retention.keeps_all() {
+        return;
+    }
+    let Ok(_alone) = ctx.gc_gate.try_write() else {
+        tracing::info!("another session is running; retention waits for the next commit");
+        return;
+    };
+    let store = ctx.store.clone();
+    let policy = ctx.retention;
+    let g = group.to_string();
+    let r = tokio::task::spawn_blocking(move || -> Result<_> {
+        let dropped = store.apply_retention(&g, policy, understudy_common::now_ms())?;
+        let gc = if dropped.is_empty() {
+            None
+        } else {
+            Some(store.gc()?)
+        };
+        Ok((dropped, gc))
+    })
+    .await;
+    match r {
+        Ok(Ok((dropped, gc))) if !dropped.is_empty() => {
+            tracing::info!(group, ?dropped, ?gc, "retention dropped points")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "retention failed; points are kept")
+        }
+        Err(e) => tracing::error!(error = %e, "retention task failed"),
+    }
+}
+
+async fn read_control(mut recv: quinn::RecvStream, tx: mpsc::Sender<Event>) {
+    loop {
+        let msg = stream::recv(&mut recv).await;
+        let failed = msg.is_err();
+        if tx.send(Event::Control(msg)).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn accept_data(conn: quinn::Connection, tx: mpsc::Sender<Event>) {
+    while let Ok(recv) = conn.accept_uni().await {
+        tokio::spawn(read_data(recv, tx.clone()));
+    }
+}
+
+async fn read_data(mut recv: quinn::RecvStream, tx: mpsc::Sender<Event>) {
+    let result = async {
+        stream::read_data_kind(&mut recv).await?;
+        while let Some(frame) = stream::read_frame(&mut recv).await? {
+            let v = tokio::task::block_in_place(|| chunk::verify(frame))?;
+            if tx.send(Event::Chunk(v)).await.is_err() {
+                return Ok(());
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = tx
+        .send(match result {
+            Ok(()) => Event::StreamEnd,
+            Err(e) => Event::StreamFailed(e),
+        })
+        .await;
+}
