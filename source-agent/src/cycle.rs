@@ -200,6 +200,22 @@ impl SourceAgent {
         report: &mut CycleReport,
     ) -> Result<Outcome> {
         let conn = self.connect().await?;
+        let r = self.session(&conn, state, cut, report).await;
+        r.map_err(
+            |e| match understudy_common::transport::explain_close(&conn) {
+                Some(why) => e.context(why),
+                None => e,
+            },
+        )
+    }
+
+    async fn session(
+        &self,
+        conn: &quinn::Connection,
+        state: &Arc<GroupState>,
+        cut: &PendingCut,
+        report: &mut CycleReport,
+    ) -> Result<Outcome> {
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -228,7 +244,7 @@ impl SourceAgent {
                         &state.cut_dir().join("spool.frames"),
                         cut.spool.clone(),
                     )?);
-                    let sent = self.send_chunks(&conn, spool, hashes).await?;
+                    let sent = self.send_chunks(conn, spool, hashes).await?;
                     report.chunks_sent = sent.chunks;
                     report.bytes_sent = sent.bytes;
                     stream::send(&mut send, &session.commit(sent.streams, sent.chunks)).await?;

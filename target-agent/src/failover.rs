@@ -128,6 +128,10 @@ pub fn failover(
             );
         }
     }
+    if !req.dry_run {
+        std::fs::create_dir_all(&req.out)
+            .with_context(|| format!("cannot create output directory {}", req.out.display()))?;
+    }
     let bundle = Bundle::decode(&store.read_manifests(&point)?)?;
     let (manifests, skipped) = req.transform.apply_bundle(&bundle)?;
     let mut volumes = Vec::new();
@@ -162,10 +166,9 @@ pub fn failover(
         objects_skipped: skipped,
     };
     if !req.dry_run {
-        std::fs::write(
-            req.out.join("report.json"),
-            serde_json::to_vec_pretty(&report)?,
-        )?;
+        let path = req.out.join("report.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
 }
@@ -195,8 +198,9 @@ fn restore_one(
     let is_device = req.devices.contains_key(name);
     let result = (|| {
         if !is_device {
-            std::fs::create_dir_all(target.parent().expect("under out"))
-                .with_context(|| format!("cannot create {}", req.out.display()))?;
+            let dir = target.parent().expect("under out");
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let writer = if is_device {
             VolumeWriter::open_device(target, size)?

@@ -56,6 +56,7 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         .context("peer opened no control stream within 30 s")?
         .context("connection closed before the control stream")?;
     if let Err(e) = stream::read_preamble(&mut recv).await {
+        tracing::warn!(remote = %conn.remote_address(), error = %format!("{e:#}"), "refused session");
         let _ = stream::write_preamble(&mut send).await;
         let _ = send.finish();
         tokio::time::sleep(Duration::from_millis(200)).await;

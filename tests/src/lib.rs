@@ -1,1 +1,433 @@
-//! placeholder
+//! Test harness: runs the real agent binaries as child processes (killed with SIGKILL on drop),
+//! makes sparse images and loop devices (detached on drop), writes seeded data, and reads the
+//! agents' JSON output.
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of an agent binary, built (once per test process) with the same profile and target
+/// directory as the running test, so a test never runs a stale agent.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "source-agent",
+            "-p",
+            "target-agent",
+            "-p",
+            "understudy-e2e",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the agents failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// Runs an agent command to completion.
+pub fn run(agent: &str, args: &[&str]) -> Output {
+    Command::new(bin(agent))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("agent runs")
+}
+
+/// Runs an agent command that must succeed; returns stdout.
+pub fn ok(agent: &str, args: &[&str]) -> String {
+    let o = run(agent, args);
+    assert!(
+        o.status.success(),
+        "{agent} {args:?} failed with {}:\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8")
+}
+
+/// Parses the last JSON value an agent printed.
+pub fn json(out: &str) -> Value {
+    let start = out.find(['{', '[']).expect("JSON in output");
+    serde_json::from_str(out[start..].trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+}
+
+/// A child process killed with SIGKILL (and reaped) when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// Kills the process with SIGKILL now.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A paired source and target in a temporary directory.
+pub struct Pair {
+    /// Temporary root (removed on drop).
+    pub root: tempfile::TempDir,
+    /// The target agent's directory.
+    pub target_dir: PathBuf,
+    /// The source agent's directory.
+    pub source_dir: PathBuf,
+    /// Running target, if started.
+    pub target: Option<Proc>,
+    /// Its address.
+    pub addr: String,
+}
+
+impl Pair {
+    /// Creates both identities and pairs them.
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        let target_dir = root.path().join("target");
+        let source_dir = root.path().join("source");
+        let tfp = ok("target-agent", &["init", "--dir", s(&target_dir)])
+            .trim()
+            .to_string();
+        let sfp = ok("source-agent", &["init", "--dir", s(&source_dir)])
+            .trim()
+            .to_string();
+        ok(
+            "target-agent",
+            &[
+                "pair",
+                "--dir",
+                s(&target_dir),
+                "--peer",
+                &sfp,
+                "--name",
+                "source",
+            ],
+        );
+        ok(
+            "source-agent",
+            &[
+                "pair",
+                "--dir",
+                s(&source_dir),
+                "--peer",
+                &tfp,
+                "--name",
+                "target",
+            ],
+        );
+        Pair {
+            root,
+            target_dir,
+            source_dir,
+            target: None,
+            addr: String::new(),
+        }
+    }
+
+    /// A path under the temporary root.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// Starts (or restarts) the target on a free loopback port; extra args are passed to `serve`.
+    pub fn start_target(&mut self, extra: &[&str]) {
+        let ready = self.path("target.ready");
+        let _ = std::fs::remove_file(&ready);
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.addr.clone()
+        };
+        let log = std::fs::File::create(self.path("target.log")).expect("log");
+        let mut args = vec![
+            "serve",
+            "--dir",
+            s(&self.target_dir),
+            "--listen",
+            &listen,
+            "--ready-file",
+            s(&ready),
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(bin("target-agent"))
+            .args(&args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn target");
+        let proc = Proc(child);
+        let start = Instant::now();
+        while !ready.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "target did not start: {}",
+                self.target_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.addr = std::fs::read_to_string(&ready).expect("ready file");
+        self.target = Some(proc);
+    }
+
+    /// Stops the target with SIGKILL.
+    pub fn kill_target(&mut self) {
+        if let Some(mut p) = self.target.take() {
+            p.kill9();
+        }
+    }
+
+    /// The target's log so far.
+    pub fn target_log(&self) -> String {
+        std::fs::read_to_string(self.path("target.log")).unwrap_or_default()
+    }
+
+    /// `source-agent run --once` arguments for a group.
+    pub fn source_args(
+        &self,
+        group: &str,
+        volumes: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "--dir",
+            s(&self.source_dir),
+            "--group",
+            group,
+            "--target",
+            &self.addr,
+            "--once",
+            "--json",
+            "--max-retries",
+            "0",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        for (n, p) in volumes {
+            a.push("--volume".into());
+            a.push(format!("{n}={}", p.display()));
+        }
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    }
+
+    /// Runs one source cycle that must succeed; returns its report.
+    pub fn cycle(&self, group: &str, volumes: &[(&str, &Path)], extra: &[&str]) -> Value {
+        let args = self.source_args(group, volumes, extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run("source-agent", &refs);
+        assert!(
+            o.status.success(),
+            "source cycle failed:\n{}\ntarget log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.target_log()
+        );
+        json(&String::from_utf8_lossy(&o.stdout))
+    }
+
+    /// Target-agent command on the target directory (target must be stopped for store commands).
+    pub fn target_cmd(&self, args: &[&str]) -> Output {
+        let mut a = vec![args[0], "--dir", s(&self.target_dir)];
+        a.extend_from_slice(&args[1..]);
+        run("target-agent", &a)
+    }
+
+    /// Fails `group` over to `point` into `out`; returns the JSON report (the command must run).
+    pub fn failover(&self, group: &str, point: &str, out: &Path, extra: &[&str]) -> Value {
+        let mut a = vec![
+            "failover",
+            "--group",
+            group,
+            "--point",
+            point,
+            "--out",
+            s(out),
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let o = self.target_cmd(&a);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            stdout.contains('{'),
+            "failover printed no report: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        json(&stdout)
+    }
+
+    /// Sequence numbers of the group's points.
+    pub fn points(&self, group: &str) -> Vec<u64> {
+        let o = self.target_cmd(&["points", "--group", group, "--json"]);
+        assert!(
+            o.status.success(),
+            "points failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        json(&String::from_utf8_lossy(&o.stdout))
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|p| p["seq"].as_u64().unwrap())
+            .collect()
+    }
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Path as &str (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Creates a sparse image of `size` bytes.
+pub fn sparse_image(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+}
+
+/// Writes `len` bytes of seeded pseudo-random data at `offset`.
+pub fn write_random(path: &Path, offset: u64, len: usize, seed: u64) {
+    let mut buf = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .update(&offset.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut buf);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for write");
+    f.write_all_at(&buf, offset).expect("write");
+    f.sync_all().expect("sync");
+}
+
+/// Writes compressible text at `offset`.
+pub fn write_text(path: &Path, offset: u64, len: usize, seed: u64) {
+    let mut text = String::new();
+    let mut i = seed;
+    while text.len() < len {
+        text += &format!(
+            "2026-11-21T10:{:02}:{:02}Z INFO request {i} served in {}ms\n",
+            i % 60,
+            (i * 7) % 60,
+            i % 97
+        );
+        i += 1;
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for write");
+    f.write_all_at(&text.as_bytes()[..len], offset)
+        .expect("write");
+    f.sync_all().expect("sync");
+}
+
+/// BLAKE3 of a whole file or device (reads in 4 MiB pieces).
+pub fn digest(path: &Path) -> String {
+    let f = std::fs::File::open(path).expect("open");
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Copies a sparse image, keeping holes (a saved copy of a volume at a cut).
+pub fn snapshot_copy(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .args(["--sparse=always", s(from), s(to)])
+        .status()
+        .expect("cp");
+    assert!(st.success());
+}
+
+/// A loop device over a file, detached when dropped.
+pub struct LoopDevice {
+    /// /dev/loopN.
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `file`; `Err` when this machine cannot (not root, no loop support).
+    pub fn attach(file: &Path) -> Result<Self> {
+        let o = Command::new("losetup")
+            .args(["-f", "--show", s(file)])
+            .output()
+            .context("losetup not found (install util-linux)")?;
+        if !o.status.success() {
+            bail!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(LoopDevice {
+            path: PathBuf::from(String::from_utf8(o.stdout)?.trim()),
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", s(&self.path)]).status();
+    }
+}
+
+/// True when loop devices can be attached here; prints why not otherwise. In CI (CI=true) a
+/// machine without loop devices is an error, not a skip.
+pub fn loop_devices_available() -> bool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("probe.img");
+    sparse_image(&f, 1 << 20);
+    match LoopDevice::attach(&f) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "loop devices are required in CI: {e:#}"
+            );
+            eprintln!(
+                "SKIP: loop devices unavailable ({e:#}); run the tests as root to include them"
+            );
+            false
+        }
+    }
+}

@@ -84,7 +84,8 @@ impl Store {
                 root.display()
             ),
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot open catalog {}", db_path.display()));
+                return Err(e)
+                    .with_context(|| format!("cannot open catalog {}", db_path.display()));
             }
         };
         let store = Store {

@@ -26,6 +26,10 @@ impl RetentionPolicy {
     }
 }
 
+/// A pack is rewritten once more than this share of its bytes is dead, so expired data leaves the
+/// disk instead of lingering in mostly-live packs.
+pub const COMPACT_DEAD_RATIO: f64 = 0.1;
+
 /// What garbage collection did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcReport {
@@ -88,7 +92,7 @@ impl Store {
     }
 
     /// Removes chunks no point references, deletes packs left with no live chunk and rewrites
-    /// packs that are mostly dead. Must not run while a session appends to this store.
+    /// packs more than [`COMPACT_DEAD_RATIO`] dead. Must not run while a session appends to this store.
     pub fn gc(&self) -> Result<GcReport> {
         self.seal()?;
         let live = self.live_chunks()?;
@@ -110,7 +114,7 @@ impl Store {
                 self.drop_pack(id)?;
                 report.packs_deleted += 1;
                 report.bytes_freed += len;
-            } else if live_bytes * 2 < len {
+            } else if (len - live_bytes) as f64 > COMPACT_DEAD_RATIO * len as f64 {
                 self.compact_pack(id, &usage[&id])?;
                 report.packs_compacted += 1;
                 report.bytes_freed += len - live_bytes;

@@ -12,3 +12,27 @@ pub use identity::{Fingerprint, Identity, Peers};
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Explains why a connection closed in words an operator can act on: a TLS alert from the peer
+/// means it refused this agent's certificate.
+pub fn explain_close(conn: &quinn::Connection) -> Option<String> {
+    use quinn::ConnectionError;
+    match conn.close_reason()? {
+        ConnectionError::ConnectionClosed(c) => {
+            let code = u64::from(c.error_code);
+            (0x100..0x200).contains(&code).then(|| {
+                format!(
+                    "the peer refused this agent's certificate (TLS alert {}): pin this agent's fingerprint on the peer with `pair --peer <fingerprint>` (see `identity`)",
+                    code - 0x100
+                )
+            })
+        }
+        ConnectionError::ApplicationClosed(a) => Some(format!(
+            "the peer closed the session: {}",
+            String::from_utf8_lossy(&a.reason)
+        )),
+        ConnectionError::TimedOut => Some("the peer stopped answering (timed out)".into()),
+        ConnectionError::Reset => Some("the peer restarted (connection reset)".into()),
+        _ => None,
+    }
+}
