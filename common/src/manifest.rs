@@ -172,6 +172,7 @@ impl Transform {
             "Pod" => remove_path(&mut obj, &["spec", "nodeName"]),
             _ => {}
         }
+        drop_empty_metadata_maps(&mut obj);
         Some(obj)
     }
 
@@ -232,6 +233,16 @@ fn strip_metadata(obj: &mut Value) {
         for f in STRIPPED_METADATA {
             m.remove(*f);
         }
+    }
+}
+
+/// Stripping can leave `annotations: {}` or `labels: {}` behind; drop them.
+fn drop_empty_metadata_maps(obj: &mut Value) {
+    if let Some(Value::Object(m)) = obj.get_mut("metadata") {
+        m.retain(|k, v| {
+            !(matches!(k.as_str(), "annotations" | "labels")
+                && v.as_object().is_some_and(|o| o.is_empty()))
+        });
     }
 }
 
@@ -309,6 +320,14 @@ mod tests {
             t.apply(json!({"apiVersion":"v1","kind":"Event","metadata":{}}))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn stripping_leaves_no_empty_maps() {
+        let bound = json!({"apiVersion":"v1","kind":"PersistentVolumeClaim",
+            "metadata":{"name":"d","annotations":{"pv.kubernetes.io/bind-completed":"yes"}},"spec":{}});
+        let out = Transform::default().apply(bound).unwrap();
+        assert!(out.pointer("/metadata/annotations").is_none(), "{out}");
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub enum Command {
     /// Pin the target agent's fingerprint: the source talks to no other.
     Pair(PairArgs),
     /// Replicate a group: one cycle every --interval (or one with --once).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// `run` arguments.
@@ -165,7 +165,7 @@ impl RunArgs {
     }
 }
 
-fn run(a: RunArgs) -> Result<()> {
+fn run(a: Box<RunArgs>) -> Result<()> {
     let cfg = a.config()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

@@ -53,6 +53,9 @@ pub struct CycleReport {
     pub chunks_held: u64,
     /// Block-map entries that changed.
     pub blocks_changed: u64,
+    /// UDP payload bytes sent on the connection (QUIC and TLS overhead and control messages
+    /// included): what the link carried.
+    pub wire_bytes_sent: u64,
     /// Seconds the cycle took.
     pub seconds: f64,
 }
@@ -201,6 +204,7 @@ impl SourceAgent {
     ) -> Result<Outcome> {
         let conn = self.connect().await?;
         let r = self.session(&conn, state, cut, report).await;
+        report.wire_bytes_sent += conn.stats().udp_tx.bytes;
         r.map_err(
             |e| match understudy_common::transport::explain_close(&conn) {
                 Some(why) => e.context(why),

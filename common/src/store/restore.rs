@@ -119,7 +119,7 @@ fn read_back_digest(
         let n = v.read_at(&mut buf, offset)?;
         digest.push(BlockRef::Data(ChunkHash::of(&buf[..n])));
         offset += bs as u64;
-        if (offset / bs as u64) % 64 == 0 {
+        if (offset / bs as u64).is_multiple_of(64) {
             progress(offset.min(size));
         }
     }

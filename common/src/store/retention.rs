@@ -26,6 +26,9 @@ impl RetentionPolicy {
     }
 }
 
+/// Live chunks (hash, location) per pack id.
+type PackUsage = HashMap<u32, Vec<([u8; 32], Location)>>;
+
 /// A pack is rewritten once more than this share of its bytes is dead, so expired data leaves the
 /// disk instead of lingering in mostly-live packs.
 pub const COMPACT_DEAD_RATIO: f64 = 0.1;
@@ -146,7 +149,7 @@ impl Store {
     }
 
     /// Live chunks per pack.
-    fn pack_usage(&self) -> Result<HashMap<u32, Vec<([u8; 32], Location)>>> {
+    fn pack_usage(&self) -> Result<PackUsage> {
         let txn = self.db().begin_read()?;
         let mut usage: HashMap<u32, Vec<_>> = HashMap::new();
         for row in txn.open_table(CHUNKS)?.iter()? {

@@ -87,7 +87,7 @@ impl Store {
             let loc = location(v.value());
             report.chunks_checked += 1;
             report.bytes_checked += loc.len as u64;
-            if report.chunks_checked % 256 == 0 {
+            if report.chunks_checked.is_multiple_of(256) {
                 progress(report.bytes_checked);
             }
             let result = self
