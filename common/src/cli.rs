@@ -77,3 +77,32 @@ pub fn require_peers(dir: &std::path::Path) -> Result<Vec<Fingerprint>> {
     );
     Ok(fps)
 }
+
+/// Flags every agent command takes.
+#[derive(clap::Args, Debug)]
+pub struct GlobalArgs {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "UNDERSTUDY_LOG_FORMAT"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+/// Runs an agent binary: installs the crypto provider, parses the command line, sets up logging,
+/// runs the command and turns an error into `error: ...` on stderr and exit code 1.
+pub fn run_main<C: clap::Parser>(
+    global: fn(&C) -> &GlobalArgs,
+    run: fn(C) -> Result<std::process::ExitCode>,
+) -> std::process::ExitCode {
+    crate::transport::install_crypto_provider();
+    let cli = C::parse();
+    crate::telemetry::init(global(&cli).log_format);
+    run(cli).unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::ExitCode::from(1)
+    })
+}

@@ -9,26 +9,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use understudy_common::cli::{IdentityArgs, InitArgs, PairArgs};
+use understudy_common::cli::{GlobalArgs, IdentityArgs, InitArgs, PairArgs};
 use understudy_common::hooks::{Hook, OnError};
 use understudy_common::metrics::Metrics;
 use understudy_common::source::CutConfig;
-use understudy_common::telemetry::{self, LogFormat};
 use understudy_common::volume::VolumeSpec;
 
 /// Understudy source agent: replicates a group of volumes and its manifests to a target agent.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 pub struct Cli {
-    /// Log format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "human",
-        env = "UNDERSTUDY_LOG_FORMAT"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,22 +99,18 @@ pub struct RunArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    understudy_common::transport::install_crypto_provider();
-    let cli = Cli::parse();
-    telemetry::init(cli.log_format);
-    let r = match cli.command {
-        Command::Init(a) => understudy_common::cli::init(&a),
-        Command::Identity(a) => understudy_common::cli::identity(&a),
-        Command::Pair(a) => understudy_common::cli::pair(&a),
-        Command::Run(a) => run(a),
-    };
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    understudy_common::cli::run_main(
+        |c: &Cli| &c.global,
+        |cli| {
+            match cli.command {
+                Command::Init(a) => understudy_common::cli::init(&a)?,
+                Command::Identity(a) => understudy_common::cli::identity(&a)?,
+                Command::Pair(a) => understudy_common::cli::pair(&a)?,
+                Command::Run(a) => run(a)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        },
+    )
 }
 
 impl RunArgs {

@@ -8,26 +8,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use understudy_common::cli::{IdentityArgs, InitArgs, PairArgs};
+use understudy_common::cli::{GlobalArgs, IdentityArgs, InitArgs, PairArgs};
 use understudy_common::manifest::{Transform, parse_map};
 use understudy_common::metrics::Metrics;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
-use understudy_common::telemetry::{self, LogFormat};
 
 /// Understudy target agent: keeps recovery points of replicated groups and fails over to them.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 pub struct Cli {
-    /// Log format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "human",
-        env = "UNDERSTUDY_LOG_FORMAT"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -179,16 +171,7 @@ pub struct FailoverArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    understudy_common::transport::install_crypto_provider();
-    let cli = Cli::parse();
-    telemetry::init(cli.log_format);
-    match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    understudy_common::cli::run_main(|c: &Cli| &c.global, run)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -202,6 +202,17 @@ impl Pair {
         }
     }
 
+    /// Bytes of pack files in the target's store.
+    pub fn pack_bytes(&self) -> u64 {
+        std::fs::read_dir(self.target_dir.join("store/packs"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The target's log so far.
     pub fn target_log(&self) -> String {
         std::fs::read_to_string(self.path("target.log")).unwrap_or_default()

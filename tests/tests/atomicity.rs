@@ -7,16 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use understudy_e2e::*;
 
-fn packed_bytes(p: &Pair) -> u64 {
-    std::fs::read_dir(p.target_dir.join("store/packs"))
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn durable_chunks(p: &Pair) -> u64 {
     let o = p.target_cmd(&["verify", "--json"]);
     assert!(
@@ -54,9 +44,9 @@ fn sigkill_mid_receive_keeps_the_previous_point_and_resumes_without_resending() 
             .spawn()
             .unwrap(),
     );
-    let base = packed_bytes(&p);
+    let base = p.pack_bytes();
     let start = Instant::now();
-    while packed_bytes(&p) < base + (100 << 20) {
+    while p.pack_bytes() < base + (100 << 20) {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "transfer never started: {}",

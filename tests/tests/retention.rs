@@ -3,13 +3,6 @@
 
 use understudy_e2e::*;
 
-fn store_bytes(p: &Pair) -> u64 {
-    std::fs::read_dir(p.target_dir.join("store/packs"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
-}
-
 #[test]
 fn expired_points_are_dropped_and_their_chunks_collected() {
     let mut p = Pair::new();
@@ -27,7 +20,7 @@ fn expired_points_are_dropped_and_their_chunks_collected() {
         copies.push(c);
     }
     p.kill_target();
-    let before = store_bytes(&p);
+    let before = p.pack_bytes();
     let o = p.target_cmd(&["retention", "--keep-last", "2", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rep = json(&String::from_utf8_lossy(&o.stdout));
@@ -37,7 +30,7 @@ fn expired_points_are_dropped_and_their_chunks_collected() {
         2 * 64,
         "the two old 4 MiB versions: {rep}"
     );
-    assert!(store_bytes(&p) < before, "disk space was not reclaimed");
+    assert!(p.pack_bytes() < before, "disk space was not reclaimed");
     assert_eq!(p.points("app"), vec![3, 4]);
 
     let o = p.target_cmd(&["verify", "--json"]);
