@@ -11,8 +11,9 @@ use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
 use understudy_common::volume::VolumeWriter;
 
-/// Which point to fail over to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which point to fail over to. Written `latest`, a point number, or an RFC 3339 time.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum PointSelector {
     /// The newest.
     Latest,
@@ -20,6 +21,23 @@ pub enum PointSelector {
     Seq(u64),
     /// The newest whose cut is at or before this time (ms since epoch).
     AtOrBefore(i64),
+}
+
+impl From<PointSelector> for String {
+    fn from(p: PointSelector) -> String {
+        match p {
+            PointSelector::Latest => "latest".into(),
+            PointSelector::Seq(n) => n.to_string(),
+            PointSelector::AtOrBefore(ms) => understudy_common::format_ms(ms),
+        }
+    }
+}
+
+impl TryFrom<String> for PointSelector {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
 }
 
 impl std::str::FromStr for PointSelector {

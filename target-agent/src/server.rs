@@ -24,6 +24,7 @@ pub struct ServerConfig {
 
 /// A running server.
 pub struct Server {
+    dir: PathBuf,
     endpoint: quinn::Endpoint,
     ctx: Arc<SessionContext>,
 }
@@ -43,7 +44,11 @@ impl Server {
             retention: cfg.retention,
             metrics,
         });
-        Ok(Server { endpoint, ctx })
+        Ok(Server {
+            dir: cfg.dir.clone(),
+            endpoint,
+            ctx,
+        })
     }
 
     /// The bound address.
@@ -53,6 +58,12 @@ impl Server {
 
     /// Accepts connections until the endpoint closes.
     pub async fn run(self) -> Result<()> {
+        let (dir, ctx) = (self.dir.clone(), self.ctx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(&dir, ctx).await {
+                tracing::error!(error = %format!("{e:#}"), "admin socket stopped; store commands need `serve` stopped");
+            }
+        });
         while let Some(incoming) = self.endpoint.accept().await {
             let ctx = self.ctx.clone();
             tokio::spawn(async move {

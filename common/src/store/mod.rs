@@ -23,6 +23,14 @@ use std::sync::{Arc, Mutex};
 /// Block-map entries declared for one volume of a cut: (block index, new ref).
 pub type VolumeEntries = (String, Vec<(u64, BlockRef)>);
 
+/// The store is open in another process (a running `target-agent serve`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "store {} is in use by another target-agent process (a running `serve`); store commands reach it through its admin socket, or stop it first",
+    .0.display()
+)]
+pub struct StoreInUse(pub PathBuf);
+
 /// Why a commit was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -78,11 +86,9 @@ impl Store {
         let db_path = root.join("catalog.redb");
         let db = match Database::create(&db_path) {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => bail!(
-                "store {} is in use by another target-agent process (a running `serve`?): stop it first; \
-                 points, inspect, verify, retention and failover need the store to themselves",
-                root.display()
-            ),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreInUse(root.to_path_buf()).into());
+            }
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("cannot open catalog {}", db_path.display()));

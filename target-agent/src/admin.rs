@@ -1,0 +1,95 @@
+//! The admin socket: while `serve` holds the store, store commands (points, inspect, verify,
+//! retention, gc, failover) reach it through `<dir>/admin.sock`, a Unix socket only the agent's
+//! owner may open (mode 0600). One JSON line in (the command, paths already absolute), one JSON
+//! line out (its output and exit code). Retention and GC wait until no session is running.
+
+use crate::commands::{Reply, StoreCommand};
+use crate::session::SessionContext;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// Largest request accepted, in bytes.
+const MAX_REQUEST: usize = 1 << 20;
+
+/// Path of the admin socket of an agent directory.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("admin.sock")
+}
+
+#[derive(Serialize, Deserialize)]
+enum Response {
+    Done(Reply),
+    Failed(String),
+}
+
+/// Serves the admin socket until the process ends.
+pub async fn serve(dir: &Path, ctx: Arc<SessionContext>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot create admin socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, ctx).await {
+                tracing::warn!(error = %format!("{e:#}"), "admin request failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: tokio::net::UnixStream, ctx: Arc<SessionContext>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(read.take(MAX_REQUEST as u64))
+        .read_line(&mut line)
+        .await?;
+    let response = match serde_json::from_str::<StoreCommand>(&line) {
+        Ok(cmd) => run(cmd, &ctx).await,
+        Err(e) => Response::Failed(format!("malformed admin request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+async fn run(cmd: StoreCommand, ctx: &Arc<SessionContext>) -> Response {
+    tracing::info!(command = ?cmd, "admin request");
+    let _alone = if cmd.needs_store_alone() {
+        Some(ctx.gc_gate.write().await)
+    } else {
+        None
+    };
+    let store = ctx.store.clone();
+    match tokio::task::spawn_blocking(move || cmd.run(&store, false)).await {
+        Ok(Ok(reply)) => Response::Done(reply),
+        Ok(Err(e)) => Response::Failed(format!("{e:#}")),
+        Err(e) => Response::Failed(format!("the command crashed: {e}")),
+    }
+}
+
+/// Sends a command to the running `serve` of `dir` and waits for its reply.
+pub fn request(dir: &Path, cmd: &StoreCommand) -> Result<Reply> {
+    let path = socket_path(dir);
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the running target-agent through {}: stop it, or check it is this directory's `serve`", path.display()))?;
+    let mut req = serde_json::to_vec(cmd)?;
+    req.push(b'\n');
+    s.write_all(&req)?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .context("the running target-agent closed the admin connection")?;
+    match serde_json::from_str(&line).context("unreadable reply from the running target-agent")? {
+        Response::Done(r) => Ok(r),
+        Response::Failed(e) => anyhow::bail!("{e}"),
+    }
+}
