@@ -134,7 +134,7 @@ pub struct FailoverReport {
 pub fn failover(
     store: &Store,
     req: &FailoverRequest,
-    progress: &dyn Fn(&str, u64, u64),
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<FailoverReport> {
     let start = Instant::now();
     let point = select_point(store, &req.group, &req.point)?;
@@ -211,7 +211,7 @@ fn restore_one(
     size: u64,
     target: &Path,
     req: &FailoverRequest,
-    progress: &dyn Fn(&str, u64, u64),
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> VolumeRestore {
     let is_device = req.devices.contains_key(name);
     let result = (|| {

@@ -70,6 +70,9 @@ pub struct Store {
     readers: Mutex<HashMap<u32, Arc<File>>>,
 }
 
+/// Catalog page cache: the catalog of a multi-TiB store fits, and RSS stays bounded.
+const CATALOG_CACHE: usize = 64 << 20;
+
 /// Pending chunk bytes past which an append flushes on its own.
 const FLUSH_BYTES: u64 = 64 << 20;
 
@@ -84,7 +87,10 @@ impl Store {
             )
         })?;
         let db_path = root.join("catalog.redb");
-        let db = match Database::create(&db_path) {
+        let db = match redb::Builder::new()
+            .set_cache_size(CATALOG_CACHE)
+            .create(&db_path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreInUse(root.to_path_buf()).into());
@@ -209,6 +215,41 @@ impl Store {
         Ok(t.get(hash.0)?.map(|v| location(v.value())))
     }
 
+    /// Locations of many chunks, read in one transaction (`None` where a chunk is missing).
+    pub fn locate_all(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<Location>>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        hashes
+            .iter()
+            .map(|h| Ok(t.get(h.0)?.map(|v| location(v.value()))))
+            .collect()
+    }
+
+    /// Reads the chunk at a known location, decompresses it and checks it is `hash`.
+    pub fn read_chunk_at(&self, hash: &ChunkHash, loc: Location) -> Result<Vec<u8>> {
+        let frame = self.read_frame_at(loc)?;
+        let pack = || {
+            pack::pack_path(&self.packs_dir(), loc.pack)
+                .display()
+                .to_string()
+        };
+        let (header, raw) = chunk::decode(&frame).with_context(|| {
+            format!(
+                "chunk {hash} at offset {} of pack {} is damaged",
+                loc.offset,
+                pack()
+            )
+        })?;
+        anyhow::ensure!(
+            header.hash == *hash,
+            "pack {} offset {} holds chunk {} where the catalog expects {hash}",
+            pack(),
+            loc.offset,
+            header.hash
+        );
+        Ok(raw)
+    }
+
     /// Appends a verified chunk frame. It becomes durable (and visible to [`Store::missing`]) at the
     /// next [`Store::flush`], which happens on its own every 64 MiB.
     pub fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
@@ -314,24 +355,7 @@ impl Store {
         let loc = self.locate(hash)?.with_context(|| {
             format!("chunk {hash} is not in the store: run `target-agent verify`")
         })?;
-        let frame = self.read_frame_at(loc)?;
-        let (header, raw) = chunk::decode(&frame).with_context(|| {
-            format!(
-                "chunk {} at offset {} of pack {} is damaged",
-                hash,
-                loc.offset,
-                pack::pack_path(&self.packs_dir(), loc.pack).display()
-            )
-        })?;
-        anyhow::ensure!(
-            header.hash == *hash,
-            "pack {:08x} offset {} holds chunk {} where the catalog expects {}",
-            loc.pack,
-            loc.offset,
-            header.hash,
-            hash
-        );
-        Ok(raw)
+        self.read_chunk_at(hash, loc)
     }
 
     // ----- recovery points --------------------------------------------------------------------

@@ -1,10 +1,18 @@
 //! Restore: stream a point's blocks into an image file or a device, verifying every chunk hash,
 //! the volume digest the source recorded at the cut, and (optionally) the written bytes read back.
+//! Blocks are processed in batches on every core; chunk locations come from one catalog read.
 
 use super::Store;
+use super::pack::Location;
 use crate::hash::{BlockRef, ChunkHash, VolumeDigest, block_len};
-use crate::volume::VolumeWriter;
+use crate::volume::{Volume, VolumeWriter};
 use anyhow::{Context, Result};
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Blocks per work batch.
+const BATCH: u64 = 64;
 
 /// Outcome of restoring one volume.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -34,7 +42,46 @@ pub struct RestoreOptions<'a> {
     /// True when the output is a freshly created sparse image (holes need no writes).
     pub fresh_image: bool,
     /// Called with bytes processed so far.
-    pub progress: &'a dyn Fn(u64),
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+/// Runs `work` over every batch of `blocks` on all cores and returns the batches' results in
+/// block order; the first error stops the rest.
+fn parallel_batches<T: Send>(
+    blocks: u64,
+    work: impl Fn(Range<u64>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(u64, T)>> = Mutex::new(Vec::new());
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let start = next.fetch_add(1, Ordering::Relaxed) as u64 * BATCH;
+                    if start >= blocks || failed.lock().expect("lock").is_some() {
+                        return;
+                    }
+                    match work(start..(start + BATCH).min(blocks)) {
+                        Ok(t) => results.lock().expect("lock").push((start, t)),
+                        Err(e) => {
+                            failed.lock().expect("lock").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().expect("lock") {
+        return Err(e);
+    }
+    let mut r = results.into_inner().expect("lock");
+    r.sort_unstable_by_key(|(start, _)| *start);
+    Ok(r.into_iter().map(|(_, t)| t).collect())
 }
 
 impl Store {
@@ -58,70 +105,101 @@ impl Store {
             .clone();
         let bs = point.cut.block_size;
         let map = self.block_map(group, seq, volume)?;
-        let mut digest = VolumeDigest::new(meta.size, bs);
-        let mut written = 0u64;
-        for (i, b) in map.iter().enumerate() {
-            let offset = i as u64 * bs as u64;
-            let len = block_len(meta.size, bs, i as u64);
-            match b {
-                BlockRef::Hole => out.zero_range(offset, len, opts.fresh_image)?,
-                BlockRef::Data(h) => {
-                    let raw = self
-                        .read_chunk(h)
-                        .with_context(|| format!("volume {volume}, block at byte {offset}"))?;
-                    anyhow::ensure!(
-                        raw.len() == len as usize,
-                        "volume {volume}: block at byte {offset} should be {len} bytes, chunk {h} holds {}",
-                        raw.len()
-                    );
-                    out.write_at(&raw, offset)?;
-                    written += len as u64;
+        let locations = self.locations_of(&map)?;
+        let written = AtomicU64::new(0);
+        let done = AtomicU64::new(0);
+        parallel_batches(map.len() as u64, |range| {
+            for i in range {
+                let offset = i * bs as u64;
+                let len = block_len(meta.size, bs, i);
+                match (map[i as usize], locations[i as usize]) {
+                    (BlockRef::Hole, _) => out.zero_range(offset, len, opts.fresh_image)?,
+                    (BlockRef::Data(h), Some(loc)) => {
+                        let raw = self
+                            .read_chunk_at(&h, loc)
+                            .with_context(|| format!("volume {volume}, block at byte {offset}"))?;
+                        anyhow::ensure!(
+                            raw.len() == len as usize,
+                            "volume {volume}: block at byte {offset} should be {len} bytes, chunk {h} holds {}",
+                            raw.len()
+                        );
+                        out.write_at(&raw, offset)?;
+                        written.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    (BlockRef::Data(h), None) => {
+                        anyhow::bail!(
+                            "volume {volume}, block at byte {offset}: chunk {h} is not in the store: run `target-agent verify`"
+                        )
+                    }
                 }
             }
-            digest.push(*b);
-            if i % 64 == 0 {
-                (opts.progress)(offset);
-            }
-        }
+            (opts.progress)(
+                done.fetch_add(BATCH * bs as u64, Ordering::Relaxed)
+                    .min(meta.size),
+            );
+            Ok(())
+        })?;
         out.sync()?;
         let actual = if opts.read_back {
-            read_back_digest(out, meta.size, bs, opts.progress)?
+            read_back_digest(&out.reopen()?, meta.size, bs)?
         } else {
-            digest.finish()
+            VolumeDigest::of_map(meta.size, bs, &map)
         };
         (opts.progress)(meta.size);
+        let ok = actual == meta.digest;
         Ok(VolumeRestore {
             volume: volume.to_string(),
             path: path.to_string(),
             size: meta.size,
-            bytes_written: written,
-            ok: actual == meta.digest,
-            error: (actual != meta.digest)
-                .then(|| "restored bytes do not match the source digest".to_string()),
+            bytes_written: written.into_inner(),
+            ok,
+            error: (!ok).then(|| "restored bytes do not match the source digest".to_string()),
             expected_digest: meta.digest,
             actual_digest: actual,
         })
     }
+
+    /// Location of every data block of a map (`None` for holes and missing chunks).
+    fn locations_of(&self, map: &[BlockRef]) -> Result<Vec<Option<Location>>> {
+        let hashes: Vec<ChunkHash> = map
+            .iter()
+            .map(|b| match b {
+                BlockRef::Data(h) => *h,
+                BlockRef::Hole => ChunkHash([0; 32]),
+            })
+            .collect();
+        let mut locs = self.locate_all(&hashes)?;
+        for (l, b) in locs.iter_mut().zip(map) {
+            if *b == BlockRef::Hole {
+                *l = None;
+            }
+        }
+        Ok(locs)
+    }
 }
 
-/// Hashes what the output actually holds, block by block.
-fn read_back_digest(
-    out: &VolumeWriter,
-    size: u64,
-    bs: u32,
-    progress: &dyn Fn(u64),
-) -> Result<String> {
-    let v = out.reopen()?;
+/// Hashes what a volume actually holds, block by block, on all cores; holes of a sparse image are
+/// not read.
+fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
+    let batches = parallel_batches(crate::hash::block_count(size, bs), |range| {
+        let start = range.start * bs as u64;
+        let has_data = v.may_have_data(
+            start,
+            ((range.end - range.start) * bs as u64).min(size - start),
+        );
+        let mut buf = vec![0u8; bs as usize];
+        range
+            .map(|i| {
+                if !has_data {
+                    return Ok(BlockRef::Hole);
+                }
+                let n = block_len(size, bs, i) as usize;
+                v.read_at(&mut buf[..n], i * bs as u64)?;
+                Ok(BlockRef::Data(ChunkHash::of(&buf[..n])))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
     let mut digest = VolumeDigest::new(size, bs);
-    let mut buf = vec![0u8; bs as usize];
-    let mut offset = 0;
-    while offset < size {
-        let n = v.read_at(&mut buf, offset)?;
-        digest.push(BlockRef::Data(ChunkHash::of(&buf[..n])));
-        offset += bs as u64;
-        if (offset / bs as u64).is_multiple_of(64) {
-            progress(offset.min(size));
-        }
-    }
+    batches.into_iter().flatten().for_each(|b| digest.push(b));
     Ok(digest.finish())
 }

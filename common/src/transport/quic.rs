@@ -1,5 +1,6 @@
 //! quinn endpoint configuration: TLS 1.3 with pinned mutual authentication, windows sized for
-//! bulk transfer, keep-alives so an idle control stream survives a long cut.
+//! bulk transfer over WAN links (32 MiB per connection covers 1 Gbit/s at 250 ms RTT) while
+//! bounding memory, keep-alives so an idle control stream survives a long cut.
 
 use super::identity::{Fingerprint, Identity};
 use super::pinning::PinnedPeers;
@@ -17,9 +18,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(64u32.into())
         .max_concurrent_bidi_streams(4u32.into())
-        .stream_receive_window((16u32 << 20).into())
-        .receive_window((64u32 << 20).into())
-        .send_window(64 << 20)
+        .stream_receive_window((8u32 << 20).into())
+        .receive_window((32u32 << 20).into())
+        .send_window(16 << 20)
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60 s fits")));
     Arc::new(t)
