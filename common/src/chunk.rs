@@ -74,6 +74,34 @@ pub enum FrameError {
     },
 }
 
+thread_local! {
+    /// One zstd compression context per thread, reused for every block (creating one per block
+    /// costs an allocation and its initialisation on the hot path).
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+    /// One zstd decompression context per thread.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().map(|(l, _)| *l) != Some(level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        c.as_mut().expect("just set").1.compress(raw)
+    })
+}
+
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("just set").decompress(payload, capacity)
+    })
+}
+
 /// Builds the frame of one block: hashes it, compresses it at `level` unless that saves too little.
 pub fn encode(raw: &[u8], level: i32) -> Vec<u8> {
     let hash = ChunkHash::of(raw);
@@ -82,7 +110,7 @@ pub fn encode(raw: &[u8], level: i32) -> Vec<u8> {
 
 /// As [`encode`], with the hash already computed by the caller.
 pub fn encode_with_hash(raw: &[u8], hash: ChunkHash, level: i32) -> Vec<u8> {
-    let compressed = zstd::bulk::compress(raw, level)
+    let compressed = compress(raw, level)
         .ok()
         .filter(|c| c.len() < raw.len() - raw.len() / 32);
     let (codec, payload) = match &compressed {
@@ -149,7 +177,7 @@ pub fn decode(frame: &[u8]) -> Result<(Header, Vec<u8>), FrameError> {
     let raw = match header.codec {
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => {
-            let raw = zstd::bulk::decompress(payload, header.raw_len as usize)
+            let raw = decompress(payload, header.raw_len as usize)
                 .map_err(|e| FrameError::Decompress(e.to_string()))?;
             if raw.len() != header.raw_len as usize {
                 return Err(FrameError::Decompress(format!(

@@ -171,26 +171,45 @@ impl Store {
         Ok(ids)
     }
 
+    /// Truncates the torn tail of every committed pack (bytes past the committed length were never
+    /// referenced). Packs the catalog does not know are never deleted here: after a lost catalog
+    /// they would be the only copy of the data. `gc` removes them, and refuses to when the
+    /// catalog looks lost.
     fn repair_packs(&self) -> Result<()> {
-        let committed: HashMap<u32, u64> = self.committed_packs()?.into_iter().collect();
-        for id in self.pack_files()? {
+        for (id, len) in self.committed_packs()? {
             let path = pack::pack_path(&self.packs_dir(), id);
-            match committed.get(&id) {
-                None => {
-                    tracing::info!(pack = %path.display(), "removing pack with no committed chunks (left by an interrupted write)");
-                    std::fs::remove_file(&path)?;
+            let f = match std::fs::OpenOptions::new().write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(pack = %path.display(), error = %e, "a committed pack is missing: run `target-agent verify`");
+                    continue;
                 }
-                Some(&len) => {
-                    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
-                    if f.metadata()?.len() > len {
-                        tracing::info!(pack = %path.display(), len, "truncating torn tail of pack");
-                        f.set_len(len)?;
-                        f.sync_all()?;
-                    }
-                }
+            };
+            if f.metadata()?.len() > len {
+                tracing::info!(pack = %path.display(), len, "truncating torn tail of pack");
+                f.set_len(len)?;
+                f.sync_all()?;
             }
         }
         Ok(())
+    }
+
+    /// Pack files on disk the catalog does not record (left by a crash before their first flush,
+    /// or by a crash during compaction).
+    pub(crate) fn orphan_packs(&self) -> Result<Vec<u32>> {
+        let committed: HashMap<u32, u64> = self.committed_packs()?.into_iter().collect();
+        let current = self
+            .pending
+            .lock()
+            .expect("store lock")
+            .writer
+            .as_ref()
+            .map(|w| w.id());
+        Ok(self
+            .pack_files()?
+            .into_iter()
+            .filter(|id| !committed.contains_key(id) && Some(*id) != current)
+            .collect())
     }
 
     // ----- chunks -----------------------------------------------------------------------------
@@ -259,7 +278,7 @@ impl Store {
             .is_none_or(|w| w.len() >= pack::PACK_TARGET_SIZE)
         {
             self.flush_locked(&mut p)?;
-            p.writer = Some(PackWriter::create(&self.packs_dir(), self.next_pack_id()?)?);
+            p.writer = Some(self.new_pack()?);
         }
         let loc = p.writer.as_mut().expect("writer just set").append(frame)?;
         p.chunks.push((hash.0, loc));
@@ -268,6 +287,18 @@ impl Store {
             self.flush_locked(&mut p)?;
         }
         Ok(())
+    }
+
+    /// Creates the next pack and records it (empty) in the catalog before any chunk goes in, so
+    /// a pack the catalog does not know can only mean a lost catalog, never a crash.
+    fn new_pack(&self) -> Result<PackWriter> {
+        let w = PackWriter::create(&self.packs_dir(), self.next_pack_id()?)?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(PACKS)?
+            .insert(w.id(), pack::PACK_HEADER_LEN)?;
+        txn.commit()
+            .context("catalog commit failed: the store's disk may be full")?;
+        Ok(w)
     }
 
     fn next_pack_id(&self) -> Result<u32> {
@@ -315,7 +346,7 @@ impl Store {
         if let Some(w) = p.writer.take()
             && w.is_empty()
         {
-            std::fs::remove_file(pack::pack_path(&self.packs_dir(), w.id())).ok();
+            self.drop_pack(w.id())?;
         }
         Ok(())
     }

@@ -98,8 +98,9 @@ impl Store {
     /// packs more than [`COMPACT_DEAD_RATIO`] dead. Must not run while a session appends to this store.
     pub fn gc(&self) -> Result<GcReport> {
         self.seal()?;
-        let live = self.live_chunks()?;
         let mut report = GcReport::default();
+        self.remove_orphan_packs(&mut report)?;
+        let live = self.live_chunks()?;
         let txn = self.db().begin_write()?;
         {
             let mut chunks = txn.open_table(CHUNKS)?;
@@ -125,6 +126,28 @@ impl Store {
         }
         self.seal()?;
         Ok(report)
+    }
+
+    /// Deletes pack files the catalog does not record. Refuses when the catalog records no pack at
+    /// all while pack files exist: that is a lost or replaced catalog, not garbage.
+    fn remove_orphan_packs(&self, report: &mut GcReport) -> Result<()> {
+        let orphans = self.orphan_packs()?;
+        if !orphans.is_empty() && self.committed_packs()?.is_empty() && self.groups()?.is_empty() {
+            anyhow::bail!(
+                "the catalog records no pack but {} pack file(s) exist in {}: the catalog may have been lost or replaced; \
+                 not collecting anything. Restore the catalog, or move the packs away if they are truly unwanted",
+                orphans.len(),
+                self.root().join("packs").display()
+            );
+        }
+        for id in orphans {
+            let path = pack::pack_path(&self.root().join("packs"), id);
+            report.bytes_freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot delete orphan pack {}", path.display()))?;
+            report.packs_deleted += 1;
+        }
+        Ok(())
     }
 
     /// Every chunk some point references: heads, undo entries and manifests.
@@ -160,7 +183,8 @@ impl Store {
         Ok(usage)
     }
 
-    fn drop_pack(&self, id: u32) -> Result<()> {
+    /// Forgets a pack in the catalog, then deletes its file.
+    pub(crate) fn drop_pack(&self, id: u32) -> Result<()> {
         let txn = self.db().begin_write()?;
         txn.open_table(PACKS)?.remove(id)?;
         txn.commit()?;
