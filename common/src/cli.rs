@@ -37,6 +37,28 @@ pub struct PairArgs {
     pub name: String,
 }
 
+/// The identity subcommands both agents have.
+#[derive(clap::Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Create this agent's identity (certificate and key) and print its fingerprint.
+    Init(InitArgs),
+    /// Print this agent's fingerprint.
+    Identity(IdentityArgs),
+    /// Pin a peer agent's fingerprint: this agent talks to no other.
+    Pair(PairArgs),
+}
+
+impl IdentityCommand {
+    /// Runs the subcommand.
+    pub fn run(&self) -> Result<()> {
+        match self {
+            IdentityCommand::Init(a) => init(a),
+            IdentityCommand::Identity(a) => identity(a),
+            IdentityCommand::Pair(a) => pair(a),
+        }
+    }
+}
+
 /// Runs `init`.
 pub fn init(a: &InitArgs) -> Result<()> {
     let id = Identity::init(&a.dir, &a.name)?;

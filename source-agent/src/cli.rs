@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use understudy_common::cli::{GlobalArgs, IdentityArgs, InitArgs, PairArgs};
+use understudy_common::cli::{GlobalArgs, IdentityCommand};
 use understudy_common::hooks::{Hook, OnError};
 use understudy_common::metrics::Metrics;
 use understudy_common::source::CutConfig;
@@ -28,12 +28,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create this agent's identity (certificate and key) and print its fingerprint.
-    Init(InitArgs),
-    /// Print this agent's fingerprint.
-    Identity(IdentityArgs),
-    /// Pin the target agent's fingerprint: the source talks to no other.
-    Pair(PairArgs),
+    #[command(flatten)]
+    Identity(IdentityCommand),
     /// Replicate a group: one cycle every --interval (or one with --once).
     Run(Box<RunArgs>),
 }
@@ -103,9 +99,7 @@ pub fn main() -> ExitCode {
         |c: &Cli| &c.global,
         |cli| {
             match cli.command {
-                Command::Init(a) => understudy_common::cli::init(&a)?,
-                Command::Identity(a) => understudy_common::cli::identity(&a)?,
-                Command::Pair(a) => understudy_common::cli::pair(&a)?,
+                Command::Identity(c) => c.run()?,
                 Command::Run(a) => run(a)?,
             }
             Ok(ExitCode::SUCCESS)

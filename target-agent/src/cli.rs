@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use understudy_common::cli::{GlobalArgs, IdentityArgs, InitArgs, PairArgs};
+use understudy_common::cli::{GlobalArgs, IdentityCommand};
 use understudy_common::metrics::Metrics;
 use understudy_common::store::{Store, StoreInUse};
 
@@ -26,12 +26,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create this agent's identity (certificate and key) and print its fingerprint.
-    Init(InitArgs),
-    /// Print this agent's fingerprint.
-    Identity(IdentityArgs),
-    /// Pin a source agent's fingerprint: only pinned peers may connect.
-    Pair(PairArgs),
+    #[command(flatten)]
+    Identity(IdentityCommand),
     /// Receive replication sessions (store commands then reach the store through this process).
     Serve(ServeArgs),
     #[command(flatten)]
@@ -64,9 +60,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Init(a) => understudy_common::cli::init(&a)?,
-        Command::Identity(a) => understudy_common::cli::identity(&a)?,
-        Command::Pair(a) => understudy_common::cli::pair(&a)?,
+        Command::Identity(c) => c.run()?,
         Command::Serve(a) => serve(a)?,
         Command::Store(c) => return store_command(c),
     }
