@@ -16,6 +16,9 @@ use understudy_common::source::spool::SpoolReader;
 use understudy_common::source::{CutConfig, GroupState, PendingCut, make_cut};
 use understudy_common::transport::{Identity, quic, stream};
 
+/// How long the QUIC and TLS handshake with the target may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Everything a cycle needs.
 pub struct SourceConfig {
     /// Agent state directory.
@@ -190,10 +193,14 @@ impl SourceAgent {
 
     async fn connect(&self) -> Result<quinn::Connection> {
         let target = self.cfg.target;
+        let hint = "is it running, reachable over UDP, and are both agents paired with each other's fingerprint?";
         let connecting = self.endpoint.connect(target, quic::SERVER_NAME)?;
-        connecting.await.with_context(|| {
-            format!("cannot connect to target {target}: is it running, reachable over UDP, and are both agents paired with each other's fingerprint?")
-        })
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(r) => r.with_context(|| format!("cannot connect to target {target}: {hint}")),
+            Err(_) => {
+                anyhow::bail!("no answer from target {target} within {CONNECT_TIMEOUT:?}: {hint}")
+            }
+        }
     }
 
     async fn offer(
