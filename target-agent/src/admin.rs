@@ -26,7 +26,16 @@ enum Response {
     Failed(String),
 }
 
-/// Serves the admin socket until the process ends.
+/// Deletes the socket file when the admin server stops.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Serves the admin socket until this future is dropped.
 pub async fn serve(dir: &Path, ctx: Arc<SessionContext>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(dir);
@@ -34,6 +43,7 @@ pub async fn serve(dir: &Path, ctx: Arc<SessionContext>) -> Result<()> {
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("cannot create admin socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let _remove = RemoveOnDrop(path);
     loop {
         let (stream, _) = listener.accept().await?;
         let ctx = ctx.clone();

@@ -56,14 +56,22 @@ impl Server {
         Ok(self.endpoint.local_addr()?)
     }
 
-    /// Accepts connections until the endpoint closes.
+    /// Accepts connections until the endpoint closes, and serves the admin socket meanwhile.
+    /// Dropping (aborting) this future stops both, so the store is released with the server.
     pub async fn run(self) -> Result<()> {
-        let (dir, ctx) = (self.dir.clone(), self.ctx.clone());
-        tokio::spawn(async move {
-            if let Err(e) = crate::admin::serve(&dir, ctx).await {
+        let admin = async {
+            if let Err(e) = crate::admin::serve(&self.dir, self.ctx.clone()).await {
                 tracing::error!(error = %format!("{e:#}"), "admin socket stopped; store commands need `serve` stopped");
             }
-        });
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = admin => unreachable!("the admin future never completes"),
+            r = self.accept() => r,
+        }
+    }
+
+    async fn accept(&self) -> Result<()> {
         while let Some(incoming) = self.endpoint.accept().await {
             let ctx = self.ctx.clone();
             tokio::spawn(async move {
