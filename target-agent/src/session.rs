@@ -74,7 +74,17 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
     };
     let result = drive(&ctx, &mut send, rx, &mut guard).await;
     let store = ctx.store.clone();
-    tokio::task::spawn_blocking(move || store.flush()).await??;
+    // Make what arrived durable for the next session; a failure here is logged, never allowed to
+    // replace the session's own outcome (which says what went wrong first).
+    match tokio::task::spawn_blocking(move || store.flush()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "could not make received chunks durable; the next session resends them")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "flush task failed; the next session resends unflushed chunks")
+        }
+    }
     drop(gate);
     drop(guard);
     match &result {

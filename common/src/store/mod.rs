@@ -495,7 +495,17 @@ impl Store {
 
     /// The full block map of a volume at a point.
     pub fn block_map(&self, group: &str, seq: u64, volume: &str) -> Result<Vec<BlockRef>> {
-        let points = self.points(group)?;
+        self.block_map_among(&self.points(group)?, group, seq, volume)
+    }
+
+    /// As [`Store::block_map`], with the group's points (oldest first) already loaded.
+    pub fn block_map_among(
+        &self,
+        points: &[PointRecord],
+        group: &str,
+        seq: u64,
+        volume: &str,
+    ) -> Result<Vec<BlockRef>> {
         let point = points.iter().find(|p| p.seq == seq).with_context(|| {
             format!(
                 "group {group} has no recovery point {seq}: list them with `target-agent points`"

@@ -45,7 +45,7 @@ pub struct CutMeta {
 }
 
 impl CutMeta {
-    /// Every chunk the manifests need.
+    /// The volume of this cut with that name.
     pub fn volume(&self, name: &str) -> Option<&VolumeMeta> {
         self.volumes.iter().find(|v| v.name == name)
     }

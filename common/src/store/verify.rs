@@ -120,10 +120,11 @@ impl Store {
     ) -> Result<()> {
         let mut damaged = damaged.clone();
         for group in self.groups()? {
-            for point in self.points(&group)? {
+            let points = self.points(&group)?;
+            for point in &points {
                 report.points_checked += 1;
                 for vol in &point.cut.volumes {
-                    let map = self.block_map(&group, point.seq, &vol.name)?;
+                    let map = self.block_map_among(&points, &group, point.seq, &vol.name)?;
                     let mut missing = 0u64;
                     for (i, b) in map.iter().enumerate() {
                         let BlockRef::Data(h) = b else { continue };

@@ -2,7 +2,7 @@
 //! on data streams. Every length is checked before anything is allocated for it.
 
 use crate::chunk::{self, HEADER_LEN};
-use crate::protocol::codec::{self, CodecError};
+use crate::protocol::codec;
 use crate::protocol::{Control, DATA_STREAM_KIND};
 use anyhow::{Context, Result, bail};
 use quinn::{RecvStream, SendStream};
@@ -43,14 +43,6 @@ pub async fn recv(r: &mut RecvStream) -> Result<Control> {
         .await
         .context("the control stream ended inside a message")?;
     Ok(codec::decode(&body)?)
-}
-
-/// True when an error is a protocol version mismatch (to report it as such).
-pub fn is_version_error(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<CodecError>(),
-        Some(CodecError::Version { .. })
-    )
 }
 
 /// Reads the kind byte that opens a data stream.
