@@ -8,6 +8,7 @@
 //! transforms in [`manifest`]. The agent binaries only wire these together.
 
 pub mod change;
+pub mod cluster;
 pub mod chunk;
 pub mod cli;
 pub mod hash;
@@ -19,6 +20,7 @@ pub mod protocol;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod transform;
 pub mod transport;
 pub mod volume;
 

@@ -1,5 +1,6 @@
-//! Application manifests: the bundle a recovery point stores (captured from a directory of YAML in
-//! standalone mode) and the transforms failover applies to it.
+//! Application manifests: the bundle a recovery point stores, captured from a directory of YAML
+//! (standalone mode) or from a cluster ([`crate::cluster::capture`]), and the identity of the
+//! Kubernetes objects in it. Failover changes them with [`crate::transform::Rules`].
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,123 @@ impl Bundle {
     /// Decodes a stored bundle.
     pub fn decode(b: &[u8]) -> Result<Self> {
         postcard::from_bytes(b).context("manifest bundle is unreadable")
+    }
+
+    /// BLAKE3 of the canonical encoding, hex: equal bundles have equal digests.
+    pub fn digest(&self) -> String {
+        blake3::hash(&self.encode()).to_hex().to_string()
+    }
+
+    /// One canonical YAML file per object, at `<namespace or _cluster>/<Kind.group>/<name>.yaml`.
+    /// Two captures of the same objects give identical bundles, whatever order they came in.
+    pub fn from_objects(objects: &[Value]) -> Result<Self> {
+        let mut files = BTreeMap::new();
+        for obj in objects {
+            let id = ObjectId::of(obj)?;
+            if files.insert(id.file_path(), to_canonical_yaml(obj)?.into_bytes()).is_some() {
+                bail!("{id} appears twice in the bundle");
+            }
+        }
+        Ok(Bundle { files })
+    }
+
+    /// Every object of every file, in path order.
+    pub fn objects(&self) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for (path, data) in &self.files {
+            out.extend(
+                parse_documents(data)
+                    .with_context(|| format!("manifest {path} in the bundle is not valid"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes the files under `dir` (created if missing); the inverse of [`Bundle::capture`].
+    pub fn write_to(&self, dir: &Path) -> Result<()> {
+        for (path, data) in &self.files {
+            let p = dir.join(path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::fs::write(&p, data).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a bundle from a directory of YAML files or from one (multi-document) YAML file.
+    pub fn read(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::capture(path);
+        }
+        let data = std::fs::read(path)
+            .with_context(|| format!("cannot read bundle {}: give a YAML file or a directory", path.display()))?;
+        parse_documents(&data).with_context(|| format!("bundle {} is not valid", path.display()))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Bundle { files: [(name, data)].into() })
+    }
+}
+
+/// Canonical YAML of an object: keys sorted (serde_json's map is ordered), two-space indent.
+pub fn to_canonical_yaml(obj: &Value) -> Result<String> {
+    serde_yaml_ng::to_string(obj).context("cannot render an object as YAML")
+}
+
+/// Identity of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectId {
+    /// API group; empty for the core group.
+    pub group: String,
+    /// Kind.
+    pub kind: String,
+    /// Namespace; empty for cluster-scoped objects.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectId {
+    /// Reads the identity of an object (it needs apiVersion, kind and metadata.name).
+    pub fn of(obj: &Value) -> Result<Self> {
+        let s = |p: &str| obj.pointer(p).and_then(Value::as_str);
+        let (Some(api_version), Some(kind)) = (s("/apiVersion"), s("/kind")) else {
+            bail!("object has no apiVersion or kind");
+        };
+        let Some(name) = s("/metadata/name") else {
+            bail!("{kind} object has no metadata.name");
+        };
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        Ok(ObjectId {
+            group: group.to_string(),
+            kind: kind.to_string(),
+            namespace: s("/metadata/namespace").unwrap_or("").to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// `Kind.group` (`Kind` for the core group).
+    pub fn kind_group(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.clone()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+
+    fn file_path(&self) -> String {
+        let ns = if self.namespace.is_empty() { "_cluster" } else { &self.namespace };
+        format!("{ns}/{}/{}.yaml", self.kind_group(), self.name)
+    }
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind_group(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind_group(), self.namespace, self.name)
+        }
     }
 }
 
@@ -104,173 +222,6 @@ pub fn parse_documents(data: &[u8]) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-/// What failover changes in manifests (standalone subset; the Kubernetes control plane extends it).
-#[derive(Clone, Debug, Default)]
-pub struct Transform {
-    /// Source namespace -> standby namespace.
-    pub namespaces: BTreeMap<String, String>,
-    /// Source storage class -> standby storage class.
-    pub storage_classes: BTreeMap<String, String>,
-}
-
-/// Kinds the cluster owns or regenerates: never re-applied.
-const SKIPPED_KINDS: &[&str] = &["Event", "Endpoints", "EndpointSlice", "Lease", "Node"];
-/// Metadata fields the cluster sets.
-const STRIPPED_METADATA: &[&str] = &[
-    "uid",
-    "resourceVersion",
-    "generation",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "deletionGracePeriodSeconds",
-    "selfLink",
-    "managedFields",
-    "ownerReferences",
-];
-/// PVC annotations written by the binder and provisioner.
-const PVC_BIND_ANNOTATIONS: &[&str] = &[
-    "pv.kubernetes.io/bind-completed",
-    "pv.kubernetes.io/bound-by-controller",
-    "volume.beta.kubernetes.io/storage-provisioner",
-    "volume.kubernetes.io/storage-provisioner",
-    "volume.kubernetes.io/selected-node",
-];
-
-impl Transform {
-    /// Transforms one object; `None` when the object is not to be applied on the standby.
-    pub fn apply(&self, mut obj: Value) -> Option<Value> {
-        let kind = obj.get("kind")?.as_str()?.to_string();
-        if SKIPPED_KINDS.contains(&kind.as_str()) {
-            return None;
-        }
-        strip_metadata(&mut obj);
-        if let Some(o) = obj.as_object_mut() {
-            o.remove("status");
-        }
-        self.map_namespaces(&kind, &mut obj);
-        match kind.as_str() {
-            "Service" => strip_service(&mut obj),
-            "PersistentVolumeClaim" => {
-                remove_path(&mut obj, &["spec", "volumeName"]);
-                for a in PVC_BIND_ANNOTATIONS {
-                    remove_path(&mut obj, &["metadata", "annotations", a]);
-                }
-                self.map_storage_class(obj.pointer_mut("/spec/storageClassName"));
-            }
-            "PersistentVolume" => {
-                remove_path(&mut obj, &["spec", "claimRef", "uid"]);
-                remove_path(&mut obj, &["spec", "claimRef", "resourceVersion"]);
-                self.map_storage_class(obj.pointer_mut("/spec/storageClassName"));
-            }
-            "StatefulSet" => {
-                if let Some(Value::Array(ts)) = obj.pointer_mut("/spec/volumeClaimTemplates") {
-                    for t in ts {
-                        self.map_storage_class(t.pointer_mut("/spec/storageClassName"));
-                    }
-                }
-            }
-            "Pod" => remove_path(&mut obj, &["spec", "nodeName"]),
-            _ => {}
-        }
-        drop_empty_metadata_maps(&mut obj);
-        Some(obj)
-    }
-
-    fn map_namespaces(&self, kind: &str, obj: &mut Value) {
-        let map = |v: Option<&mut Value>| {
-            if let Some(Value::String(ns)) = v
-                && let Some(to) = self.namespaces.get(ns.as_str())
-            {
-                *ns = to.clone();
-            }
-        };
-        map(obj.pointer_mut("/metadata/namespace"));
-        if kind == "Namespace" {
-            map(obj.pointer_mut("/metadata/name"));
-        }
-        if matches!(kind, "RoleBinding" | "ClusterRoleBinding")
-            && let Some(Value::Array(subjects)) = obj.pointer_mut("/subjects")
-        {
-            subjects
-                .iter_mut()
-                .for_each(|s| map(s.pointer_mut("/namespace")));
-        }
-    }
-
-    fn map_storage_class(&self, v: Option<&mut Value>) {
-        if let Some(Value::String(sc)) = v
-            && let Some(to) = self.storage_classes.get(sc.as_str())
-        {
-            *sc = to.clone();
-        }
-    }
-
-    /// Transforms a whole bundle into YAML files (same relative paths); skipped objects are counted.
-    pub fn apply_bundle(&self, bundle: &Bundle) -> Result<(BTreeMap<String, String>, usize)> {
-        let mut out = BTreeMap::new();
-        let mut skipped = 0;
-        for (path, data) in &bundle.files {
-            let docs = parse_documents(data)
-                .with_context(|| format!("stored manifest {path} is not valid"))?;
-            let mut text = String::new();
-            for d in docs {
-                match self.apply(d) {
-                    Some(v) => {
-                        text.push_str("---\n");
-                        text.push_str(&serde_yaml_ng::to_string(&v)?);
-                    }
-                    None => skipped += 1,
-                }
-            }
-            out.insert(path.clone(), text);
-        }
-        Ok((out, skipped))
-    }
-}
-
-fn strip_metadata(obj: &mut Value) {
-    if let Some(Value::Object(m)) = obj.get_mut("metadata") {
-        for f in STRIPPED_METADATA {
-            m.remove(*f);
-        }
-    }
-}
-
-/// Stripping can leave `annotations: {}` or `labels: {}` behind; drop them.
-fn drop_empty_metadata_maps(obj: &mut Value) {
-    if let Some(Value::Object(m)) = obj.get_mut("metadata") {
-        m.retain(|k, v| {
-            !(matches!(k.as_str(), "annotations" | "labels")
-                && v.as_object().is_some_and(|o| o.is_empty()))
-        });
-    }
-}
-
-fn strip_service(obj: &mut Value) {
-    let headless = obj.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None");
-    if !headless {
-        remove_path(obj, &["spec", "clusterIP"]);
-        remove_path(obj, &["spec", "clusterIPs"]);
-    }
-    remove_path(obj, &["spec", "healthCheckNodePort"]);
-}
-
-fn remove_path(obj: &mut Value, path: &[&str]) {
-    let Some((last, parents)) = path.split_last() else {
-        return;
-    };
-    let mut cur = obj;
-    for p in parents {
-        match cur.get_mut(*p) {
-            Some(next) => cur = next,
-            None => return,
-        }
-    }
-    if let Some(m) = cur.as_object_mut() {
-        m.remove(*last);
-    }
-}
-
 /// Parses `from=to` pairs given on a command line.
 pub fn parse_map(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> {
     pairs
@@ -290,44 +241,18 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn strips_cluster_owned_fields_and_maps() {
-        let t = Transform {
-            namespaces: [("shop".into(), "shop-dr".into())].into(),
-            storage_classes: [("fast".into(), "standard".into())].into(),
-        };
-        let pvc = json!({"apiVersion":"v1","kind":"PersistentVolumeClaim",
-            "metadata":{"name":"data","namespace":"shop","uid":"u","resourceVersion":"9",
-                "annotations":{"pv.kubernetes.io/bind-completed":"yes","keep":"me"}},
-            "spec":{"storageClassName":"fast","volumeName":"pv-1"},"status":{"phase":"Bound"}});
-        let out = t.apply(pvc).unwrap();
-        assert_eq!(out.pointer("/metadata/namespace"), Some(&json!("shop-dr")));
-        assert_eq!(
-            out.pointer("/spec/storageClassName"),
-            Some(&json!("standard"))
-        );
-        assert!(out.pointer("/spec/volumeName").is_none() && out.get("status").is_none());
-        assert!(out.pointer("/metadata/uid").is_none());
-        assert_eq!(
-            out.pointer("/metadata/annotations"),
-            Some(&json!({"keep":"me"}))
-        );
-        let svc = json!({"apiVersion":"v1","kind":"Service","metadata":{"name":"db"},"spec":{"clusterIP":"None"}});
-        assert_eq!(
-            t.apply(svc).unwrap().pointer("/spec/clusterIP"),
-            Some(&json!("None"))
-        );
-        assert!(
-            t.apply(json!({"apiVersion":"v1","kind":"Event","metadata":{}}))
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn stripping_leaves_no_empty_maps() {
-        let bound = json!({"apiVersion":"v1","kind":"PersistentVolumeClaim",
-            "metadata":{"name":"d","annotations":{"pv.kubernetes.io/bind-completed":"yes"}},"spec":{}});
-        let out = Transform::default().apply(bound).unwrap();
-        assert!(out.pointer("/metadata/annotations").is_none(), "{out}");
+    fn bundles_are_canonical_whatever_the_order() {
+        let a = json!({"kind":"ConfigMap","apiVersion":"v1","metadata":{"namespace":"shop","name":"c"},"data":{"z":"1","a":"2"}});
+        let b = json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"web","namespace":"shop"}});
+        let one = Bundle::from_objects(&[a.clone(), b.clone()]).unwrap();
+        let two = Bundle::from_objects(&[b, a]).unwrap();
+        assert_eq!(one, two);
+        assert_eq!(one.digest(), two.digest());
+        let text = String::from_utf8(one.files["shop/ConfigMap/c.yaml"].clone()).unwrap();
+        assert!(text.starts_with("apiVersion: v1\ndata:\n  a: '2'\n  z: '1'\n"), "{text}");
+        assert!(one.files.contains_key("shop/Deployment.apps/web.yaml"));
+        let dup = Bundle::from_objects(&[json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}}); 2]);
+        assert!(format!("{:#}", dup.unwrap_err()).contains("ConfigMap c appears twice"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Command {
     Identity(IdentityCommand),
     /// Replicate a group: one cycle every --interval (or one with --once).
     Run(Box<RunArgs>),
+    /// Capture an application's objects from a cluster into a bundle directory.
+    Capture(crate::capture::CaptureArgs),
 }
 
 /// `run` arguments.
@@ -101,6 +103,7 @@ pub fn main() -> ExitCode {
             match cli.command {
                 Command::Identity(c) => c.run()?,
                 Command::Run(a) => run(a)?,
+                Command::Capture(a) => crate::capture::run(a)?,
             }
             Ok(ExitCode::SUCCESS)
         },

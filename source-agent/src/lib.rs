@@ -2,6 +2,7 @@
 //! ships them to the target over mutual-TLS QUIC, on a schedule. The binary only parses arguments
 //! ([`cli`]).
 
+pub mod capture;
 pub mod cli;
 pub mod cycle;
 pub mod schedule;

@@ -30,6 +30,8 @@ pub enum Command {
     Identity(IdentityCommand),
     /// Receive replication sessions (store commands then reach the store through this process).
     Serve(ServeArgs),
+    /// Apply a bundle of manifests to a cluster, transformed, in dependency order.
+    Apply(crate::apply::ApplyArgs),
     #[command(flatten)]
     Store(StoreCommand),
 }
@@ -63,6 +65,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Identity(c) => c.run()?,
         Command::Serve(a) => serve(a)?,
         Command::Store(c) => return store_command(c),
+        Command::Apply(a) => return crate::apply::run(a),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use understudy_common::manifest::{Transform, parse_map};
+use understudy_common::manifest::parse_map;
+use understudy_common::transform::Rules;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
 
@@ -96,12 +97,9 @@ pub struct FailoverArgs {
     /// Write volume NAME to an existing device or file instead of an image (NAME=PATH, repeatable).
     #[arg(long = "device", value_name = "NAME=PATH")]
     pub devices: Vec<String>,
-    /// Map a namespace (FROM=TO, repeatable).
-    #[arg(long = "namespace-map", value_name = "FROM=TO")]
-    pub namespace_map: Vec<String>,
-    /// Map a storage class (FROM=TO, repeatable).
-    #[arg(long = "storage-class-map", value_name = "FROM=TO")]
-    pub storage_class_map: Vec<String>,
+    /// Manifest transforms.
+    #[command(flatten)]
+    pub transform: TransformArgs,
     /// Show what would be done; write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -111,6 +109,35 @@ pub struct FailoverArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How manifests are transformed for the standby: a rules file and command-line maps.
+#[derive(clap::Args, Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TransformArgs {
+    /// Transform rules file (YAML; see docs/operations.md, "Transform rules").
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+    /// Map a namespace (FROM=TO, repeatable; added to the rules file's map).
+    #[arg(long = "namespace-map", value_name = "FROM=TO")]
+    pub namespace_map: Vec<String>,
+    /// Map a storage class (FROM=TO, repeatable; added to the rules file's map).
+    #[arg(long = "storage-class-map", value_name = "FROM=TO")]
+    pub storage_class_map: Vec<String>,
+}
+
+impl TransformArgs {
+    /// Loads the rules file (if any) and adds the command-line maps.
+    pub fn rules(&self) -> Result<Rules> {
+        let mut r = match &self.rules {
+            Some(p) => Rules::load(p)?,
+            None => Rules::default(),
+        };
+        r.namespaces
+            .extend(parse_map(&self.namespace_map, "namespace")?);
+        r.storage_classes
+            .extend(parse_map(&self.storage_class_map, "storage class")?);
+        Ok(r)
+    }
 }
 
 /// The store commands.
@@ -169,6 +196,9 @@ impl StoreCommand {
         };
         if let StoreCommand::Failover(a) = self {
             a.out = abs(&a.out)?;
+            if let Some(r) = &mut a.transform.rules {
+                *r = abs(r)?;
+            }
             for d in &mut a.devices {
                 if let Some((name, path)) = d.split_once('=') {
                     *d = format!("{name}={}", abs(Path::new(path))?.display());
@@ -338,10 +368,7 @@ fn failover_cmd(store: &Store, a: &FailoverArgs, progress: bool) -> Result<Reply
         point: a.point.clone(),
         out: a.out.clone(),
         devices,
-        transform: Transform {
-            namespaces: parse_map(&a.namespace_map, "namespace")?,
-            storage_classes: parse_map(&a.storage_class_map, "storage class")?,
-        },
+        rules: a.transform.rules()?,
         dry_run: a.dry_run,
         read_back: !a.no_read_back,
     };

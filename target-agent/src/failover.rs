@@ -6,7 +6,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use understudy_common::manifest::{Bundle, Transform};
+use understudy_common::manifest::Bundle;
+use understudy_common::transform::Rules;
 use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
 use understudy_common::volume::VolumeWriter;
@@ -97,8 +98,8 @@ pub struct FailoverRequest {
     pub out: PathBuf,
     /// Volumes to write to existing devices instead of image files.
     pub devices: BTreeMap<String, PathBuf>,
-    /// Manifest transforms.
-    pub transform: Transform,
+    /// Manifest transform rules.
+    pub rules: Rules,
     /// Show the plan, write nothing.
     pub dry_run: bool,
     /// Re-read each volume after writing and check its digest from the written bytes.
@@ -151,7 +152,9 @@ pub fn failover(
             .with_context(|| format!("cannot create output directory {}", req.out.display()))?;
     }
     let bundle = Bundle::decode(&store.read_manifests(&point)?)?;
-    let (manifests, skipped) = req.transform.apply_bundle(&bundle)?;
+    let transformed = req.rules.transform_bundle(&bundle)?;
+    let objects: Vec<_> = transformed.objects.into_iter().map(|(_, v)| v).collect();
+    let manifests = Bundle::from_objects(&objects)?;
     let mut volumes = Vec::new();
     for v in &point.cut.volumes {
         let target = req
@@ -168,7 +171,7 @@ pub fn failover(
         ));
     }
     if !req.dry_run {
-        write_manifests(&req.out.join("manifests"), &manifests)?;
+        manifests.write_to(&req.out.join("manifests"))?;
     }
     let now = understudy_common::now_ms();
     let report = FailoverReport {
@@ -180,8 +183,8 @@ pub fn failover(
         dry_run: req.dry_run,
         ok: volumes.iter().all(|v| v.ok),
         volumes,
-        manifest_files: manifests.len(),
-        objects_skipped: skipped,
+        manifest_files: manifests.files.len(),
+        objects_skipped: transformed.skipped.len(),
     };
     if !req.dry_run {
         let path = req.out.join("report.json");
@@ -253,17 +256,6 @@ fn restore_one(
         ok: false,
         error: Some(format!("{e:#}")),
     })
-}
-
-fn write_manifests(dir: &Path, files: &BTreeMap<String, String>) -> Result<()> {
-    for (rel, text) in files {
-        let path = dir.join(rel);
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
-        }
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(())
 }
 
 impl FailoverReport {

@@ -1,7 +1,9 @@
 //! Understudy target agent: receives sessions into the recovery-point store, lists, verifies and
-//! prunes points, and fails over. The binary only parses arguments ([`cli`]).
+//! prunes points, fails over, and applies manifests to a cluster. The binary only parses arguments
+//! ([`cli`]).
 
 pub mod admin;
+pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod failover;

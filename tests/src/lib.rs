@@ -2,6 +2,8 @@
 //! makes sparse images and loop devices (detached on drop), writes seeded data, and reads the
 //! agents' JSON output.
 
+pub mod testbed;
+
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::fs::OpenOptions;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use target_agent::failover::{FailoverRequest, PointSelector, failover};
 use target_agent::server::{Server, ServerConfig};
-use understudy_common::manifest::Transform;
+use understudy_common::transform::Rules;
 use understudy_common::metrics::Metrics;
 use understudy_common::source::CutConfig;
 use understudy_common::store::retention::RetentionPolicy;
@@ -139,10 +139,9 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
         point: PointSelector::Latest,
         out: out.clone(),
         devices: Default::default(),
-        transform: Transform {
-            namespaces: [("shop".to_string(), "shop-dr".to_string())].into(),
-            storage_classes: [("fast".to_string(), "standard".to_string())].into(),
-        },
+        rules: Rules::parse(
+            "namespaces: {shop: shop-dr}\nstorageClasses: {fast: standard}\nimages:\n  - {from: registry.example, to: registry.dr.example}\n",
+        )?,
         dry_run: false,
         read_back: true,
     };
@@ -155,8 +154,10 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
         if same { "identical" } else { "DIFFERENT" }
     );
     println!(
-        "   transformed pvc.yaml:\n{}",
-        indent(&std::fs::read_to_string(out.join("manifests/pvc.yaml"))?)
+        "   transformed PVC (manifests/shop-dr/PersistentVolumeClaim/db-data.yaml):\n{}",
+        indent(&std::fs::read_to_string(
+            out.join("manifests/shop-dr/PersistentVolumeClaim/db-data.yaml")
+        )?)
     );
     anyhow::ensure!(report.ok && same, "the demo failover did not verify");
     Ok(())
