@@ -12,7 +12,8 @@ use std::time::Duration;
 use understudy_common::cli::{GlobalArgs, IdentityCommand};
 use understudy_common::hooks::{Hook, OnError};
 use understudy_common::metrics::Metrics;
-use understudy_common::source::CutConfig;
+use understudy_common::cluster::capture::CaptureSpec;
+use understudy_common::source::{CutConfig, ManifestSource};
 use understudy_common::volume::VolumeSpec;
 
 /// Understudy source agent: replicates a group of volumes and its manifests to a target agent.
@@ -51,9 +52,18 @@ pub struct RunArgs {
     /// A volume of the group, NAME=PATH (block device or image file); repeat for each volume.
     #[arg(long = "volume", value_name = "NAME=PATH", required = true)]
     pub volumes: Vec<VolumeSpec>,
-    /// Directory of the group's YAML manifests.
-    #[arg(long)]
+    /// Directory of the group's YAML manifests (standalone mode).
+    #[arg(long, conflicts_with = "kube_namespaces")]
     pub manifests: Option<PathBuf>,
+    /// Capture the application's objects from this namespace at every cut (repeatable).
+    #[arg(long = "kube-namespace", value_name = "NAMESPACE")]
+    pub kube_namespaces: Vec<String>,
+    /// Label selector narrowing the captured namespaced objects.
+    #[arg(long, requires = "kube_namespaces")]
+    pub kube_selector: Option<String>,
+    /// Kubeconfig of the source cluster (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, requires = "kube_namespaces")]
+    pub kubeconfig: Option<PathBuf>,
     /// Time between cycle starts.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub interval: Duration,
@@ -111,6 +121,22 @@ pub fn main() -> ExitCode {
 }
 
 impl RunArgs {
+    fn manifest_source(&self) -> ManifestSource {
+        if let Some(dir) = &self.manifests {
+            return ManifestSource::Directory(dir.clone());
+        }
+        if self.kube_namespaces.is_empty() {
+            return ManifestSource::None;
+        }
+        ManifestSource::Cluster {
+            kubeconfig: self.kubeconfig.clone(),
+            spec: CaptureSpec {
+                namespaces: self.kube_namespaces.clone(),
+                label_selector: self.kube_selector.clone(),
+            },
+        }
+    }
+
     fn hook(&self, cmd: &Option<String>) -> Option<Hook> {
         cmd.as_ref().map(|c| Hook {
             command: c.clone(),
@@ -138,7 +164,7 @@ impl RunArgs {
             streams: self.streams.max(1),
             cut: CutConfig {
                 volumes: self.volumes.clone(),
-                manifests: self.manifests.clone(),
+                manifests: self.manifest_source(),
                 block_size: self.block_size,
                 zstd_level: self.zstd_level,
                 workers: self.workers.max(1),

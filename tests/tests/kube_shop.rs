@@ -288,3 +288,47 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
         && r["message"].as_str().unwrap_or("").contains("already exists")), "{fail}");
     Ok(())
 }
+
+/// The source agent captures `shop` at every cut; the recovery point carries that bundle, failover
+/// writes it transformed, and `apply` puts it on the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_point_carries_the_application_to_the_standby() -> Result<()> {
+    let Some((primary, standby)) = start_pair().await? else {
+        return Ok(());
+    };
+    deploy_shop(&primary).await?;
+    let mut pair = understudy_e2e::Pair::new();
+    pair.start_target(&[]);
+    let volume = pair.path("data.img");
+    understudy_e2e::sparse_image(&volume, 8 << 20);
+    understudy_e2e::write_random(&volume, 1 << 20, 2 << 20, 7);
+    let report = pair.cycle(
+        "shop",
+        &[("data", &volume)],
+        &["--kube-namespace", "shop", "--kubeconfig", s(&primary.kubeconfig)],
+    );
+    assert_eq!(report["seq"], 1, "{report}");
+    pair.kill_target();
+
+    let rules = pair.path("rules.yaml");
+    std::fs::write(&rules, GOOD_RULES)?;
+    let out = pair.path("failover");
+    let f = pair.failover("shop", "latest", &out, &["--rules", s(&rules)]);
+    assert_eq!(f["ok"], true, "{f}");
+    assert_eq!(understudy_e2e::digest(&volume), understudy_e2e::digest(&out.join("volumes/data.img")));
+    let manifests = out.join("manifests");
+    let web = std::fs::read_to_string(manifests.join("shop-dr/Deployment.apps/web.yaml"))?;
+    assert!(web.contains("replicas: 0") && web.contains("registry.dr.example/web:1.4"), "{web}");
+    assert!(!manifests.join("_cluster/StorageClass.storage.k8s.io/fast.yaml").exists());
+
+    // failover's manifests are already transformed: apply them as they are.
+    let o = run("target-agent", &["apply", "--bundle", s(&manifests), "--kubeconfig", s(&standby.kubeconfig)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("0 rejected"), "{text}");
+    let d = standby.get("apps/v1", "Deployment", "shop-dr", "web").await?.context("web")?;
+    assert_eq!(d["spec"]["replicas"], 0);
+    let w = standby.get("shop.example.com/v1", "Widget", "shop-dr", "banner").await?;
+    assert!(w.is_some());
+    Ok(())
+}

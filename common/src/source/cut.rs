@@ -12,6 +12,7 @@ use crate::protocol::OfferKind;
 use crate::protocol::source_session::Offer;
 use crate::store::{CutMeta, ManifestRef, VolumeMeta};
 use crate::volume::{Volume, VolumeSpec};
+use crate::cluster::capture::CaptureSpec;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -21,8 +22,8 @@ use std::path::PathBuf;
 pub struct CutConfig {
     /// Volumes, in order.
     pub volumes: Vec<VolumeSpec>,
-    /// Directory of manifests (YAML), if any.
-    pub manifests: Option<PathBuf>,
+    /// Where the application's manifests come from.
+    pub manifests: ManifestSource,
     /// Block size.
     pub block_size: u32,
     /// zstd level.
@@ -35,6 +36,52 @@ pub struct CutConfig {
     pub post_hook: Option<Hook>,
     /// This agent's identity (certificate fingerprint).
     pub source_id: String,
+}
+
+/// Where a cut's manifests come from; they are captured at the cut, after the pre hook.
+#[derive(Clone, Debug, Default)]
+pub enum ManifestSource {
+    /// No manifests (volumes only).
+    #[default]
+    None,
+    /// A directory of YAML files (standalone mode).
+    Directory(PathBuf),
+    /// The application's objects on a cluster.
+    Cluster {
+        /// Kubeconfig (default: the usual inference).
+        kubeconfig: Option<PathBuf>,
+        /// Namespaces and selector.
+        spec: CaptureSpec,
+    },
+}
+
+impl ManifestSource {
+    /// Captures the manifests now. Call from a blocking thread: a cluster capture runs on the
+    /// current Tokio runtime (or a private one when there is none).
+    pub fn capture(&self) -> Result<Bundle> {
+        match self {
+            ManifestSource::None => Ok(Bundle::default()),
+            ManifestSource::Directory(dir) => Bundle::capture(dir),
+            ManifestSource::Cluster { kubeconfig, spec } => {
+                let work = async {
+                    let client = crate::cluster::connect(kubeconfig.as_deref()).await?;
+                    let c = crate::cluster::capture::capture(&client, spec).await?;
+                    for w in &c.warnings {
+                        tracing::warn!(warning = %w, "capture");
+                    }
+                    Ok::<_, anyhow::Error>(c.bundle)
+                };
+                let bundle = match tokio::runtime::Handle::try_current() {
+                    Ok(h) => h.block_on(work),
+                    Err(_) => tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?
+                        .block_on(work),
+                };
+                bundle.context("capturing the application's objects from the cluster failed")
+            }
+        }
+    }
 }
 
 /// A cut made and spooled, waiting for the target to commit it.
@@ -122,10 +169,7 @@ fn scan_all(
     spool: &mut SpoolWriter,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Scanned> {
-    let manifests = match &cfg.manifests {
-        Some(dir) => spool_manifests(&Bundle::capture(dir)?, cfg, spool)?,
-        None => spool_manifests(&Bundle::default(), cfg, spool)?,
-    };
+    let manifests = spool_manifests(&cfg.manifests.capture()?, cfg, spool)?;
     let settings = ScanSettings {
         block_size: cfg.block_size,
         zstd_level: cfg.zstd_level,

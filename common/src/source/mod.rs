@@ -6,5 +6,5 @@ pub mod scan;
 pub mod spool;
 pub mod state;
 
-pub use cut::{CutConfig, PendingCut, make_cut};
+pub use cut::{CutConfig, ManifestSource, PendingCut, make_cut};
 pub use state::{Base, GroupState};

@@ -13,7 +13,7 @@ use target_agent::failover::{FailoverRequest, PointSelector, failover};
 use target_agent::server::{Server, ServerConfig};
 use understudy_common::transform::Rules;
 use understudy_common::metrics::Metrics;
-use understudy_common::source::CutConfig;
+use understudy_common::source::{CutConfig, ManifestSource};
 use understudy_common::store::retention::RetentionPolicy;
 use understudy_common::transport::{Identity, Peers};
 use understudy_common::volume::VolumeSpec;
@@ -186,7 +186,7 @@ fn source_config(
                     path: logs.to_path_buf(),
                 },
             ],
-            manifests: Some(manifests.to_path_buf()),
+            manifests: ManifestSource::Directory(manifests.to_path_buf()),
             block_size: understudy_common::DEFAULT_BLOCK_SIZE,
             zstd_level: 1,
             workers: 2,
