@@ -8,9 +8,9 @@
 //! transforms in [`manifest`]. The agent binaries only wire these together.
 
 pub mod change;
-pub mod cluster;
 pub mod chunk;
 pub mod cli;
+pub mod cluster;
 pub mod hash;
 pub mod hooks;
 pub mod manifest;

@@ -57,7 +57,10 @@ impl Bundle {
         let mut files = BTreeMap::new();
         for obj in objects {
             let id = ObjectId::of(obj)?;
-            if files.insert(id.file_path(), to_canonical_yaml(obj)?.into_bytes()).is_some() {
+            if files
+                .insert(id.file_path(), to_canonical_yaml(obj)?.into_bytes())
+                .is_some()
+            {
                 bail!("{id} appears twice in the bundle");
             }
         }
@@ -94,11 +97,21 @@ impl Bundle {
         if path.is_dir() {
             return Self::capture(path);
         }
-        let data = std::fs::read(path)
-            .with_context(|| format!("cannot read bundle {}: give a YAML file or a directory", path.display()))?;
-        parse_documents(&data).with_context(|| format!("bundle {} is not valid", path.display()))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(Bundle { files: [(name, data)].into() })
+        let data = std::fs::read(path).with_context(|| {
+            format!(
+                "cannot read bundle {}: give a YAML file or a directory",
+                path.display()
+            )
+        })?;
+        parse_documents(&data)
+            .with_context(|| format!("bundle {} is not valid", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Bundle {
+            files: [(name, data)].into(),
+        })
     }
 }
 
@@ -149,7 +162,11 @@ impl ObjectId {
     }
 
     fn file_path(&self) -> String {
-        let ns = if self.namespace.is_empty() { "_cluster" } else { &self.namespace };
+        let ns = if self.namespace.is_empty() {
+            "_cluster"
+        } else {
+            &self.namespace
+        };
         format!("{ns}/{}/{}.yaml", self.kind_group(), self.name)
     }
 }
@@ -249,9 +266,15 @@ mod tests {
         assert_eq!(one, two);
         assert_eq!(one.digest(), two.digest());
         let text = String::from_utf8(one.files["shop/ConfigMap/c.yaml"].clone()).unwrap();
-        assert!(text.starts_with("apiVersion: v1\ndata:\n  a: '2'\n  z: '1'\n"), "{text}");
+        assert!(
+            text.starts_with("apiVersion: v1\ndata:\n  a: '2'\n  z: '1'\n"),
+            "{text}"
+        );
         assert!(one.files.contains_key("shop/Deployment.apps/web.yaml"));
-        let dup = Bundle::from_objects(&[json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}}); 2]);
+        let dup = Bundle::from_objects(&vec![
+            json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}});
+            2
+        ]);
         assert!(format!("{:#}", dup.unwrap_err()).contains("ConfigMap c appears twice"));
     }
 

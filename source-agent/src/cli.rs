@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use understudy_common::cli::{GlobalArgs, IdentityCommand};
+use understudy_common::cluster::capture::CaptureSpec;
 use understudy_common::hooks::{Hook, OnError};
 use understudy_common::metrics::Metrics;
-use understudy_common::cluster::capture::CaptureSpec;
 use understudy_common::source::{CutConfig, ManifestSource};
 use understudy_common::volume::VolumeSpec;
 

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use understudy_common::manifest::Bundle;
-use understudy_common::transform::Rules;
 use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
+use understudy_common::transform::Rules;
 use understudy_common::volume::VolumeWriter;
 
 /// Which point to fail over to. Written `latest`, a point number, or an RFC 3339 time.

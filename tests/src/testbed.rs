@@ -25,7 +25,10 @@ pub fn testbed_dir() -> Option<PathBuf> {
             .output()
             .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
         if !out.status.success() {
-            return Err(format!("{} failed (see its output above)", script.display()));
+            return Err(format!(
+                "{} failed (see its output above)",
+                script.display()
+            ));
         }
         Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
     });
@@ -129,7 +132,9 @@ impl TestCluster {
         let Some(bin) = testbed_dir() else {
             return Ok(None);
         };
-        let dir = tempfile::Builder::new().prefix("understudy-kube-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("understudy-kube-")
+            .tempdir()?;
         let root = dir.path().to_path_buf();
         let certs = write_certs(&root)?;
         let token = format!("{:032x}", rand_u128());
@@ -149,37 +154,43 @@ impl TestCluster {
         };
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        cluster.spawn("etcd", Command::new(bin.join("etcd")).args([
-            "--name=default",
-            &format!("--data-dir={}", root.join("etcd").display()),
-            &format!("--listen-client-urls={etcd_url}"),
-            &format!("--advertise-client-urls={etcd_url}"),
-            &format!("--listen-peer-urls={peer_url}"),
-            &format!("--initial-advertise-peer-urls={peer_url}"),
-            &format!("--initial-cluster=default={peer_url}"),
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ]))?;
+        cluster.spawn(
+            "etcd",
+            Command::new(bin.join("etcd")).args([
+                "--name=default",
+                &format!("--data-dir={}", root.join("etcd").display()),
+                &format!("--listen-client-urls={etcd_url}"),
+                &format!("--advertise-client-urls={etcd_url}"),
+                &format!("--listen-peer-urls={peer_url}"),
+                &format!("--initial-advertise-peer-urls={peer_url}"),
+                &format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ]),
+        )?;
         let p = |f: &Path| f.display().to_string();
-        cluster.spawn("kube-apiserver", Command::new(bin.join("kube-apiserver")).args([
-            &format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            &format!("--secure-port={api_port}"),
-            &format!("--cert-dir={}", root.join("apiserver-certs").display()),
-            &format!("--tls-cert-file={}", p(&certs.server_cert)),
-            &format!("--tls-private-key-file={}", p(&certs.server_key)),
-            &format!("--client-ca-file={}", p(&certs.ca)),
-            &format!("--token-auth-file={}", root.join("tokens.csv").display()),
-            "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            &format!("--service-account-key-file={}", p(&certs.sa_pub)),
-            &format!("--service-account-signing-key-file={}", p(&certs.sa_key)),
-            "--allow-privileged=true",
-            "--enable-priority-and-fairness=false",
-            "--profiling=false",
-        ]))?;
+        cluster.spawn(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver")).args([
+                &format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                &format!("--cert-dir={}", root.join("apiserver-certs").display()),
+                &format!("--tls-cert-file={}", p(&certs.server_cert)),
+                &format!("--tls-private-key-file={}", p(&certs.server_key)),
+                &format!("--client-ca-file={}", p(&certs.ca)),
+                &format!("--token-auth-file={}", root.join("tokens.csv").display()),
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                &format!("--service-account-key-file={}", p(&certs.sa_pub)),
+                &format!("--service-account-signing-key-file={}", p(&certs.sa_key)),
+                "--allow-privileged=true",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+            ]),
+        )?;
         let client = cluster.wait_ready().await?;
         cluster.spawn(
             "kube-controller-manager",
@@ -317,13 +328,22 @@ impl TestCluster {
     }
 
     /// Names of the objects of a kind in a namespace.
-    pub async fn names(&self, api_version: &str, kind: &str, namespace: &str) -> Result<Vec<String>> {
+    pub async fn names(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+    ) -> Result<Vec<String>> {
         let client = self.client().await?;
         let mut resolver = understudy_common::cluster::Resolver::new(client.clone());
         let probe = serde_json::json!({"apiVersion": api_version, "kind": kind});
         let api = api_for(&client, &mut resolver, &probe, namespace).await?;
         let list = api.list(&Default::default()).await?;
-        Ok(list.items.into_iter().filter_map(|o| o.metadata.name).collect())
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| o.metadata.name)
+            .collect())
     }
 }
 

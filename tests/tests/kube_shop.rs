@@ -51,20 +51,31 @@ where
 /// Creates `shop` on the primary and waits until its controllers have done their work (pods,
 /// claims from the StatefulSet's templates, the deployment's revision), so captures are stable.
 async fn deploy_shop(primary: &TestCluster) -> Result<()> {
-    primary.create_yaml(include_str!("../fixtures/shop.yaml")).await?;
+    primary
+        .create_yaml(include_str!("../fixtures/shop.yaml"))
+        .await?;
     eventually("the Widget CRD to be served", || async {
-        Ok(primary.names("shop.example.com/v1", "Widget", "shop").await.is_ok())
+        Ok(primary
+            .names("shop.example.com/v1", "Widget", "shop")
+            .await
+            .is_ok())
     })
     .await?;
-    primary.create_yaml(include_str!("../fixtures/shop-app.yaml")).await?;
+    primary
+        .create_yaml(include_str!("../fixtures/shop-app.yaml"))
+        .await?;
     eventually("shop's controllers to settle", || async {
         let pods = primary.names("v1", "Pod", "shop").await?.len();
-        let pvcs = primary.names("v1", "PersistentVolumeClaim", "shop").await?.len();
+        let pvcs = primary
+            .names("v1", "PersistentVolumeClaim", "shop")
+            .await?
+            .len();
         let sas = primary.names("v1", "ServiceAccount", "shop").await?;
         let cms = primary.names("v1", "ConfigMap", "shop").await?;
         let dep = primary.get("apps/v1", "Deployment", "shop", "web").await?;
         let revised = dep.is_some_and(|d| {
-            d.pointer("/metadata/annotations/deployment.kubernetes.io~1revision").is_some()
+            d.pointer("/metadata/annotations/deployment.kubernetes.io~1revision")
+                .is_some()
         });
         Ok(pods == 5
             && pvcs == 3
@@ -88,7 +99,11 @@ fn capture(cluster: &TestCluster, out: &Path, extra: &[&str]) -> Value {
     ];
     args.extend_from_slice(extra);
     let o = run("source-agent", &args);
-    assert!(o.status.success(), "capture failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "capture failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     json(&String::from_utf8_lossy(&o.stdout))
 }
 
@@ -106,8 +121,12 @@ fn apply(cluster: &TestCluster, bundle: &Path, rules: &Path, extra: &[&str]) -> 
     args.extend_from_slice(extra);
     let o = run("target-agent", &args);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    let report = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("apply printed no report ({e}): {stdout}{}", String::from_utf8_lossy(&o.stderr)));
+    let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "apply printed no report ({e}): {stdout}{}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
     (o.status.code().unwrap_or(-1), report)
 }
 
@@ -158,7 +177,11 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
     let files = files_under(&one);
     assert_eq!(files, files_under(&two));
     for f in files.iter() {
-        assert_eq!(std::fs::read(one.join(f))?, std::fs::read(two.join(f))?, "{f} differs");
+        assert_eq!(
+            std::fs::read(one.join(f))?,
+            std::fs::read(two.join(f))?,
+            "{f} differs"
+        );
     }
     for expected in [
         "_cluster/Namespace/shop.yaml",
@@ -178,22 +201,46 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
         "shop/RoleBinding.rbac.authorization.k8s.io/widget-viewer.yaml",
         "shop/ServiceAccount/shop-api.yaml",
     ] {
-        assert!(files.contains(&expected.to_string()), "{expected} missing from {files:#?}");
+        assert!(
+            files.contains(&expected.to_string()),
+            "{expected} missing from {files:#?}"
+        );
     }
     for f in &files {
-        for owned in ["/Pod/", "/ReplicaSet.apps/", "/ControllerRevision.apps/", "/Event", "/Endpoint", "kube-root-ca.crt"] {
-            assert!(!f.contains(owned), "{f} is cluster-owned and must not be captured");
+        for owned in [
+            "/Pod/",
+            "/ReplicaSet.apps/",
+            "/ControllerRevision.apps/",
+            "/Event",
+            "/Endpoint",
+            "kube-root-ca.crt",
+        ] {
+            assert!(
+                !f.contains(owned),
+                "{f} is cluster-owned and must not be captured"
+            );
         }
     }
     let dep = std::fs::read_to_string(one.join("shop/Deployment.apps/web.yaml"))?;
-    assert!(!dep.contains("resourceVersion") && !dep.contains("managedFields") && !dep.contains("status:"), "{dep}");
+    assert!(
+        !dep.contains("resourceVersion")
+            && !dep.contains("managedFields")
+            && !dep.contains("status:"),
+        "{dep}"
+    );
 
     // A label selector narrows the namespaced objects.
     let narrow = tmp.path().join("narrow");
-    capture(&primary, &narrow, &["--selector", "app.kubernetes.io/part-of=shop"]);
+    capture(
+        &primary,
+        &narrow,
+        &["--selector", "app.kubernetes.io/part-of=shop"],
+    );
     let nf = files_under(&narrow);
     assert!(nf.contains(&"shop/ConfigMap/settings.yaml".to_string()));
-    assert!(!nf.iter().any(|f| f.contains("scratch")) && files.iter().any(|f| f.contains("scratch")));
+    assert!(
+        !nf.iter().any(|f| f.contains("scratch")) && files.iter().any(|f| f.contains("scratch"))
+    );
 
     let good = tmp.path().join("good.yaml");
     let bad = tmp.path().join("bad.yaml");
@@ -201,13 +248,31 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
     std::fs::write(&bad, bad_rules())?;
 
     // Dry run: a readable diff and the order; nothing reaches the standby.
-    let o = run("target-agent", &["apply", "--bundle", s(&one), "--rules", s(&good), "--dry-run"]);
+    let o = run(
+        "target-agent",
+        &[
+            "apply",
+            "--bundle",
+            s(&one),
+            "--rules",
+            s(&good),
+            "--dry-run",
+        ],
+    );
     let plan = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{plan}");
-    assert!(plan.contains("+        image: registry.dr.example/web:1.4"), "{plan}");
+    assert!(
+        plan.contains("+        image: registry.dr.example/web:1.4"),
+        "{plan}"
+    );
     assert!(plan.contains("=== StorageClass.storage.k8s.io fast: left out (mapped to the standby's storage class standard)"), "{plan}");
     assert!(plan.contains("apply order:"));
-    assert!(standby.get("v1", "Namespace", "", "shop-dr").await?.is_none());
+    assert!(
+        standby
+            .get("v1", "Namespace", "", "shop-dr")
+            .await?
+            .is_none()
+    );
 
     // First apply, with a rule that breaks one Service: that one is rejected with the API
     // server's reason, everything else lands, and the exit code says something failed.
@@ -215,7 +280,10 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
     assert_eq!(code, 2, "{first}");
     let rejected = outcome_of(&first, "Service", "web-public");
     assert_eq!(rejected["outcome"], "rejected");
-    assert!(rejected["message"].as_str().unwrap_or("").contains("65535"), "{rejected}");
+    assert!(
+        rejected["message"].as_str().unwrap_or("").contains("65535"),
+        "{rejected}"
+    );
     for r in results(&first) {
         if r["object"]["name"] != "web-public" {
             assert_ne!(r["outcome"], "rejected", "{r}");
@@ -223,52 +291,144 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
     }
     // Everything is new on the standby but the namespace's `default` service account, which the
     // standby's controller made as soon as the namespace existed.
-    for (kind, name) in [("Namespace", "shop-dr"), ("Deployment", "web"), ("Widget", "banner"), ("CustomResourceDefinition", "widgets.shop.example.com")] {
-        assert_eq!(outcome_of(&first, kind, name)["outcome"], "created", "{kind} {name}");
+    for (kind, name) in [
+        ("Namespace", "shop-dr"),
+        ("Deployment", "web"),
+        ("Widget", "banner"),
+        ("CustomResourceDefinition", "widgets.shop.example.com"),
+    ] {
+        assert_eq!(
+            outcome_of(&first, kind, name)["outcome"],
+            "created",
+            "{kind} {name}"
+        );
     }
-    let pos = |kind: &str| results(&first).iter().position(|r| r["object"]["kind"] == kind).unwrap();
+    let pos = |kind: &str| {
+        results(&first)
+            .iter()
+            .position(|r| r["object"]["kind"] == kind)
+            .unwrap()
+    };
     assert!(pos("CustomResourceDefinition") < pos("Widget"));
     assert!(pos("Namespace") < pos("ServiceAccount") && pos("Service") < pos("Ingress"));
 
     // What arrived: mapped, rewritten, scaled to zero, stripped of the primary's fields.
-    let src_dep = primary.get("apps/v1", "Deployment", "shop", "web").await?.context("source")?;
-    let d = standby.get("apps/v1", "Deployment", "shop-dr", "web").await?.context("web on standby")?;
+    let src_dep = primary
+        .get("apps/v1", "Deployment", "shop", "web")
+        .await?
+        .context("source")?;
+    let d = standby
+        .get("apps/v1", "Deployment", "shop-dr", "web")
+        .await?
+        .context("web on standby")?;
     assert_eq!(d["spec"]["replicas"], 0);
-    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "registry.dr.example/web:1.4");
-    assert_eq!(d["metadata"]["labels"]["understudy.io/restored-from"], "primary");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.dr.example/web:1.4"
+    );
+    assert_eq!(
+        d["metadata"]["labels"]["understudy.io/restored-from"],
+        "primary"
+    );
     assert_ne!(d["metadata"]["uid"], src_dep["metadata"]["uid"]);
     assert!(d["metadata"].get("ownerReferences").is_none());
-    let sts = standby.get("apps/v1", "StatefulSet", "shop-dr", "db").await?.context("db")?;
+    let sts = standby
+        .get("apps/v1", "StatefulSet", "shop-dr", "db")
+        .await?
+        .context("db")?;
     assert_eq!(sts["spec"]["replicas"], 0);
-    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"], "standard");
-    assert_eq!(sts["spec"]["template"]["spec"]["containers"][0]["image"], "registry.dr.example/postgres:16");
-    let pvc = standby.get("v1", "PersistentVolumeClaim", "shop-dr", "uploads").await?.context("pvc")?;
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"],
+        "standard"
+    );
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.dr.example/postgres:16"
+    );
+    let pvc = standby
+        .get("v1", "PersistentVolumeClaim", "shop-dr", "uploads")
+        .await?
+        .context("pvc")?;
     assert_eq!(pvc["spec"]["storageClassName"], "standard");
     assert!(pvc["spec"].get("volumeName").is_none(), "{pvc}");
     for claim in ["data-db-0", "data-db-1"] {
-        assert!(standby.get("v1", "PersistentVolumeClaim", "shop-dr", claim).await?.is_some());
+        assert!(
+            standby
+                .get("v1", "PersistentVolumeClaim", "shop-dr", claim)
+                .await?
+                .is_some()
+        );
     }
-    let pv = standby.get("v1", "PersistentVolume", "", "pv-uploads").await?.context("pv")?;
+    let pv = standby
+        .get("v1", "PersistentVolume", "", "pv-uploads")
+        .await?
+        .context("pv")?;
     assert_eq!(pv["spec"]["claimRef"]["namespace"], "shop-dr");
     assert!(pv["spec"]["claimRef"].get("uid").is_none());
-    assert!(standby.get("storage.k8s.io/v1", "StorageClass", "", "fast").await?.is_none());
-    let secret = standby.get("v1", "Secret", "shop-dr", "db-credentials").await?.context("secret")?;
-    let src_secret = primary.get("v1", "Secret", "shop", "db-credentials").await?.context("secret")?;
+    assert!(
+        standby
+            .get("storage.k8s.io/v1", "StorageClass", "", "fast")
+            .await?
+            .is_none()
+    );
+    let secret = standby
+        .get("v1", "Secret", "shop-dr", "db-credentials")
+        .await?
+        .context("secret")?;
+    let src_secret = primary
+        .get("v1", "Secret", "shop", "db-credentials")
+        .await?
+        .context("secret")?;
     assert_eq!(secret["data"], src_secret["data"]);
-    let rb = standby.get("rbac.authorization.k8s.io/v1", "RoleBinding", "shop-dr", "widget-viewer").await?.context("rb")?;
+    let rb = standby
+        .get(
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            "shop-dr",
+            "widget-viewer",
+        )
+        .await?
+        .context("rb")?;
     assert_eq!(rb["subjects"][0]["namespace"], "shop-dr");
-    assert!(standby.get("rbac.authorization.k8s.io/v1", "ClusterRole", "", "shop-viewer").await?.is_some());
-    let db_svc = standby.get("v1", "Service", "shop-dr", "db").await?.context("db svc")?;
+    assert!(
+        standby
+            .get(
+                "rbac.authorization.k8s.io/v1",
+                "ClusterRole",
+                "",
+                "shop-viewer"
+            )
+            .await?
+            .is_some()
+    );
+    let db_svc = standby
+        .get("v1", "Service", "shop-dr", "db")
+        .await?
+        .context("db svc")?;
     assert_eq!(db_svc["spec"]["clusterIP"], "None");
-    let widget = standby.get("shop.example.com/v1", "Widget", "shop-dr", "banner").await?.context("widget")?;
+    let widget = standby
+        .get("shop.example.com/v1", "Widget", "shop-dr", "banner")
+        .await?
+        .context("widget")?;
     assert_eq!(widget["spec"]["color"], "teal");
-    assert!(standby.get("networking.k8s.io/v1", "Ingress", "shop-dr", "web").await?.is_some());
+    assert!(
+        standby
+            .get("networking.k8s.io/v1", "Ingress", "shop-dr", "web")
+            .await?
+            .is_some()
+    );
 
     // With the rules fixed, the rejected Service is created and nothing else changes...
     let (code, second) = apply(&standby, &one, &good, &[]);
     assert_eq!(code, 0, "{second}");
-    assert_eq!(outcome_of(&second, "Service", "web-public")["outcome"], "created");
-    let public = standby.get("v1", "Service", "shop-dr", "web-public").await?.context("svc")?;
+    assert_eq!(
+        outcome_of(&second, "Service", "web-public")["outcome"],
+        "created"
+    );
+    let public = standby
+        .get("v1", "Service", "shop-dr", "web-public")
+        .await?
+        .context("svc")?;
     assert_eq!(public["spec"]["type"], "NodePort");
     for r in results(&second) {
         if r["object"]["name"] != "web-public" {
@@ -278,14 +438,26 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
     // ...and a third run changes nothing at all.
     let (code, third) = apply(&standby, &one, &good, &[]);
     assert_eq!(code, 0);
-    assert!(results(&third).iter().all(|r| r["outcome"] == "unchanged"), "{third}");
+    assert!(
+        results(&third).iter().all(|r| r["outcome"] == "unchanged"),
+        "{third}"
+    );
     // --if-exists skip leaves everything; fail reports every existing object.
     let (code, skip) = apply(&standby, &one, &good, &["--if-exists", "skip"]);
-    assert!(code == 0 && results(&skip).iter().all(|r| r["outcome"] == "skipped"), "{skip}");
+    assert!(
+        code == 0 && results(&skip).iter().all(|r| r["outcome"] == "skipped"),
+        "{skip}"
+    );
     let (code, fail) = apply(&standby, &one, &good, &["--if-exists", "fail"]);
     assert_eq!(code, 2);
-    assert!(results(&fail).iter().all(|r| r["outcome"] == "rejected"
-        && r["message"].as_str().unwrap_or("").contains("already exists")), "{fail}");
+    assert!(
+        results(&fail).iter().all(|r| r["outcome"] == "rejected"
+            && r["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("already exists")),
+        "{fail}"
+    );
     Ok(())
 }
 
@@ -305,7 +477,12 @@ async fn a_recovery_point_carries_the_application_to_the_standby() -> Result<()>
     let report = pair.cycle(
         "shop",
         &[("data", &volume)],
-        &["--kube-namespace", "shop", "--kubeconfig", s(&primary.kubeconfig)],
+        &[
+            "--kube-namespace",
+            "shop",
+            "--kubeconfig",
+            s(&primary.kubeconfig),
+        ],
     );
     assert_eq!(report["seq"], 1, "{report}");
     pair.kill_target();
@@ -315,20 +492,48 @@ async fn a_recovery_point_carries_the_application_to_the_standby() -> Result<()>
     let out = pair.path("failover");
     let f = pair.failover("shop", "latest", &out, &["--rules", s(&rules)]);
     assert_eq!(f["ok"], true, "{f}");
-    assert_eq!(understudy_e2e::digest(&volume), understudy_e2e::digest(&out.join("volumes/data.img")));
+    assert_eq!(
+        understudy_e2e::digest(&volume),
+        understudy_e2e::digest(&out.join("volumes/data.img"))
+    );
     let manifests = out.join("manifests");
     let web = std::fs::read_to_string(manifests.join("shop-dr/Deployment.apps/web.yaml"))?;
-    assert!(web.contains("replicas: 0") && web.contains("registry.dr.example/web:1.4"), "{web}");
-    assert!(!manifests.join("_cluster/StorageClass.storage.k8s.io/fast.yaml").exists());
+    assert!(
+        web.contains("replicas: 0") && web.contains("registry.dr.example/web:1.4"),
+        "{web}"
+    );
+    assert!(
+        !manifests
+            .join("_cluster/StorageClass.storage.k8s.io/fast.yaml")
+            .exists()
+    );
 
     // failover's manifests are already transformed: apply them as they are.
-    let o = run("target-agent", &["apply", "--bundle", s(&manifests), "--kubeconfig", s(&standby.kubeconfig)]);
+    let o = run(
+        "target-agent",
+        &[
+            "apply",
+            "--bundle",
+            s(&manifests),
+            "--kubeconfig",
+            s(&standby.kubeconfig),
+        ],
+    );
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(text.contains("0 rejected"), "{text}");
-    let d = standby.get("apps/v1", "Deployment", "shop-dr", "web").await?.context("web")?;
+    let d = standby
+        .get("apps/v1", "Deployment", "shop-dr", "web")
+        .await?
+        .context("web")?;
     assert_eq!(d["spec"]["replicas"], 0);
-    let w = standby.get("shop.example.com/v1", "Widget", "shop-dr", "banner").await?;
+    let w = standby
+        .get("shop.example.com/v1", "Widget", "shop-dr", "banner")
+        .await?;
     assert!(w.is_some());
     Ok(())
 }

@@ -252,7 +252,9 @@ impl Applier {
             .report
             .results
             .iter()
-            .filter(|r| r.object.kind == "CustomResourceDefinition" && r.outcome != Outcome::Rejected)
+            .filter(|r| {
+                r.object.kind == "CustomResourceDefinition" && r.outcome != Outcome::Rejected
+            })
             .map(|r| r.object.clone())
             .collect();
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
@@ -327,7 +329,11 @@ mod tests {
         let mut objs: Vec<(ObjectId, Value)> = [
             id("networking.k8s.io", "Ingress", "web"),
             id("shop.example.com", "Widget", "w"),
-            id("admissionregistration.k8s.io", "ValidatingWebhookConfiguration", "v"),
+            id(
+                "admissionregistration.k8s.io",
+                "ValidatingWebhookConfiguration",
+                "v",
+            ),
             id("apps", "Deployment", "web"),
             id("", "Service", "web"),
             id("", "ConfigMap", "c"),
@@ -337,7 +343,11 @@ mod tests {
             id("", "PersistentVolumeClaim", "d"),
             id("storage.k8s.io", "StorageClass", "fast"),
             id("", "Namespace", "shop"),
-            id("apiextensions.k8s.io", "CustomResourceDefinition", "widgets.shop.example.com"),
+            id(
+                "apiextensions.k8s.io",
+                "CustomResourceDefinition",
+                "widgets.shop.example.com",
+            ),
         ]
         .into_iter()
         .map(|i| (i, Value::Null))

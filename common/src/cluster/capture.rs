@@ -5,9 +5,9 @@ use super::{Resolver, api_code, api_message, is_namespaced};
 use crate::manifest::{Bundle, ObjectId};
 use crate::transform::SKIPPED_KINDS;
 use anyhow::{Context, Result, bail};
+use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::discovery::{ApiResource, Discovery, verbs};
-use kube::Client;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -63,7 +63,10 @@ impl Capture {
 pub(crate) fn is_builtin_group(group: &str) -> bool {
     group.is_empty()
         || group.ends_with("k8s.io")
-        || matches!(group, "apps" | "batch" | "autoscaling" | "policy" | "extensions")
+        || matches!(
+            group,
+            "apps" | "batch" | "autoscaling" | "policy" | "extensions"
+        )
 }
 
 /// Captures the application.
@@ -74,10 +77,13 @@ pub async fn capture(client: &Client, spec: &CaptureSpec) -> Result<Capture> {
     let discovery = discover(client).await?;
     let mut c = Collector::default();
     for ns in &spec.namespaces {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &core("Namespace", "namespaces"));
+        let api: Api<DynamicObject> =
+            Api::all_with(client.clone(), &core("Namespace", "namespaces"));
         match api.get_opt(ns).await {
             Ok(Some(obj)) => c.keep(to_value(obj, "v1", "Namespace")),
-            Ok(None) => bail!("namespace {ns} does not exist on the source cluster: check --namespace"),
+            Ok(None) => {
+                bail!("namespace {ns} does not exist on the source cluster: check --namespace")
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot read namespace {ns}")),
         }
     }
@@ -158,21 +164,37 @@ async fn list_all(
             Ok(p) => p,
             // An aggregated API that is down, or a kind removed since discovery: note and go on.
             Err(e) if matches!(api_code(&e), Some(404 | 503)) => {
-                warnings.push(format!("cannot list {} in {ns}: {}", ar.plural, api_message(&e)));
+                warnings.push(format!(
+                    "cannot list {} in {ns}: {}",
+                    ar.plural,
+                    api_message(&e)
+                ));
                 return Ok(out);
             }
             Err(e) if api_code(&e) == Some(400) && selector.is_some() => {
-                bail!("label selector `{}` is not valid: {}", selector.unwrap_or(""), api_message(&e))
+                bail!(
+                    "label selector `{}` is not valid: {}",
+                    selector.unwrap_or(""),
+                    api_message(&e)
+                )
             }
             Err(e) => bail!(
                 "cannot list {}.{} in namespace {ns}: {}; grant the agent list and get on it",
                 ar.plural,
-                if ar.group.is_empty() { "core" } else { &ar.group },
+                if ar.group.is_empty() {
+                    "core"
+                } else {
+                    &ar.group
+                },
                 api_message(&e)
             ),
         };
         let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
-        out.extend(page.items.into_iter().map(|o| to_value(o, &ar.api_version, &ar.kind)));
+        out.extend(
+            page.items
+                .into_iter()
+                .map(|o| to_value(o, &ar.api_version, &ar.kind)),
+        );
         match next {
             Some(c) => lp.continue_token = Some(c),
             None => return Ok(out),
@@ -225,9 +247,9 @@ impl Collector {
     }
 
     fn kept_of(&self, group: &str, kind: &str) -> impl Iterator<Item = &Value> {
-        self.kept.iter().filter(move |o| {
-            ObjectId::of(o).is_ok_and(|id| id.group == group && id.kind == kind)
-        })
+        self.kept
+            .iter()
+            .filter(move |o| ObjectId::of(o).is_ok_and(|id| id.group == group && id.kind == kind))
     }
 }
 
@@ -236,7 +258,10 @@ fn leave_out_reason(id: &ObjectId, obj: &Value) -> Option<&'static str> {
     let controlled = obj
         .pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
-        .is_some_and(|refs| refs.iter().any(|r| r.get("controller") == Some(&Value::Bool(true))));
+        .is_some_and(|refs| {
+            refs.iter()
+                .any(|r| r.get("controller") == Some(&Value::Bool(true)))
+        });
     // Claims hold data: they stay even when a StatefulSet owns them.
     if controlled && id.kind != "PersistentVolumeClaim" {
         return Some("created by its controller, which re-creates it");
@@ -293,22 +318,46 @@ async fn add_dependencies(client: &Client, c: &mut Collector) -> Result<()> {
         if s(rb, "/roleRef/kind").as_deref() == Some("ClusterRole")
             && let Some(name) = s(rb, "/roleRef/name")
         {
-            wanted.insert(("rbac.authorization.k8s.io/v1".into(), "ClusterRole".into(), name));
+            wanted.insert((
+                "rbac.authorization.k8s.io/v1".into(),
+                "ClusterRole".into(),
+                name,
+            ));
         }
     }
     let mut fetched = Vec::new();
     for (api_version, kind, name) in &wanted {
-        let got = get_cluster_object(&mut resolver, client, api_version, kind, name, &mut c.warnings);
+        let got = get_cluster_object(
+            &mut resolver,
+            client,
+            api_version,
+            kind,
+            name,
+            &mut c.warnings,
+        );
         fetched.extend(got.await?);
     }
     // A PV's storage class is a dependency too.
     let pv_classes: BTreeSet<String> = fetched
         .iter()
         .filter_map(|pv| s(pv, "/spec/storageClassName"))
-        .filter(|sc| !wanted.contains(&("storage.k8s.io/v1".into(), "StorageClass".into(), sc.clone())))
+        .filter(|sc| {
+            !wanted.contains(&(
+                "storage.k8s.io/v1".into(),
+                "StorageClass".into(),
+                sc.clone(),
+            ))
+        })
         .collect();
     for sc in pv_classes {
-        let got = get_cluster_object(&mut resolver, client, "storage.k8s.io/v1", "StorageClass", &sc, &mut c.warnings);
+        let got = get_cluster_object(
+            &mut resolver,
+            client,
+            "storage.k8s.io/v1",
+            "StorageClass",
+            &sc,
+            &mut c.warnings,
+        );
         fetched.extend(got.await?);
     }
     fetched.into_iter().for_each(|o| c.keep(o));
@@ -328,10 +377,15 @@ async fn get_cluster_object(
     match api.get_opt(name).await {
         Ok(Some(o)) => Ok(Some(to_value(o, &ar.api_version, &ar.kind))),
         Ok(None) => {
-            warnings.push(format!("the application refers to {kind} {name}, which does not exist"));
+            warnings.push(format!(
+                "the application refers to {kind} {name}, which does not exist"
+            ));
             Ok(None)
         }
-        Err(e) => bail!("cannot read {kind} {name}: {}; grant the agent get on it", api_message(&e)),
+        Err(e) => bail!(
+            "cannot read {kind} {name}: {}; grant the agent get on it",
+            api_message(&e)
+        ),
     }
 }
 

@@ -94,9 +94,8 @@ impl Rules {
         rewrite_images(&id.kind, &mut out, &images);
         self.map_storage_classes(&id.kind, &mut out);
         for r in self.patches.iter().filter(|r| applies(&r.scope)) {
-            json_patch::patch(&mut out, &r.patch).with_context(|| {
-                format!("rule {} cannot be applied to {id}", r.scope.label)
-            })?;
+            json_patch::patch(&mut out, &r.patch)
+                .with_context(|| format!("rule {} cannot be applied to {id}", r.scope.label))?;
         }
         self.map_namespaces(&id.kind, &mut out);
         strip::drop_empty_metadata_maps(&mut out);
@@ -107,10 +106,11 @@ impl Rules {
         if SKIPPED_KINDS.contains(&(id.group.as_str(), id.kind.as_str())) {
             return Some("owned by the cluster".into());
         }
-        if id.group == "storage.k8s.io" && id.kind == "StorageClass" {
-            if let Some(to) = self.storage_classes.get(&id.name) {
-                return Some(format!("mapped to the standby's storage class {to}"));
-            }
+        if id.group == "storage.k8s.io"
+            && id.kind == "StorageClass"
+            && let Some(to) = self.storage_classes.get(&id.name)
+        {
+            return Some(format!("mapped to the standby's storage class {to}"));
         }
         None
     }
@@ -221,7 +221,11 @@ fn set_replicas(id: &ObjectId, obj: &mut Value, n: i64) {
 fn pod_spec_pointer(kind: &str) -> Option<&'static str> {
     Some(match kind {
         "Pod" => "/spec",
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "ReplicationController"
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
         | "Job" => "/spec/template/spec",
         "CronJob" => "/spec/jobTemplate/spec/template/spec",
         _ => return None,
@@ -260,8 +264,8 @@ pub fn rewrite_image(image: &str, rule: &ImageRule) -> Option<String> {
 
 fn normalize_image(image: &str) -> String {
     let first = image.split('/').next().unwrap_or("");
-    let has_host = image.contains('/')
-        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_host =
+        image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     if has_host {
         image.to_string()
     } else if image.contains('/') {

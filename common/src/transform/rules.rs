@@ -1,7 +1,7 @@
 //! The rules file: its YAML form and its validation into [`Rules`].
 
-use super::select::{Match, MatchSpec};
 use super::Rules;
+use super::select::{Match, MatchSpec};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
@@ -289,8 +289,12 @@ fn patch_rule(i: usize, s: &PatchSpec) -> Result<PatchRule> {
         .iter()
         .enumerate()
         .map(|(j, op)| {
-            serde_json::from_value::<json_patch::PatchOperation>(op.clone())
-                .with_context(|| format!("rule {}: ops[{j}] {op} is not a valid RFC 6902 operation", scope.label))
+            serde_json::from_value::<json_patch::PatchOperation>(op.clone()).with_context(|| {
+                format!(
+                    "rule {}: ops[{j}] {op} is not a valid RFC 6902 operation",
+                    scope.label
+                )
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(PatchRule {

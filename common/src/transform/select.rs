@@ -56,10 +56,13 @@ impl Match {
             })
             .transpose()?;
         Ok(Match {
-            group: spec
-                .group
-                .as_ref()
-                .map(|g| if g == "core" { String::new() } else { g.clone() }),
+            group: spec.group.as_ref().map(|g| {
+                if g == "core" {
+                    String::new()
+                } else {
+                    g.clone()
+                }
+            }),
             kind: spec.kind.clone(),
             name: glob("name", &spec.name)?,
             namespace: glob("namespace", &spec.namespace)?,

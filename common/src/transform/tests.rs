@@ -22,15 +22,28 @@ fn strips_cluster_owned_fields_and_maps() {
         "spec":{"storageClassName":"fast","volumeName":"pv-1"},"status":{"phase":"Bound"}});
     let o = out(&r, pvc);
     assert_eq!(o.pointer("/metadata/namespace"), Some(&json!("shop-dr")));
-    assert_eq!(o.pointer("/spec/storageClassName"), Some(&json!("standard")));
+    assert_eq!(
+        o.pointer("/spec/storageClassName"),
+        Some(&json!("standard"))
+    );
     assert!(o.pointer("/spec/volumeName").is_none() && o.get("status").is_none());
     assert!(o.pointer("/metadata/uid").is_none());
-    assert_eq!(o.pointer("/metadata/annotations"), Some(&json!({"keep":"me"})));
+    assert_eq!(
+        o.pointer("/metadata/annotations"),
+        Some(&json!({"keep":"me"}))
+    );
     let headless = json!({"apiVersion":"v1","kind":"Service","metadata":{"name":"db"},"spec":{"clusterIP":"None"}});
-    assert_eq!(out(&r, headless).pointer("/spec/clusterIP"), Some(&json!("None")));
+    assert_eq!(
+        out(&r, headless).pointer("/spec/clusterIP"),
+        Some(&json!("None"))
+    );
     let ev = json!({"apiVersion":"v1","kind":"Event","metadata":{"name":"e"}});
-    assert_eq!(r.transform(&ev).unwrap(), Err("owned by the cluster".to_string()));
-    let sc = json!({"apiVersion":"storage.k8s.io/v1","kind":"StorageClass","metadata":{"name":"fast"}});
+    assert_eq!(
+        r.transform(&ev).unwrap(),
+        Err("owned by the cluster".to_string())
+    );
+    let sc =
+        json!({"apiVersion":"storage.k8s.io/v1","kind":"StorageClass","metadata":{"name":"fast"}});
     assert!(r.transform(&sc).unwrap().unwrap_err().contains("standard"));
 }
 
@@ -91,23 +104,41 @@ patches:
     let o = out(&r, dep("web"));
     assert_eq!(o.pointer("/spec/replicas"), Some(&json!(0)));
     let c = "/spec/template/spec/containers";
-    assert_eq!(o.pointer(&format!("{c}/0/image")), Some(&json!("mirror.dr.example/shop/web:1.2")));
-    assert_eq!(o.pointer(&format!("{c}/1/image")), Some(&json!("registry.shop.example.evil/x:1")));
+    assert_eq!(
+        o.pointer(&format!("{c}/0/image")),
+        Some(&json!("mirror.dr.example/shop/web:1.2"))
+    );
+    assert_eq!(
+        o.pointer(&format!("{c}/1/image")),
+        Some(&json!("registry.shop.example.evil/x:1"))
+    );
     assert_eq!(
         o.pointer("/spec/template/spec/initContainers/0/image"),
         Some(&json!("mirror.dr.example/hub/busybox:1.36"))
     );
-    assert_eq!(o.pointer(&format!("{c}/0/resources/limits/memory")), Some(&json!("128Mi")));
+    assert_eq!(
+        o.pointer(&format!("{c}/0/resources/limits/memory")),
+        Some(&json!("128Mi"))
+    );
     assert_eq!(
         o.pointer("/metadata/labels"),
         Some(&json!({"app":"shop","understudy.io/restored":"true"}))
     );
-    assert_eq!(o.pointer("/metadata/annotations/note"), Some(&json!("drill")));
-    assert_eq!(out(&r, dep("api-1")).pointer("/spec/replicas"), Some(&json!(2)));
+    assert_eq!(
+        o.pointer("/metadata/annotations/note"),
+        Some(&json!("drill"))
+    );
+    assert_eq!(
+        out(&r, dep("api-1")).pointer("/spec/replicas"),
+        Some(&json!(2))
+    );
     // A patch whose path does not exist on a matching object names the rule and the object.
     let bare = json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"x","namespace":"shop"},"spec":{}});
     let e = format!("{:#}", r.transform(&bare).unwrap_err());
-    assert!(e.contains("patches[0] (smaller)") && e.contains("Deployment.apps shop/x"), "{e}");
+    assert!(
+        e.contains("patches[0] (smaller)") && e.contains("Deployment.apps shop/x"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -116,8 +147,13 @@ fn bad_rules_name_the_rule() {
     assert!(e.contains("patches[0] (p)") && e.contains("repalce"), "{e}");
     let e = err("patches:\n  - ops: [{op: add, path: nope, value: 1}]\n");
     assert!(e.contains("patches[0]") && e.contains("ops[0]"), "{e}");
-    let e = err("replicas:\n  - replicas: 0\n    match: {labelSelector: {matchExpressions: [{key: a, operator: Sometimes}]}}\n");
-    assert!(e.contains("replicas[0]") && e.contains("label selector"), "{e}");
+    let e = err(
+        "replicas:\n  - replicas: 0\n    match: {labelSelector: {matchExpressions: [{key: a, operator: Sometimes}]}}\n",
+    );
+    assert!(
+        e.contains("replicas[0]") && e.contains("label selector"),
+        "{e}"
+    );
     let e = err("images:\n  - {from: a, to: b, match: {name: \"[\"}}\n");
     assert!(e.contains("images[0]") && e.contains("glob"), "{e}");
     let e = err("namespaces: {a: b}\nstorageClass: {}\n");
@@ -129,23 +165,44 @@ fn bad_rules_name_the_rule() {
 #[test]
 fn strip_paths_and_defaults_off() {
     let r = rules("strip:\n  defaults: false\n  paths: [/spec/x, /metadata/annotations/a~1b]\n");
-    let o = out(&r, json!({"apiVersion":"v1","kind":"ConfigMap",
-        "metadata":{"name":"c","uid":"u","annotations":{"a/b":"1"}},"spec":{"x":1,"y":2}}));
-    assert_eq!(o, json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","uid":"u"},"spec":{"y":2}}));
+    let o = out(
+        &r,
+        json!({"apiVersion":"v1","kind":"ConfigMap",
+        "metadata":{"name":"c","uid":"u","annotations":{"a/b":"1"}},"spec":{"x":1,"y":2}}),
+    );
+    assert_eq!(
+        o,
+        json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","uid":"u"},"spec":{"y":2}})
+    );
 }
 
 #[test]
 fn namespaces_map_everywhere_they_appear() {
     let r = rules("namespaces: {shop: shop-dr}\n");
-    let ns = out(&r, json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop",
-        "labels":{"kubernetes.io/metadata.name":"shop"}}}));
-    assert_eq!(ns, json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop-dr"}}));
-    let rb = out(&r, json!({"apiVersion":"rbac.authorization.k8s.io/v1","kind":"RoleBinding",
-        "metadata":{"name":"b","namespace":"shop"},"subjects":[{"kind":"ServiceAccount","name":"s","namespace":"shop"}]}));
+    let ns = out(
+        &r,
+        json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop",
+        "labels":{"kubernetes.io/metadata.name":"shop"}}}),
+    );
+    assert_eq!(
+        ns,
+        json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop-dr"}})
+    );
+    let rb = out(
+        &r,
+        json!({"apiVersion":"rbac.authorization.k8s.io/v1","kind":"RoleBinding",
+        "metadata":{"name":"b","namespace":"shop"},"subjects":[{"kind":"ServiceAccount","name":"s","namespace":"shop"}]}),
+    );
     assert_eq!(rb.pointer("/subjects/0/namespace"), Some(&json!("shop-dr")));
-    let pv = out(&r, json!({"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv"},
-        "spec":{"claimRef":{"namespace":"shop","name":"d","uid":"x"}}}));
-    assert_eq!(pv.pointer("/spec/claimRef"), Some(&json!({"namespace":"shop-dr","name":"d"})));
+    let pv = out(
+        &r,
+        json!({"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv"},
+        "spec":{"claimRef":{"namespace":"shop","name":"d","uid":"x"}}}),
+    );
+    assert_eq!(
+        pv.pointer("/spec/claimRef"),
+        Some(&json!({"namespace":"shop-dr","name":"d"}))
+    );
 }
 
 #[test]
@@ -158,9 +215,15 @@ fn diff_shows_what_changes() {
     ])
     .unwrap();
     let d = render_diff(&b, &r).unwrap();
-    assert!(d.contains("=== Deployment.apps shop/web -> Deployment.apps shop-dr/web"), "{d}");
+    assert!(
+        d.contains("=== Deployment.apps shop/web -> Deployment.apps shop-dr/web"),
+        "{d}"
+    );
     assert!(d.contains("-  replicas: 3\n+  replicas: 0\n"), "{d}");
     assert!(d.contains("-  uid: u\n"), "{d}");
-    assert!(d.contains("=== Event shop/e: left out (owned by the cluster)"), "{d}");
+    assert!(
+        d.contains("=== Event shop/e: left out (owned by the cluster)"),
+        "{d}"
+    );
     assert!(d.contains("=== ConfigMap c: unchanged"), "{d}");
 }
