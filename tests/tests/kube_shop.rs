@@ -242,6 +242,25 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
         !nf.iter().any(|f| f.contains("scratch")) && files.iter().any(|f| f.contains("scratch"))
     );
 
+    // A malformed selector is refused with the API server's reason.
+    let o = run(
+        "source-agent",
+        &[
+            "capture",
+            "--kubeconfig",
+            s(&primary.kubeconfig),
+            "--namespace",
+            "shop",
+            "--selector",
+            "tier in (web",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("label selector `tier in (web` is not valid"),
+        "{err}"
+    );
+
     let good = tmp.path().join("good.yaml");
     let bad = tmp.path().join("bad.yaml");
     std::fs::write(&good, GOOD_RULES)?;

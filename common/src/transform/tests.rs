@@ -227,3 +227,18 @@ fn diff_shows_what_changes() {
     );
     assert!(d.contains("=== ConfigMap c: unchanged"), "{d}");
 }
+
+proptest::proptest! {
+    #[test]
+    fn any_rules_text_is_accepted_or_refused_without_panic(text in "\\PC{0,400}") {
+        let _ = Rules::parse(&text);
+    }
+
+    #[test]
+    fn rules_shaped_text_never_panics(
+        section in proptest::sample::select(vec!["patches", "replicas", "images", "labels", "strip", "namespaces"]),
+        body in "[ -~\n]{0,200}",
+    ) {
+        let _ = Rules::parse(&format!("{section}:\n  - {body}\n"));
+    }
+}
