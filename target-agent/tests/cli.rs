@@ -84,6 +84,19 @@ fn apply_checks_rules_and_dry_runs_without_a_cluster() {
         !ok && err.contains("patches[0] (typo)") && err.contains("repalce"),
         "{err}"
     );
+    let kubeconfig = d.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n").unwrap();
+    let (ok, err) = run(&[
+        "apply",
+        "--bundle",
+        b,
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("cannot reach the Kubernetes API server at https://127.0.0.1:1/"),
+        "{err}"
+    );
     let (ok, err) = run(&["apply", "--bundle", "/nonexistent/bundle", "--dry-run"]);
     assert!(!ok && err.contains("/nonexistent/bundle"), "{err}");
 

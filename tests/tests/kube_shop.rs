@@ -163,6 +163,25 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
     let Some((primary, standby)) = start_pair().await? else {
         return Ok(());
     };
+    // The test bed installed the real snapshot CRDs on both servers.
+    for crd in [
+        "volumesnapshots.snapshot.storage.k8s.io",
+        "volumesnapshotcontents.snapshot.storage.k8s.io",
+        "volumesnapshotclasses.snapshot.storage.k8s.io",
+        "volumegroupsnapshots.groupsnapshot.storage.k8s.io",
+    ] {
+        for cluster in [&primary, &standby] {
+            let c = cluster
+                .get(
+                    "apiextensions.k8s.io/v1",
+                    "CustomResourceDefinition",
+                    "",
+                    crd,
+                )
+                .await?;
+            assert!(c.is_some(), "{crd} not installed");
+        }
+    }
     deploy_shop(&primary).await?;
     standby
         .create_yaml("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: standard}\nprovisioner: csi.dr.example\n")

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Connects with a kubeconfig file, or (without one) the usual inference: $KUBECONFIG,
-/// ~/.kube/config, then the in-cluster service account.
+/// ~/.kube/config, then the in-cluster service account; then checks the API server answers, so an
+/// unreachable cluster is one clear error rather than one per object.
 pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
@@ -28,7 +29,16 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client> {
             "no Kubernetes configuration found: pass --kubeconfig, set KUBECONFIG, or run in a pod",
         )?,
     };
-    Client::try_from(config).context("cannot build a Kubernetes client from the configuration")
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config)
+        .context("cannot build a Kubernetes client from the configuration")?;
+    client.apiserver_version().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the Kubernetes API server at {url}: {}; check the kubeconfig, the network and the credentials",
+            api_message(&e)
+        )
+    })?;
+    Ok(client)
 }
 
 /// Whether a resource kind is namespaced.

@@ -1,6 +1,6 @@
 //! Dry-run output: a readable unified diff of what the rules change, object by object.
 
-use super::Rules;
+use super::{Rules, Verdict};
 use crate::manifest::{Bundle, ObjectId, to_canonical_yaml};
 use anyhow::Result;
 use std::fmt::Write;
@@ -12,8 +12,8 @@ pub fn render_diff(bundle: &Bundle, rules: &Rules) -> Result<String> {
     for obj in bundle.objects()? {
         let id = ObjectId::of(&obj)?;
         match rules.transform(&obj)? {
-            Err(reason) => writeln!(out, "=== {id}: left out ({reason})")?,
-            Ok(after) => {
+            Verdict::LeaveOut(reason) => writeln!(out, "=== {id}: left out ({reason})")?,
+            Verdict::Apply(after) => {
                 let after_id = ObjectId::of(&after)?;
                 let (a, b) = (to_canonical_yaml(&obj)?, to_canonical_yaml(&after)?);
                 if a == b {

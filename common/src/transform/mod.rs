@@ -49,6 +49,15 @@ impl Default for Rules {
     }
 }
 
+/// What the rules make of one object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Apply this (transformed) object on the standby.
+    Apply(Value),
+    /// Leave the object out, for this reason.
+    LeaveOut(String),
+}
+
 /// The outcome of transforming a set of objects.
 #[derive(Clone, Debug, Default)]
 pub struct Transformed {
@@ -67,11 +76,11 @@ const SCALABLE: &[(&str, &str)] = &[
 ];
 
 impl Rules {
-    /// Transforms one object. `Ok(Err(reason))` when it is not to be applied on the standby.
-    pub fn transform(&self, obj: &Value) -> Result<std::result::Result<Value, String>> {
+    /// Transforms one object: the object for the standby, or why it is left out.
+    pub fn transform(&self, obj: &Value) -> Result<Verdict> {
         let id = ObjectId::of(obj)?;
         if let Some(reason) = self.skip_reason(&id) {
-            return Ok(Err(reason));
+            return Ok(Verdict::LeaveOut(reason));
         }
         let mut out = obj.clone();
         if self.strip_defaults {
@@ -99,7 +108,7 @@ impl Rules {
         }
         self.map_namespaces(&id.kind, &mut out);
         strip::drop_empty_metadata_maps(&mut out);
-        Ok(Ok(out))
+        Ok(Verdict::Apply(out))
     }
 
     fn skip_reason(&self, id: &ObjectId) -> Option<String> {
@@ -120,8 +129,8 @@ impl Rules {
         let mut out = Transformed::default();
         for obj in bundle.objects()? {
             match self.transform(&obj)? {
-                Ok(v) => out.objects.push((ObjectId::of(&v)?, v)),
-                Err(reason) => out.skipped.push((ObjectId::of(&obj)?, reason)),
+                Verdict::Apply(v) => out.objects.push((ObjectId::of(&v)?, v)),
+                Verdict::LeaveOut(reason) => out.skipped.push((ObjectId::of(&obj)?, reason)),
             }
         }
         Ok(out)
