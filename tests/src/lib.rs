@@ -2,6 +2,7 @@
 //! makes sparse images and loop devices (detached on drop), writes seeded data, and reads the
 //! agents' JSON output.
 
+pub mod relay;
 pub mod testbed;
 
 use anyhow::{Context, Result, bail};
@@ -105,6 +106,8 @@ pub struct Pair {
     pub target: Option<Proc>,
     /// Its address.
     pub addr: String,
+    /// Where the source dials instead of `addr` (a fault relay), if set.
+    pub route: Option<String>,
 }
 
 impl Pair {
@@ -149,6 +152,7 @@ impl Pair {
             source_dir,
             target: None,
             addr: String::new(),
+            route: None,
         }
     }
 
@@ -234,7 +238,7 @@ impl Pair {
             "--group",
             group,
             "--target",
-            &self.addr,
+            self.route.as_deref().unwrap_or(&self.addr),
             "--once",
             "--json",
             "--max-retries",
