@@ -22,14 +22,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
         .receive_window((32u32 << 20).into())
         .send_window(16 << 20)
         .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60 s fits")))
-        // WAN links reorder: declare a packet lost only when 10 later ones (not 3) or 1.5 RTTs
-        // (not 1.125) have been acknowledged, so reordering is not mistaken for congestion.
-        .packet_threshold(10)
-        .time_threshold(1.5)
-        // BBR paces by measured bandwidth and RTT; random loss does not collapse its window as it
-        // does Cubic's (5% loss: Cubic moved 25 KB/s in the link-fault test).
-        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60 s fits")));
     Arc::new(t)
 }
 
