@@ -121,6 +121,7 @@ pub fn run_main<C: clap::Parser>(
     run: fn(C) -> Result<std::process::ExitCode>,
 ) -> std::process::ExitCode {
     crate::transport::install_crypto_provider();
+    let _crash_points = crate::failpoint::setup();
     let cli = C::parse();
     crate::telemetry::init(global(&cli).log_format);
     run(cli).unwrap_or_else(|e| {

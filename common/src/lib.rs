@@ -11,6 +11,7 @@ pub mod change;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod failpoint;
 pub mod hash;
 pub mod hooks;
 pub mod manifest;

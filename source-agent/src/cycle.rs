@@ -134,6 +134,7 @@ impl SourceAgent {
         };
         match self.offer(&state, &cut, &mut report).await? {
             Outcome::Committed(seq) => {
+                understudy_common::failpoint::hit("source.commit.acked");
                 report.seq = seq;
                 tokio::task::block_in_place(|| state.promote(&cut, seq))?;
                 self.metrics
@@ -188,6 +189,7 @@ impl SourceAgent {
         })
         .await??;
         tracing::info!(group = %self.cfg.group, cut = %cut.offer.cut.cut_id, bytes_read = cut.bytes_read, spooled = cut.bytes_spooled, kind = ?cut.offer.kind, "cut made");
+        understudy_common::failpoint::hit("source.cut.made");
         Ok((cut, false))
     }
 

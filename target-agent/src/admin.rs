@@ -73,10 +73,12 @@ async fn handle(stream: tokio::net::UnixStream, ctx: Arc<SessionContext>) -> Res
 
 async fn run(cmd: StoreCommand, ctx: &Arc<SessionContext>) -> Response {
     tracing::info!(command = ?cmd, "admin request");
-    let _alone = if cmd.needs_store_alone() {
-        Some(ctx.gc_gate.write().await)
+    // Commands that delete data run alone; every other one holds the gate shared, so retention's
+    // garbage collection never deletes a pack a `verify` or a failover is reading.
+    let (_alone, _shared) = if cmd.needs_store_alone() {
+        (Some(ctx.gc_gate.write().await), None)
     } else {
-        None
+        (None, Some(ctx.gc_gate.read().await))
     };
     let store = ctx.store.clone();
     match tokio::task::spawn_blocking(move || cmd.run(&store, false)).await {

@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// Write the bound QUIC address to this file once listening (for scripts using port 0).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Make received chunks durable (fsync, then catalog commit) every this many MiB. Chunks
+    /// received since the last flush are lost by a crash and sent again; smaller values lose less
+    /// and fsync more often.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub flush_every_mib: u64,
     #[command(flatten)]
     pub retention: RetentionRules,
 }
@@ -99,6 +104,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             dir: a.dir.clone(),
             listen: a.listen,
             retention: a.retention.policy(),
+            flush_bytes: a.flush_every_mib << 20,
         };
         let server = Server::bind(&cfg, metrics.clone())?;
         let addr = server.local_addr()?;

@@ -207,6 +207,9 @@ fn planned(v: &understudy_common::store::VolumeMeta, target: &Path) -> VolumeRes
     }
 }
 
+/// Rebuilds one volume. An image is written as `<name>.img.partial` and renamed to its final
+/// name only once its digest matched, so a crash or a failed check never leaves a file that looks
+/// like a finished volume.
 fn restore_one(
     store: &Store,
     point: &PointRecord,
@@ -217,32 +220,41 @@ fn restore_one(
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> VolumeRestore {
     let is_device = req.devices.contains_key(name);
+    let partial = target.with_extension("img.partial");
     let result = (|| {
-        if !is_device {
-            let dir = target.parent().expect("under out");
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
         let writer = if is_device {
             VolumeWriter::open_device(target, size)?
         } else {
-            VolumeWriter::create_image(target, size)?
+            let dir = target.parent().expect("under out");
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let _ = std::fs::remove_file(target);
+            VolumeWriter::create_image(&partial, size)?
         };
         let opts = RestoreOptions {
             read_back: req.read_back,
             fresh_image: !is_device,
             progress: &|d| progress(name, d, size),
         };
-        store.restore_volume(
+        let mut r = store.restore_volume(
             &point.group,
             point.seq,
             name,
             &writer,
             &target.display().to_string(),
             &opts,
-        )
+        )?;
+        understudy_common::failpoint::hit("failover.volume-written");
+        if !is_device {
+            if r.ok {
+                publish(&partial, target)?;
+            } else {
+                r.path = partial.display().to_string();
+            }
+        }
+        Ok(r)
     })();
-    result.unwrap_or_else(|e| VolumeRestore {
+    result.unwrap_or_else(|e: anyhow::Error| VolumeRestore {
         volume: name.to_string(),
         path: target.display().to_string(),
         size,
@@ -256,6 +268,23 @@ fn restore_one(
         ok: false,
         error: Some(format!("{e:#}")),
     })
+}
+
+/// Renames a verified image to its final name, durably.
+fn publish(partial: &Path, target: &Path) -> Result<()> {
+    std::fs::rename(partial, target).with_context(|| {
+        format!(
+            "cannot rename {} to {}",
+            partial.display(),
+            target.display()
+        )
+    })?;
+    if let Some(dir) = target.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 impl FailoverReport {

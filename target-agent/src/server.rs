@@ -1,8 +1,8 @@
 //! The QUIC server: accepts authenticated connections and runs one session per connection.
 
 use crate::session::{SessionContext, run_session};
-use anyhow::{Context, Result};
-use std::collections::HashSet;
+use anyhow::Result;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Retention applied after every commit.
     pub retention: RetentionPolicy,
+    /// Received chunk bytes after which they are made durable (fsync and catalog commit).
+    pub flush_bytes: u64,
 }
 
 /// A running server.
@@ -34,12 +36,13 @@ impl Server {
     pub fn bind(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Result<Self> {
         let identity = Identity::load(&cfg.dir)?;
         let peers = understudy_common::cli::require_peers(&cfg.dir)?;
-        let store = Arc::new(Store::open(&cfg.dir.join("store"))?);
-        let endpoint = quinn::Endpoint::server(quic::server_config(&identity, peers)?, cfg.listen)
-            .with_context(|| format!("cannot listen on {}: is the port in use?", cfg.listen))?;
+        let mut store = Store::open(&cfg.dir.join("store"))?;
+        store.set_flush_bytes(cfg.flush_bytes);
+        let store = Arc::new(store);
+        let endpoint = quic::server_endpoint(&identity, peers, cfg.listen)?;
         let ctx = Arc::new(SessionContext {
             store,
-            busy: Mutex::new(HashSet::new()),
+            busy: Mutex::new(HashMap::new()),
             gc_gate: tokio::sync::RwLock::new(()),
             retention: cfg.retention,
             metrics,

@@ -2,7 +2,7 @@
 //! and the [`TargetSession`] state machine, which holds all protocol logic.
 
 use anyhow::{Context, Result, bail};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -12,14 +12,14 @@ use understudy_common::protocol::target_session::{TargetSession, TargetStep, ref
 use understudy_common::protocol::{Control, RefuseCode};
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
-use understudy_common::transport::stream;
+use understudy_common::transport::{peer_fingerprint, stream};
 
 /// What every session shares.
 pub struct SessionContext {
     /// The store.
     pub store: Arc<Store>,
-    /// Groups with a session running (one session per group at a time).
-    pub busy: Mutex<HashSet<String>>,
+    /// Groups with a session running (one session per group at a time), and its connection.
+    pub busy: Mutex<HashMap<String, quinn::Connection>>,
     /// Sessions hold it shared; garbage collection needs it alone.
     pub gc_gate: tokio::sync::RwLock<()>,
     /// Retention after each commit.
@@ -72,7 +72,7 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         ctx: &ctx,
         group: None,
     };
-    let result = drive(&ctx, &mut send, rx, &mut guard).await;
+    let result = drive(&ctx, &conn, &mut send, rx, &mut guard).await;
     let store = ctx.store.clone();
     // Make what arrived durable for the next session; a failure here is logged, never allowed to
     // replace the session's own outcome (which says what went wrong first).
@@ -105,6 +105,7 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
 /// The session loop; returns the group when a point was committed.
 async fn drive(
     ctx: &SessionContext,
+    conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     mut rx: mpsc::Receiver<Event>,
     guard: &mut GroupGuard<'_>,
@@ -132,7 +133,7 @@ async fn drive(
             Event::Control(msg) => {
                 let msg = msg?;
                 if let Control::Hello { group } = &msg {
-                    claim_group(ctx, guard, group, send).await?;
+                    claim_group(ctx, guard, group, conn, send).await?;
                 }
                 session.on_message(msg)
             }
@@ -186,24 +187,50 @@ async fn drive(
     }
 }
 
+/// How long a new session waits for the session it supersedes to let go of the group.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Marks `group` busy for this session. A session of the same source that still holds the group
+/// is superseded: a source that crashed or lost its link leaves a session the target only notices
+/// at the idle timeout, and its restart must not wait for that. Another source is refused.
 async fn claim_group(
     ctx: &SessionContext,
     guard: &mut GroupGuard<'_>,
     group: &str,
+    conn: &quinn::Connection,
     send: &mut quinn::SendStream,
 ) -> Result<()> {
-    if !ctx
-        .busy
-        .lock()
-        .expect("busy lock")
-        .insert(group.to_string())
-    {
-        let msg = Control::Refused {
-            code: RefuseCode::GroupBusy,
-            message: format!("a session of group {group} is already running; retry later"),
+    let deadline = Instant::now() + TAKEOVER_WAIT;
+    loop {
+        let holder = {
+            let mut busy = ctx.busy.lock().expect("busy lock");
+            match busy.get(group) {
+                None => {
+                    busy.insert(group.to_string(), conn.clone());
+                    None
+                }
+                Some(old) => Some(old.clone()),
+            }
         };
-        let _ = stream::send(send, &msg).await;
-        bail!("group {group} is busy");
+        let Some(old) = holder else { break };
+        let same_source =
+            peer_fingerprint(&old).is_some() && peer_fingerprint(&old) == peer_fingerprint(conn);
+        if !same_source || Instant::now() >= deadline {
+            let msg = Control::Refused {
+                code: RefuseCode::GroupBusy,
+                message: format!("a session of group {group} is already running; retry later"),
+            };
+            let _ = stream::send(send, &msg).await;
+            bail!("group {group} is busy");
+        }
+        if old.close_reason().is_none() {
+            tracing::warn!(group, old = %old.remote_address(), "a new session of the same source supersedes the running one");
+            old.close(
+                3u32.into(),
+                b"superseded by a new session of the same source",
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     guard.group = Some(group.to_string());
     ctx.metrics.track(group);

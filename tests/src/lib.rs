@@ -2,6 +2,7 @@
 //! makes sparse images and loop devices (detached on drop), writes seeded data, and reads the
 //! agents' JSON output.
 
+pub mod crash;
 pub mod relay;
 pub mod testbed;
 
@@ -163,6 +164,11 @@ impl Pair {
 
     /// Starts (or restarts) the target on a free loopback port; extra args are passed to `serve`.
     pub fn start_target(&mut self, extra: &[&str]) {
+        self.start_target_env(extra, &[]);
+    }
+
+    /// [`Pair::start_target`] with extra environment variables (e.g. `FAILPOINTS`).
+    pub fn start_target_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         let ready = self.path("target.ready");
         let _ = std::fs::remove_file(&ready);
         let listen = if self.addr.is_empty() {
@@ -170,7 +176,11 @@ impl Pair {
         } else {
             self.addr.clone()
         };
-        let log = std::fs::File::create(self.path("target.log")).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("target.log"))
+            .expect("log");
         let mut args = vec![
             "serve",
             "--dir",
@@ -183,6 +193,7 @@ impl Pair {
         args.extend_from_slice(extra);
         let child = Command::new(bin("target-agent"))
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -68,13 +68,14 @@ pub struct Store {
     db: Database,
     pending: Mutex<Pending>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    flush_bytes: u64,
 }
 
 /// Catalog page cache: the catalog of a multi-TiB store fits, and RSS stays bounded.
 const CATALOG_CACHE: usize = 64 << 20;
 
-/// Pending chunk bytes past which an append flushes on its own.
-const FLUSH_BYTES: u64 = 64 << 20;
+/// Pending chunk bytes past which an append flushes on its own (see [`Store::set_flush_bytes`]).
+pub const FLUSH_BYTES: u64 = 64 << 20;
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, truncating torn pack tails and removing
@@ -109,10 +110,17 @@ impl Store {
                 bytes: 0,
             }),
             readers: Mutex::new(HashMap::new()),
+            flush_bytes: FLUSH_BYTES,
         };
         store.init_tables()?;
         store.repair_packs()?;
         Ok(store)
+    }
+
+    /// Makes appended chunks durable every `bytes` (at least 64 KiB) instead of every
+    /// [`FLUSH_BYTES`]: less to resend after a crash, more fsyncs.
+    pub fn set_flush_bytes(&mut self, bytes: u64) {
+        self.flush_bytes = bytes.max(64 << 10);
     }
 
     /// Root directory.
@@ -283,7 +291,7 @@ impl Store {
         let loc = p.writer.as_mut().expect("writer just set").append(frame)?;
         p.chunks.push((hash.0, loc));
         p.bytes += frame.len() as u64;
-        if p.bytes >= FLUSH_BYTES {
+        if p.bytes >= self.flush_bytes {
             self.flush_locked(&mut p)?;
         }
         Ok(())
@@ -322,6 +330,7 @@ impl Store {
             return Ok(0);
         }
         let len = w.sync()?;
+        crate::failpoint::hit("store.flush.packs-synced");
         let id = w.id();
         let txn = self.db.begin_write()?;
         {
@@ -487,9 +496,11 @@ impl Store {
                 .map_err(anyhow::Error::from)?;
             record
         };
+        crate::failpoint::hit("store.commit.before");
         txn.commit()
             .context("catalog commit failed: the store's disk may be full")
             .map_err(CommitError::Store)?;
+        crate::failpoint::hit("store.commit.after");
         Ok(record)
     }
 

@@ -109,6 +109,7 @@ impl Store {
             report.chunks_removed = before - chunks.len()?;
         }
         txn.commit()?;
+        crate::failpoint::hit("store.gc.chunks-removed");
         let usage = self.pack_usage()?;
         for (id, len) in self.committed_packs()? {
             let live_bytes = usage
@@ -203,6 +204,7 @@ impl Store {
             self.append(crate::hash::ChunkHash(*h), &frame)?;
         }
         self.flush()?;
+        crate::failpoint::hit("store.compact.copied");
         self.drop_pack(id)
     }
 }

@@ -36,3 +36,12 @@ pub fn explain_close(conn: &quinn::Connection) -> Option<String> {
         _ => None,
     }
 }
+
+/// Fingerprint of the certificate the peer of `conn` presented (pinned, since it got this far).
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| Fingerprint::of(c))
+}

@@ -57,5 +57,36 @@ pub fn client_config(id: &Identity, peers: Vec<Fingerprint>) -> Result<quinn::Cl
     Ok(cc)
 }
 
+/// The target's QUIC endpoint on `listen`. Its stateless-reset key and connection-id key are
+/// derived from the agent's private key, so a target restarted after a crash recognises the
+/// connection ids it issued before and answers a source's packets for the old connection with a
+/// reset the source accepts: the source learns at once that the session is gone and starts a new
+/// one, instead of waiting out the idle timeout.
+pub fn server_endpoint(
+    id: &Identity,
+    peers: Vec<Fingerprint>,
+    listen: std::net::SocketAddr,
+) -> Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}: is the port in use?"))?;
+    let runtime = quinn::default_runtime().context("no async runtime to run QUIC on")?;
+    let secret = blake3::derive_key(
+        "understudy 2026-11 QUIC stateless reset key",
+        id.key.secret_der(),
+    );
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("8 of 32 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(quinn::Endpoint::new(
+        config,
+        Some(server_config(id, peers)?),
+        socket,
+        runtime,
+    )?)
+}
+
 /// Server name the source presents; identity comes from the pinned fingerprint, not the name.
 pub const SERVER_NAME: &str = "understudy-target";

@@ -91,6 +91,7 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
         dir: tdir.clone(),
         listen: "127.0.0.1:0".parse()?,
         retention: RetentionPolicy::default(),
+        flush_bytes: understudy_common::store::FLUSH_BYTES,
     };
     let server = Server::bind(&cfg, Arc::new(Metrics::new()))?;
     let addr = server.local_addr()?;
