@@ -127,7 +127,9 @@ pub struct FailoverReport {
     pub manifest_files: usize,
     /// Objects left out (cluster-owned kinds).
     pub objects_skipped: usize,
-    /// True when every volume matched its digest.
+    /// Why the manifests could not be read, if they could not.
+    pub manifests_error: Option<String>,
+    /// True when every volume matched its digest and the manifests were read.
     pub ok: bool,
 }
 
@@ -151,7 +153,19 @@ pub fn failover(
         std::fs::create_dir_all(&req.out)
             .with_context(|| format!("cannot create output directory {}", req.out.display()))?;
     }
-    let bundle = Bundle::decode(&store.read_manifests(&point)?)?;
+    // Damaged manifests do not stop the volumes from being rebuilt: the report says what failed.
+    let (bundle, manifests_error) = match store
+        .read_manifests(&point)
+        .and_then(|b| Bundle::decode(&b))
+    {
+        Ok(b) => (b, None),
+        Err(e) => (
+            Bundle::default(),
+            Some(format!(
+                "the point's manifests cannot be read: {e:#}; run `target-agent verify`, and fail over to an older point for them"
+            )),
+        ),
+    };
     let transformed = req.rules.transform_bundle(&bundle)?;
     let objects: Vec<_> = transformed.objects.into_iter().map(|(_, v)| v).collect();
     let manifests = Bundle::from_objects(&objects)?;
@@ -181,8 +195,9 @@ pub fn failover(
         rpo_seconds: (now - point.cut.created_ms) as f64 / 1000.0,
         duration_seconds: start.elapsed().as_secs_f64(),
         dry_run: req.dry_run,
-        ok: volumes.iter().all(|v| v.ok),
+        ok: volumes.iter().all(|v| v.ok) && manifests_error.is_none(),
         volumes,
+        manifests_error,
         manifest_files: manifests.files.len(),
         objects_skipped: transformed.skipped.len(),
     };
@@ -308,6 +323,9 @@ impl FailoverReport {
             "  manifests    {} file(s), {} cluster-owned object(s) left out\n",
             self.manifest_files, self.objects_skipped
         );
+        if let Some(e) = &self.manifests_error {
+            s += &format!("      error: {e}\n");
+        }
         for v in &self.volumes {
             let status = match (self.dry_run, v.ok) {
                 (true, _) => "PLANNED",

@@ -459,3 +459,48 @@ pub fn loop_devices_available() -> bool {
         }
     }
 }
+
+/// A small ext4 file system on a loop device, mounted at `path`; unmounted and detached when
+/// dropped (for disk-full tests).
+pub struct SmallFs {
+    /// Mount point.
+    pub path: PathBuf,
+    dev: LoopDevice,
+}
+
+impl SmallFs {
+    /// Makes a `size`-byte ext4 image at `image`, attaches it and mounts it at `at`.
+    pub fn mount(image: &Path, size: u64, at: &Path) -> Result<Self> {
+        sparse_image(image, size);
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", s(image)])
+            .status()
+            .context("mkfs.ext4 not found (install e2fsprogs)")?;
+        anyhow::ensure!(mkfs.success(), "mkfs.ext4 failed");
+        let dev = LoopDevice::attach(image)?;
+        std::fs::create_dir_all(at)?;
+        let o = Command::new("mount").arg(&dev.path).arg(at).output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+        Ok(SmallFs {
+            path: at.to_path_buf(),
+            dev,
+        })
+    }
+
+    /// Bytes free for files.
+    pub fn available(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.path).expect("statvfs");
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = &self.dev; // detached by its own Drop, after the unmount
+    }
+}

@@ -65,9 +65,14 @@ fn refuse(code: RefuseCode, message: impl Into<String>) -> SessionError {
 }
 
 fn store_failed(e: anyhow::Error) -> SessionError {
+    let hint = if crate::store::is_disk_full(&e) {
+        ". The target's disk is full: free space on it (or drop old points with `target-agent retention`) and run the cycle again; the chunks already stored are kept"
+    } else {
+        ""
+    };
     refuse(
         RefuseCode::StoreFailed,
-        format!("target store failed: {e:#}"),
+        format!("target store failed: {e:#}{hint}"),
     )
 }
 

@@ -71,6 +71,48 @@ pub struct Store {
     flush_bytes: u64,
 }
 
+/// Runs `f`, turning a panic inside it into an error message instead of unwinding (and without
+/// the panic hook's report). For library code that asserts on the contents of a file it reads:
+/// a damaged file must give a clear error, never a crash.
+fn contain_panic<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "an internal check failed".into())
+    })
+}
+
+/// True when `e` comes from a full disk (ENOSPC or a quota), wherever it sits in the chain.
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        }) || c.to_string().contains("No space left on device")
+    })
+}
+
+/// Gives up the pack being written and the chunks not yet recorded after a write, fsync or
+/// catalog failure (a full disk, say). After a failed fsync the kernel may have dropped dirty
+/// pages while a later fsync reports success, so nothing unrecorded in that pack is trusted:
+/// the pack keeps the length the catalog recorded (its tail is cut at the next open), later
+/// chunks go to a new pack, and the lost ones are simply missing, so the source sends them again.
+fn abandon(p: &mut Pending, e: anyhow::Error) -> anyhow::Error {
+    if let Some(w) = p.writer.take() {
+        tracing::warn!(pack = w.id(), chunks = p.chunks.len(), error = %format!("{e:#}"), "store write failed; the pack is closed and its unrecorded chunks will be received again");
+    }
+    p.chunks.clear();
+    p.bytes = 0;
+    e
+}
+
 /// Catalog page cache: the catalog of a multi-TiB store fits, and RSS stays bounded.
 const CATALOG_CACHE: usize = 64 << 20;
 
@@ -88,17 +130,29 @@ impl Store {
             )
         })?;
         let db_path = root.join("catalog.redb");
-        let db = match redb::Builder::new()
-            .set_cache_size(CATALOG_CACHE)
-            .create(&db_path)
-        {
+        let opened = contain_panic(|| {
+            redb::Builder::new()
+                .set_cache_size(CATALOG_CACHE)
+                .create(&db_path)
+        })
+        .map_err(|why| {
+            anyhow::anyhow!(
+                "catalog {} is damaged and cannot be opened ({why}). The packs are intact: restore the catalog from a backup or the S3 archive, or move the store away and resync",
+                db_path.display()
+            )
+        })?;
+        let db = match opened {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreInUse(root.to_path_buf()).into());
             }
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot open catalog {}", db_path.display()));
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot open catalog {}: if it is damaged, restore it from a backup or the S3 archive (the packs are intact), or move the store away and resync",
+                        db_path.display()
+                    )
+                });
             }
         };
         let store = Store {
@@ -288,7 +342,10 @@ impl Store {
             self.flush_locked(&mut p)?;
             p.writer = Some(self.new_pack()?);
         }
-        let loc = p.writer.as_mut().expect("writer just set").append(frame)?;
+        let loc = match p.writer.as_mut().expect("writer just set").append(frame) {
+            Ok(loc) => loc,
+            Err(e) => return Err(abandon(&mut p, e)),
+        };
         p.chunks.push((hash.0, loc));
         p.bytes += frame.len() as u64;
         if p.bytes >= self.flush_bytes {
@@ -323,6 +380,13 @@ impl Store {
     }
 
     fn flush_locked(&self, p: &mut Pending) -> Result<usize> {
+        match self.record_pending(p) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(abandon(p, e)),
+        }
+    }
+
+    fn record_pending(&self, p: &mut Pending) -> Result<usize> {
         let Some(w) = p.writer.as_mut() else {
             return Ok(0);
         };

@@ -153,6 +153,15 @@ pub fn check_header(file: &File, id: u32) -> Result<()> {
     let mut h = [0u8; PACK_HEADER_LEN as usize];
     file.read_exact_at(&mut h, 0)
         .context("pack is shorter than its header")?;
+    check_header_bytes(&h, id)
+}
+
+/// Checks a pack header's bytes (magic and pack id) against the id its file name gives.
+pub fn check_header_bytes(h: &[u8], id: u32) -> Result<()> {
+    anyhow::ensure!(
+        h.len() >= PACK_HEADER_LEN as usize,
+        "pack is shorter than its header"
+    );
     anyhow::ensure!(&h[..8] == PACK_MAGIC, "pack header magic is wrong");
     let got = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     anyhow::ensure!(

@@ -20,11 +20,11 @@ pub fn explain_close(conn: &quinn::Connection) -> Option<String> {
     match conn.close_reason()? {
         ConnectionError::ConnectionClosed(c) => {
             let code = u64::from(c.error_code);
-            (0x100..0x200).contains(&code).then(|| {
-                format!(
-                    "the peer refused this agent's certificate (TLS alert {}): pin this agent's fingerprint on the peer with `pair --peer <fingerprint>` (see `identity`)",
-                    code - 0x100
-                )
+            (0x100..0x200).contains(&code).then(|| match code - 0x100 {
+                45 => "the peer refused this agent's certificate because it has expired (TLS alert 45): make a new identity with `init` and pair it again on both sides".to_string(),
+                alert => format!(
+                    "the peer refused this agent's certificate (TLS alert {alert}): pin this agent's fingerprint on the peer with `pair --peer <fingerprint>` (see `identity`)"
+                ),
             })
         }
         ConnectionError::ApplicationClosed(a) => Some(format!(

@@ -23,15 +23,29 @@ impl PinnedPeers {
         PinnedPeers { pinned, provider }
     }
 
-    fn check(&self, cert: &CertificateDer<'_>, role: &str) -> Result<(), Error> {
+    fn check(&self, cert: &CertificateDer<'_>, role: &str, now: UnixTime) -> Result<(), Error> {
         let fp = Fingerprint::of(cert);
-        if self.pinned.contains(&fp) {
-            return Ok(());
+        if !self.pinned.contains(&fp) {
+            tracing::warn!(peer = %fp, role, "refused a peer whose certificate is not pinned; pair it first if it is yours");
+            return Err(Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
         }
-        tracing::warn!(peer = %fp, role, "refused a peer whose certificate is not pinned; pair it first if it is yours");
-        Err(Error::InvalidCertificate(
-            CertificateError::ApplicationVerificationFailure,
-        ))
+        match validity(cert, now) {
+            Validity::Current => Ok(()),
+            Validity::Expired(at) => {
+                tracing::warn!(peer = %fp, role, expired = %at, "refused a pinned peer whose certificate has expired; it needs a new identity (`init`) and both sides must pair again");
+                Err(Error::InvalidCertificate(CertificateError::Expired))
+            }
+            Validity::NotYet(from) => {
+                tracing::warn!(peer = %fp, role, valid_from = %from, "refused a pinned peer whose certificate is not valid yet; check both clocks");
+                Err(Error::InvalidCertificate(CertificateError::NotValidYet))
+            }
+            Validity::Unreadable(e) => {
+                tracing::warn!(peer = %fp, role, error = %e, "refused a pinned peer whose certificate cannot be parsed");
+                Err(Error::InvalidCertificate(CertificateError::BadEncoding))
+            }
+        }
     }
 
     fn tls13(
@@ -62,9 +76,9 @@ impl ServerCertVerifier for PinnedPeers {
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        self.check(end_entity, "target")
+        self.check(end_entity, "target", now)
             .map(|_| ServerCertVerified::assertion())
     }
 
@@ -102,9 +116,9 @@ impl ClientCertVerifier for PinnedPeers {
         &self,
         end_entity: &CertificateDer<'_>,
         _: &[CertificateDer<'_>],
-        _: UnixTime,
+        now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.check(end_entity, "source")
+        self.check(end_entity, "source", now)
             .map(|_| ClientCertVerified::assertion())
     }
 
@@ -130,5 +144,31 @@ impl ClientCertVerifier for PinnedPeers {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.schemes()
+    }
+}
+
+/// Where `now` falls in a certificate's validity period.
+enum Validity {
+    Current,
+    Expired(String),
+    NotYet(String),
+    Unreadable(String),
+}
+
+/// A pinned certificate still has to be within its validity period: pinning says whose key it
+/// is, the dates say the owner still stands behind it.
+fn validity(cert: &CertificateDer<'_>, now: UnixTime) -> Validity {
+    let parsed = match x509_parser::parse_x509_certificate(cert) {
+        Ok((_, c)) => c,
+        Err(e) => return Validity::Unreadable(e.to_string()),
+    };
+    let v = parsed.validity();
+    let now = now.as_secs() as i64;
+    if now > v.not_after.timestamp() {
+        Validity::Expired(v.not_after.to_string())
+    } else if now < v.not_before.timestamp() {
+        Validity::NotYet(v.not_before.to_string())
+    } else {
+        Validity::Current
     }
 }
