@@ -127,8 +127,10 @@ impl Loop {
             );
         }
         assert_eq!(latest, self.latest, "the latest point moved");
+        // The explicit number, not `latest`: after a source's death the target may still commit
+        // the cut in flight between the listing above and this failover.
         let out = self.p.path("restore");
-        let rep = self.p.failover("g", "latest", &out, &[]);
+        let rep = self.p.failover("g", &latest.to_string(), &out, &[]);
         assert_eq!(rep["ok"], true, "{rep}");
         for ((name, _), d) in self.vols.iter().zip(&self.expected[&latest]) {
             assert_eq!(
