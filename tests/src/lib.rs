@@ -460,6 +460,49 @@ pub fn loop_devices_available() -> bool {
     }
 }
 
+/// The volumes of a group under test: (name, sparse image).
+pub struct Volumes(pub Vec<(&'static str, PathBuf)>);
+
+impl Volumes {
+    /// Sparse images `<name>.img` of `size` bytes under the pair's temporary root.
+    pub fn create(p: &Pair, names: &[&'static str], size: u64) -> Self {
+        let v: Vec<_> = names
+            .iter()
+            .map(|n| (*n, p.path(&format!("{n}.img"))))
+            .collect();
+        for (_, path) in &v {
+            sparse_image(path, size);
+        }
+        Volumes(v)
+    }
+
+    /// Image of the `i`-th volume.
+    pub fn path(&self, i: usize) -> &Path {
+        &self.0[i].1
+    }
+
+    /// (name, path) pairs, as [`Pair::cycle`] takes them.
+    pub fn refs(&self) -> Vec<(&str, &Path)> {
+        self.0.iter().map(|(n, p)| (*n, p.as_path())).collect()
+    }
+
+    /// BLAKE3 of each volume, in order.
+    pub fn digests(&self) -> Vec<String> {
+        self.0.iter().map(|(_, p)| digest(p)).collect()
+    }
+
+    /// Asserts that the failover output `out` holds volumes with the digests `want`.
+    pub fn assert_restored(&self, out: &Path, want: &[String], what: &str) {
+        for ((name, _), d) in self.0.iter().zip(want) {
+            assert_eq!(
+                &digest(&out.join(format!("volumes/{name}.img"))),
+                d,
+                "volume {name} of {what}"
+            );
+        }
+    }
+}
+
 /// A small ext4 file system on a loop device, mounted at `path`; unmounted and detached when
 /// dropped (for disk-full tests).
 pub struct SmallFs {

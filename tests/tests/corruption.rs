@@ -7,15 +7,7 @@ use understudy_e2e::*;
 
 #[test]
 fn a_corrupted_chunk_is_found_and_named_and_failover_refuses_it() {
-    let mut p = Pair::new();
-    p.start_target(&[]);
-    let (a, b) = (p.path("a.img"), p.path("b.img"));
-    sparse_image(&a, 8 << 20);
-    sparse_image(&b, 8 << 20);
-    write_random(&a, 0, 1 << 20, 1);
-    write_text(&b, 0, 1 << 20, 2);
-    p.cycle("app", &[("a", &a), ("b", &b)], &[]);
-    p.kill_target();
+    let (p, a, b) = stored_pair();
 
     // Damage the first data chunk of volume a: find its frame by content hash in the packs.
     let first = std::fs::read(&a).unwrap()[..64 << 10].to_vec();

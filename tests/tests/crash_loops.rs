@@ -10,7 +10,6 @@
 use rand::RngExt;
 use rand::rngs::StdRng;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use understudy_e2e::crash::{env_count, seeded, sigkilled, spawn, wait};
 use understudy_e2e::*;
@@ -34,7 +33,7 @@ struct Tally {
 
 struct Loop {
     p: Pair,
-    vols: Vec<(&'static str, PathBuf)>,
+    vols: Volumes,
     rng: StdRng,
     generation: u64,
     expected: BTreeMap<u64, Vec<String>>,
@@ -52,12 +51,9 @@ impl Loop {
     fn new(rng: StdRng) -> Self {
         let mut p = Pair::new();
         p.start_target(SERVE);
-        let vols = vec![("a", p.path("a.img")), ("b", p.path("b.img"))];
-        for (_, v) in &vols {
-            sparse_image(v, VOLUME_BLOCKS << 16);
-        }
-        write_random(&vols[0].1, 0, 16 << 20, 1);
-        write_text(&vols[1].1, 0, 16 << 20, 2);
+        let vols = Volumes::create(&p, &["a", "b"], VOLUME_BLOCKS << 16);
+        write_random(vols.path(0), 0, 16 << 20, 1);
+        write_text(vols.path(1), 0, 16 << 20, 2);
         let mut l = Loop {
             p,
             vols,
@@ -68,24 +64,16 @@ impl Loop {
             cycle_secs: 0.5,
             tally: Tally::default(),
         };
-        let want = l.digests();
+        let want = l.vols.digests();
         l.complete(want, false);
         l
-    }
-
-    fn refs(&self) -> Vec<(&str, &std::path::Path)> {
-        self.vols.iter().map(|(n, p)| (*n, p.as_path())).collect()
-    }
-
-    fn digests(&self) -> Vec<String> {
-        self.vols.iter().map(|(_, p)| digest(p)).collect()
     }
 
     /// Overwrites 4 to 8 random runs of 8 to 32 blocks of each volume with new data (random in
     /// a, log-like text in b): 2 to 16 MiB of new chunks per volume.
     fn change(&mut self) -> Vec<String> {
         self.generation += 1;
-        for (i, (_, v)) in self.vols.iter().enumerate() {
+        for (i, (_, v)) in self.vols.0.iter().enumerate() {
             for k in 0..self.rng.random_range(4..=8u64) {
                 let blocks = self.rng.random_range(8..=32u64);
                 let first = self.rng.random_range(0..(VOLUME_BLOCKS - blocks));
@@ -98,7 +86,7 @@ impl Loop {
                 }
             }
         }
-        self.digests()
+        self.vols.digests()
     }
 
     fn durable_chunks(&self) -> u64 {
@@ -132,13 +120,8 @@ impl Loop {
         let out = self.p.path("restore");
         let rep = self.p.failover("g", &latest.to_string(), &out, &[]);
         assert_eq!(rep["ok"], true, "{rep}");
-        for ((name, _), d) in self.vols.iter().zip(&self.expected[&latest]) {
-            assert_eq!(
-                &digest(&out.join(format!("volumes/{name}.img"))),
-                d,
-                "volume {name} of point {latest}"
-            );
-        }
+        self.vols
+            .assert_restored(&out, &self.expected[&latest], &format!("point {latest}"));
         std::fs::remove_dir_all(&out).unwrap();
         adopted
     }
@@ -147,7 +130,7 @@ impl Loop {
     /// (`adopted`), the cycle reports that point again, or, when the source had recorded the
     /// commit before it died, makes a new point of the unchanged volumes.
     fn complete(&mut self, want: Vec<String>, adopted: bool) -> serde_json::Value {
-        let r = self.p.cycle("g", &self.refs(), &[]);
+        let r = self.p.cycle("g", &self.vols.refs(), &[]);
         let seq = r["seq"].as_u64().unwrap();
         if adopted && seq == self.latest {
             assert_eq!(r["already_committed"], true, "{r}");
@@ -167,7 +150,7 @@ impl Loop {
     fn round(&mut self, victim: Victim) -> bool {
         let before = self.durable_chunks();
         let want = self.change();
-        let args = self.p.source_args("g", &self.refs(), &[]);
+        let args = self.p.source_args("g", &self.vols.refs(), &[]);
         let log = self.p.path("source.log");
         let start = Instant::now();
         let mut source = spawn("source-agent", &args, &[], &log);

@@ -3,7 +3,6 @@
 //! SIGKILL. After the crash no partial point is listed, the last committed point restores
 //! bit-exact, `verify` finds the store whole, and the next cycle completes.
 
-use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 use understudy_common::failpoint::POINTS;
@@ -34,7 +33,7 @@ fn every_crash_point_is_tested() {
 /// A pair with two volumes and one committed point.
 struct Scene {
     p: Pair,
-    vols: Vec<(&'static str, PathBuf)>,
+    vols: Volumes,
     serve: Vec<&'static str>,
     generation: u64,
     /// Digests per committed point.
@@ -47,12 +46,9 @@ impl Scene {
         let mut serve = serve.to_vec();
         serve.extend(["--flush-every-mib", "1"]);
         p.start_target(&serve);
-        let vols = vec![("a", p.path("a.img")), ("b", p.path("b.img"))];
-        for (_, v) in &vols {
-            sparse_image(v, 16 << 20);
-        }
-        write_random(&vols[0].1, 0, 6 << 20, 1);
-        write_text(&vols[1].1, 0, 4 << 20, 2);
+        let vols = Volumes::create(&p, &["a", "b"], 16 << 20);
+        write_random(vols.path(0), 0, 6 << 20, 1);
+        write_text(vols.path(1), 0, 4 << 20, 2);
         let mut s = Scene {
             p,
             vols,
@@ -60,25 +56,22 @@ impl Scene {
             generation: 1,
             expected: Vec::new(),
         };
-        let r = s.p.cycle("g", &s.refs(), &[]);
-        s.expected.push((r["seq"].as_u64().unwrap(), s.digests()));
+        let r = s.p.cycle("g", &s.vols.refs(), &[]);
+        s.expected.push((r["seq"].as_u64().unwrap(), s.vols.digests()));
         s
-    }
-
-    fn refs(&self) -> Vec<(&str, &std::path::Path)> {
-        self.vols.iter().map(|(n, p)| (*n, p.as_path())).collect()
-    }
-
-    fn digests(&self) -> Vec<String> {
-        self.vols.iter().map(|(_, p)| digest(p)).collect()
     }
 
     /// Overwrites most of volume a's data and some of b: 5 MiB of new chunks.
     fn change(&mut self) -> Vec<String> {
         self.generation += 1;
-        write_random(&self.vols[0].1, 1 << 20, 4 << 20, self.generation * 100);
-        write_random(&self.vols[1].1, 8 << 20, 1 << 20, self.generation * 100 + 1);
-        self.digests()
+        write_random(self.vols.path(0), 1 << 20, 4 << 20, self.generation * 100);
+        write_random(
+            self.vols.path(1),
+            8 << 20,
+            1 << 20,
+            self.generation * 100 + 1,
+        );
+        self.vols.digests()
     }
 
     fn restart_target(&mut self, env: &[(&str, &str)]) {
@@ -96,7 +89,7 @@ impl Scene {
 
     /// One source cycle with extra environment; returns its exit status and report (if any).
     fn cycle_env(&self, env: &[(&str, &str)]) -> (ExitStatus, Option<serde_json::Value>) {
-        let args = self.p.source_args("g", &self.refs(), &[]);
+        let args = self.p.source_args("g", &self.vols.refs(), &[]);
         let o = Command::new(bin("source-agent"))
             .args(&args)
             .envs(env.iter().copied())
@@ -111,7 +104,7 @@ impl Scene {
     /// (so the source hears a reset instead of waiting out the idle timeout) and returns whether
     /// the source still saw its point committed.
     fn cycle_through_target_crash(&mut self) -> bool {
-        let args = self.p.source_args("g", &self.refs(), &[]);
+        let args = self.p.source_args("g", &self.vols.refs(), &[]);
         let mut source = spawn("source-agent", &args, &[], &self.p.path("source.log"));
         self.target_crashed();
         let serve = self.serve.clone();
@@ -121,7 +114,7 @@ impl Scene {
     }
 
     fn cycle(&self) -> serde_json::Value {
-        self.p.cycle("g", &self.refs(), &[])
+        self.p.cycle("g", &self.vols.refs(), &[])
     }
 
     /// Every listed point restores bit-exact, and only committed points are listed.
@@ -141,13 +134,8 @@ impl Scene {
             .path(&format!("restore-{latest}-{}", self.generation));
         let rep = self.p.failover("g", &latest.to_string(), &out, &[]);
         assert_eq!(rep["ok"], true, "{rep}");
-        for ((name, _), d) in self.vols.iter().zip(want) {
-            assert_eq!(
-                &digest(&out.join(format!("volumes/{name}.img"))),
-                d,
-                "volume {name} of point {latest}"
-            );
-        }
+        self.vols
+            .assert_restored(&out, want, &format!("point {latest}"));
         std::fs::remove_dir_all(&out).unwrap();
         let v = self.p.target_cmd(&["verify", "--json"]);
         assert!(
@@ -284,9 +272,7 @@ fn crash_during_a_failover_rebuild_leaves_no_finished_looking_volume() {
     let rep = sc.p.failover("g", "latest", &out, &[]);
     assert_eq!(rep["ok"], true, "{rep}");
     assert!(!out.join("volumes/a.img.partial").exists());
-    for ((name, _), d) in sc.vols.iter().zip(&sc.expected[0].1) {
-        assert_eq!(&digest(&out.join(format!("volumes/{name}.img"))), d);
-    }
+    sc.vols.assert_restored(&out, &sc.expected[0].1, "point 1");
 }
 
 #[test]

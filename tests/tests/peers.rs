@@ -143,6 +143,22 @@ fn install_identity(
         .to_string()
 }
 
+/// Pins `fingerprint` as the target's source.
+fn pin_source(p: &Pair, fingerprint: &str) {
+    ok(
+        "target-agent",
+        &[
+            "pair",
+            "--dir",
+            s(&p.target_dir),
+            "--peer",
+            fingerprint,
+            "--name",
+            "source",
+        ],
+    );
+}
+
 /// Runs one cycle of `dir`'s source against the pair's target; returns its stderr (it must fail).
 fn refused_cycle(p: &Pair, dir: &std::path::Path) -> String {
     let v = p.path("v.img");
@@ -188,18 +204,7 @@ fn an_expired_certificate_is_refused_even_when_pinned() {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
     let fp = install_identity(&p.source_dir, &cert, &key);
-    ok(
-        "target-agent",
-        &[
-            "pair",
-            "--dir",
-            s(&p.target_dir),
-            "--peer",
-            &fp,
-            "--name",
-            "source",
-        ],
-    );
+    pin_source(&p, &fp);
     p.start_target(&[]);
     let err = refused_cycle(&p, &p.source_dir);
     assert!(err.contains("expired") && err.contains("init"), "{err}");
@@ -226,18 +231,7 @@ fn a_certificate_from_the_same_ca_with_another_identity_is_refused() {
     // same CA with the same name.
     let (cert, key) = issue();
     let fp = install_identity(&p.source_dir, &cert, &key);
-    ok(
-        "target-agent",
-        &[
-            "pair",
-            "--dir",
-            s(&p.target_dir),
-            "--peer",
-            &fp,
-            "--name",
-            "source",
-        ],
-    );
+    pin_source(&p, &fp);
     let impostor = p.path("impostor");
     ok("source-agent", &["init", "--dir", s(&impostor)]);
     let (cert2, key2) = issue();
