@@ -35,23 +35,39 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Serves the admin socket until this future is dropped.
-pub async fn serve(dir: &Path, ctx: Arc<SessionContext>) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = socket_path(dir);
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("cannot create admin socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    let _remove = RemoveOnDrop(path);
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, ctx).await {
-                tracing::warn!(error = %format!("{e:#}"), "admin request failed");
-            }
-        });
+/// The bound admin socket. Binding happens with the server's own binding, before `serve`
+/// reports ready, so a store command sent right after start-up is queued, never refused.
+pub struct AdminSocket {
+    listener: tokio::net::UnixListener,
+    _remove: RemoveOnDrop,
+}
+
+impl AdminSocket {
+    /// Creates `<dir>/admin.sock` (replacing a stale one left by a killed process), mode 0600.
+    pub fn bind(dir: &Path) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = socket_path(dir);
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot create admin socket {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(AdminSocket {
+            listener,
+            _remove: RemoveOnDrop(path),
+        })
+    }
+
+    /// Serves requests until this future is dropped.
+    pub async fn serve(self, ctx: Arc<SessionContext>) -> Result<()> {
+        loop {
+            let (stream, _) = self.listener.accept().await?;
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, ctx).await {
+                    tracing::warn!(error = %format!("{e:#}"), "admin request failed");
+                }
+            });
+        }
     }
 }
 

@@ -26,7 +26,7 @@ pub struct ServerConfig {
 
 /// A running server.
 pub struct Server {
-    dir: PathBuf,
+    admin: crate::admin::AdminSocket,
     endpoint: quinn::Endpoint,
     ctx: Arc<SessionContext>,
 }
@@ -48,7 +48,7 @@ impl Server {
             metrics,
         });
         Ok(Server {
-            dir: cfg.dir.clone(),
+            admin: crate::admin::AdminSocket::bind(&cfg.dir)?,
             endpoint,
             ctx,
         })
@@ -62,35 +62,41 @@ impl Server {
     /// Accepts connections until the endpoint closes, and serves the admin socket meanwhile.
     /// Dropping (aborting) this future stops both, so the store is released with the server.
     pub async fn run(self) -> Result<()> {
-        let admin = async {
-            if let Err(e) = crate::admin::serve(&self.dir, self.ctx.clone()).await {
+        let Server {
+            admin,
+            endpoint,
+            ctx,
+        } = self;
+        let admin_ctx = ctx.clone();
+        let admin = async move {
+            if let Err(e) = admin.serve(admin_ctx).await {
                 tracing::error!(error = %format!("{e:#}"), "admin socket stopped; store commands need `serve` stopped");
             }
             std::future::pending::<()>().await
         };
         tokio::select! {
             _ = admin => unreachable!("the admin future never completes"),
-            r = self.accept() => r,
+            r = accept(&endpoint, &ctx) => r,
         }
     }
+}
 
-    async fn accept(&self) -> Result<()> {
-        while let Some(incoming) = self.endpoint.accept().await {
-            let ctx = self.ctx.clone();
-            tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(%remote, error = %e, "refused connection (TLS handshake failed: unpinned or invalid peer certificate?)");
-                        return;
-                    }
-                };
-                if let Err(e) = run_session(conn, ctx).await {
-                    tracing::warn!(%remote, error = %format!("{e:#}"), "session ended with an error");
+async fn accept(endpoint: &quinn::Endpoint, ctx: &Arc<SessionContext>) -> Result<()> {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused connection (TLS handshake failed: unpinned or invalid peer certificate?)");
+                    return;
                 }
-            });
-        }
-        Ok(())
+            };
+            if let Err(e) = run_session(conn, ctx).await {
+                tracing::warn!(%remote, error = %format!("{e:#}"), "session ended with an error");
+            }
+        });
     }
+    Ok(())
 }

@@ -57,7 +57,8 @@ impl Scene {
             expected: Vec::new(),
         };
         let r = s.p.cycle("g", &s.vols.refs(), &[]);
-        s.expected.push((r["seq"].as_u64().unwrap(), s.vols.digests()));
+        s.expected
+            .push((r["seq"].as_u64().unwrap(), s.vols.digests()));
         s
     }
 
