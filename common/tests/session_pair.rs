@@ -302,3 +302,190 @@ fn target_refuses_bad_input() {
     store.flush().unwrap();
     assert_eq!(store.missing(&[stray.hash()]).unwrap(), vec![stray.hash()]);
 }
+
+/// Hands `msgs` to the target; returns its replies (a commit request is not expected here).
+fn deliver(t: &mut TargetSession, msgs: Vec<Control>) -> Vec<Control> {
+    let mut out = Vec::new();
+    for m in msgs {
+        match t.on_message(m).expect("target accepts the message") {
+            TargetStep::Reply(r) => out.extend(r),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn pushed_chunks_are_held_and_not_asked_for_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mut img = Image::new(48);
+    fill(&mut img, 0..40, 4);
+    let frames = img.frames();
+    let offer = img.offer("c1", None);
+    let order: Vec<ChunkHash> = offer.entries[0]
+        .iter()
+        .filter_map(|(_, b)| match b {
+            BlockRef::Data(h) => Some(*h),
+            BlockRef::Hole => None,
+        })
+        .collect();
+
+    // Hello and Welcome come before the cut exists.
+    let (mut src, hello) = SourceSession::pushing("app");
+    let mut tgt = TargetSession::new(store.clone());
+    let welcome = deliver(&mut tgt, vec![hello]);
+    for m in welcome {
+        assert_eq!(src.on_message(m).unwrap(), SourceStep::Send(vec![]));
+    }
+    assert!(src.awaits_cut());
+    // 30 chunks are pushed while the cut is made.
+    for h in &order[..30] {
+        tgt.on_pushed(&chunk::verify(frames[h].clone()).unwrap())
+            .unwrap();
+    }
+    // The cut is done: PushEnd and the offer go out while one push stream is still draining.
+    let SourceStep::Send(msgs) = src.set_offer(offer, 1, 31).unwrap() else {
+        panic!("the offer is sent")
+    };
+    assert!(matches!(
+        msgs[0],
+        Control::PushEnd {
+            streams: 1,
+            chunks: 31
+        }
+    ));
+    assert_eq!(
+        deliver(&mut tgt, msgs),
+        vec![],
+        "the answer waits for the push stream"
+    );
+    // The last pushed chunk arrives, then the stream ends: now the target answers.
+    tgt.on_pushed(&chunk::verify(frames[&order[30]].clone()).unwrap())
+        .unwrap();
+    let TargetStep::Reply(needs) = tgt.on_push_stream_end().unwrap() else {
+        panic!("needs")
+    };
+    assert_eq!(
+        needs.last(),
+        Some(&Control::NeedEnd {
+            needed: 9,
+            held: 31
+        })
+    );
+    let mut sent = 0;
+    for m in needs {
+        if let SourceStep::SendChunks(hashes) = src.on_message(m).unwrap() {
+            for h in &hashes {
+                tgt.on_chunk(&chunk::verify(frames[h].clone()).unwrap())
+                    .unwrap();
+            }
+            sent = hashes.len();
+            let commit = src.commit(1, hashes.len() as u64);
+            assert!(matches!(
+                tgt.on_message(commit).unwrap(),
+                TargetStep::CommitWhenDrained { .. }
+            ));
+        }
+    }
+    assert_eq!(sent, 9, "only the chunks not pushed travel after the offer");
+    let committed = tgt.commit().unwrap();
+    assert!(matches!(
+        src.on_message(committed).unwrap(),
+        SourceStep::Committed { seq: 1, .. }
+    ));
+    assert_eq!(store.block_map("app", 1, "data").unwrap(), img.map());
+    // A push once the offer was answered is a protocol violation.
+    let late = chunk::verify(frames[&order[0]].clone()).unwrap();
+    assert!(tgt.on_pushed(&late).is_err());
+}
+
+#[test]
+fn a_pushed_chunk_the_offer_does_not_reference_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mut img = Image::new(4);
+    fill(&mut img, 0..4, 6);
+    let mut tgt = TargetSession::new(store.clone());
+    deliver(
+        &mut tgt,
+        vec![Control::Hello {
+            group: "app".into(),
+        }],
+    );
+    let stray = chunk::verify(chunk::encode(&[7u8; 4096], 1)).unwrap();
+    tgt.on_pushed(&stray).unwrap();
+    let (mut src, _) = SourceSession::pushing("app");
+    src.on_message(Control::Welcome {
+        latest: None,
+        push: true,
+    })
+    .unwrap();
+    let SourceStep::Send(msgs) = src.set_offer(img.offer("c1", None), 0, 1).unwrap() else {
+        panic!("the offer is sent")
+    };
+    let mut last = Ok(TargetStep::Reply(vec![]));
+    for m in msgs {
+        last = tgt.on_message(m);
+        if last.is_err() {
+            break;
+        }
+    }
+    let e = last.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("pushed but the offer does not reference it"),
+        "{e}"
+    );
+    assert!(store.latest("app").unwrap().is_none());
+}
+
+#[test]
+fn after_a_broken_transfer_the_target_forbids_pushing_until_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mut img = Image::new(16);
+    fill(&mut img, 0..16, 8);
+    let welcome = |store: &Arc<Store>| {
+        let mut t = TargetSession::new(store.clone());
+        let reply = deliver(
+            &mut t,
+            vec![Control::Hello {
+                group: "app".into(),
+            }],
+        );
+        (t, reply)
+    };
+    let (_, reply) = welcome(&store);
+    assert_eq!(
+        reply,
+        vec![Control::Welcome {
+            latest: None,
+            push: true
+        }]
+    );
+    // A transfer breaks after 5 durable chunks: pushing now would send them again.
+    let offer = img.offer("c1", None);
+    assert_eq!(
+        run(&store, offer.clone(), &img.frames(), Some(5)),
+        Outcome::Broken { sent: 5 }
+    );
+    let (mut t, reply) = welcome(&store);
+    assert_eq!(
+        reply,
+        vec![Control::Welcome {
+            latest: None,
+            push: false
+        }]
+    );
+    let pushed = chunk::verify(img.frames().into_values().next().unwrap()).unwrap();
+    let e = t.on_pushed(&pushed).unwrap_err();
+    assert!(e.to_string().contains("did not allow pushing"), "{e}");
+    // The resumed transfer sends only the other 11, and its commit lifts the ban.
+    assert_eq!(
+        run(&store, offer, &img.frames(), None),
+        Outcome::Committed { seq: 1, sent: 11 }
+    );
+    let (_, reply) = welcome(&store);
+    assert!(matches!(reply[0], Control::Welcome { push: true, .. }));
+}

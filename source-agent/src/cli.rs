@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Parallel QUIC data streams.
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
+    /// Cap on chunk data sent, in megabits per second (QUIC and TLS add about 3% on the link);
+    /// unlimited when not given. For links shared with other traffic.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub bandwidth_limit_mbit: Option<u32>,
     /// Command run (sh -c) before the cut, e.g. a freeze.
     #[arg(long)]
     pub pre_hook: Option<String>,
@@ -162,6 +166,7 @@ impl RunArgs {
             group: self.group.clone(),
             target: self.target,
             streams: self.streams.max(1),
+            bandwidth_limit_mbit: self.bandwidth_limit_mbit,
             cut: CutConfig {
                 volumes: self.volumes.clone(),
                 manifests: self.manifest_source(),

@@ -1,7 +1,7 @@
 //! One replication cycle of a group: resume the pending cut or make a new one, offer it to the
 //! target, send what it lacks, and record the commit.
 
-use crate::ship::{Shipped, ship};
+use crate::ship::{Limiter, Shipped, push, ship};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -31,6 +31,8 @@ pub struct SourceConfig {
     pub cut: CutConfig,
     /// Parallel data streams.
     pub streams: usize,
+    /// Cap on chunk data sent, in megabits per second.
+    pub bandwidth_limit_mbit: Option<u32>,
 }
 
 /// What one cycle did.
@@ -48,8 +50,10 @@ pub struct CycleReport {
     pub already_committed: bool,
     /// Bytes read from volumes.
     pub bytes_read: u64,
-    /// Chunks the target lacked and were sent.
+    /// Chunks sent: pushed while the cut was made, plus those the target asked for after.
     pub chunks_sent: u64,
+    /// Of those, chunks pushed while the cut was made.
+    pub chunks_pushed: u64,
     /// Frame bytes sent.
     pub bytes_sent: u64,
     /// Chunks the cut references that the target already held.
@@ -59,6 +63,12 @@ pub struct CycleReport {
     /// UDP payload bytes sent on the connection (QUIC and TLS overhead and control messages
     /// included): what the link carried.
     pub wire_bytes_sent: u64,
+    /// UDP payload bytes received on the connection (acknowledgements, the target's replies).
+    pub wire_bytes_received: u64,
+    /// UDP datagrams sent on the connection.
+    pub datagrams_sent: u64,
+    /// Largest UDP payload the path carried at the end (found by path MTU discovery).
+    pub path_mtu: u16,
     /// Seconds the cycle took.
     pub seconds: f64,
 }
@@ -82,7 +92,7 @@ impl SourceAgent {
         } else {
             "0.0.0.0:0".parse()?
         };
-        let mut endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
+        let mut endpoint = quic::client_endpoint(bind)?;
         endpoint.set_default_client_config(quic::client_config(&identity, peers)?);
         metrics.track(&cfg.group);
         Ok(SourceAgent {
@@ -117,22 +127,17 @@ impl SourceAgent {
 
     async fn cycle_once(&self, may_retry_full: bool) -> Result<CycleReport> {
         let state = Arc::new(GroupState::lock(&self.cfg.dir, &self.cfg.group)?);
-        let (cut, resumed) = self.pending_or_new(&state).await?;
-        let label = Metrics::group(&self.cfg.group);
-        if !resumed {
-            self.metrics
-                .bytes_read
-                .get_or_create(&label)
-                .inc_by(cut.bytes_read);
-        }
-        let mut report = CycleReport {
-            cut_id: cut.offer.cut.cut_id.clone(),
-            cut_time: understudy_common::format_ms(cut.offer.cut.created_ms),
-            resumed,
-            bytes_read: if resumed { 0 } else { cut.bytes_read },
-            ..Default::default()
+        let mut report = CycleReport::default();
+        let pending = tokio::task::block_in_place(|| state.pending())?;
+        let (outcome, cut) = match pending {
+            Some(cut) => {
+                tracing::info!(group = %self.cfg.group, cut = %cut.offer.cut.cut_id, "resuming a cut made earlier");
+                self.describe(&cut, true, &mut report);
+                (self.offer(&state, &cut, &mut report).await?, cut)
+            }
+            None => self.cut_and_offer(&state, &mut report).await?,
         };
-        match self.offer(&state, &cut, &mut report).await? {
+        match outcome {
             Outcome::Committed(seq) => {
                 understudy_common::failpoint::hit("source.commit.acked");
                 report.seq = seq;
@@ -157,11 +162,47 @@ impl SourceAgent {
         }
     }
 
-    async fn pending_or_new(&self, state: &Arc<GroupState>) -> Result<(PendingCut, bool)> {
-        if let Some(cut) = state.pending()? {
-            tracing::info!(group = %self.cfg.group, cut = %cut.offer.cut.cut_id, "resuming a cut made earlier");
-            return Ok((cut, true));
+    /// Fills the report's description of the cut.
+    fn describe(&self, cut: &PendingCut, resumed: bool, report: &mut CycleReport) {
+        if !resumed {
+            self.metrics
+                .bytes_read
+                .get_or_create(&Metrics::group(&self.cfg.group))
+                .inc_by(cut.bytes_read);
         }
+        report.cut_id = cut.offer.cut.cut_id.clone();
+        report.cut_time = understudy_common::format_ms(cut.offer.cut.created_ms);
+        report.resumed = resumed;
+        report.bytes_read = if resumed { 0 } else { cut.bytes_read };
+    }
+
+    /// Makes a new cut. With a target to talk to, the session starts first and the cut's chunks
+    /// are pushed while it is made; without one, the cut is made and spooled, and sent later.
+    async fn cut_and_offer(
+        &self,
+        state: &Arc<GroupState>,
+        report: &mut CycleReport,
+    ) -> Result<(Outcome, PendingCut)> {
+        let conn = match self.connect().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(group = %self.cfg.group, error = %format!("{e:#}"), "target unreachable: making the cut now, to send it once the target answers");
+                let cut = self.make_cut(state, None).await?;
+                self.describe(&cut, false, report);
+                return Err(e);
+            }
+        };
+        let r = self.push_session(&conn, state, report).await;
+        self.account(&conn, report);
+        r.map_err(|e| explain(&conn, e))
+    }
+
+    /// Makes a cut in the background, its progress on a bar; frames also go to `tee`.
+    async fn make_cut(
+        &self,
+        state: &Arc<GroupState>,
+        tee: Option<understudy_common::source::spool::Tee>,
+    ) -> Result<PendingCut> {
         let (state, cfg, change) = (state.clone(), self.cfg.cut.clone(), self.change.clone());
         let total: u64 = cfg
             .volumes
@@ -178,6 +219,7 @@ impl SourceAgent {
                 &state,
                 base.as_ref(),
                 change.as_ref(),
+                tee,
                 &|vol, d, _| {
                     let mut m = done.lock().expect("progress");
                     m.insert(vol.to_string(), d);
@@ -190,7 +232,7 @@ impl SourceAgent {
         .await??;
         tracing::info!(group = %self.cfg.group, cut = %cut.offer.cut.cut_id, bytes_read = cut.bytes_read, spooled = cut.bytes_spooled, kind = ?cut.offer.kind, "cut made");
         understudy_common::failpoint::hit("source.cut.made");
-        Ok((cut, false))
+        Ok(cut)
     }
 
     async fn connect(&self) -> Result<quinn::Connection> {
@@ -205,6 +247,17 @@ impl SourceAgent {
         }
     }
 
+    /// Adds the connection's figures to the report.
+    fn account(&self, conn: &quinn::Connection, report: &mut CycleReport) {
+        let stats = conn.stats();
+        report.wire_bytes_sent += stats.udp_tx.bytes;
+        report.wire_bytes_received += stats.udp_rx.bytes;
+        report.datagrams_sent += stats.udp_tx.datagrams;
+        report.path_mtu = stats.path.current_mtu;
+        tracing::debug!(path = ?stats.path, "connection path at the end of the session");
+    }
+
+    /// Offers a cut made earlier on a new connection.
     async fn offer(
         &self,
         state: &Arc<GroupState>,
@@ -212,41 +265,103 @@ impl SourceAgent {
         report: &mut CycleReport,
     ) -> Result<Outcome> {
         let conn = self.connect().await?;
-        let r = self.session(&conn, state, cut, report).await;
-        report.wire_bytes_sent += conn.stats().udp_tx.bytes;
-        r.map_err(
-            |e| match understudy_common::transport::explain_close(&conn) {
-                Some(why) => e.context(why),
-                None => e,
-            },
-        )
+        let r = async {
+            let (mut send, recv) = open_control(&conn).await?;
+            let (session, hello) = SourceSession::new(&self.cfg.group, cut.offer.clone());
+            stream::send(&mut send, &hello).await?;
+            self.drive(&conn, (send, recv), session, None, state, cut, report)
+                .await
+        }
+        .await;
+        self.account(&conn, report);
+        r.map_err(|e| explain(&conn, e))
     }
 
-    async fn session(
+    /// A session that starts before the cut: Hello, Welcome, then the cut is made while its
+    /// chunks are pushed, then the offer goes out and the session runs as usual.
+    async fn push_session(
         &self,
         conn: &quinn::Connection,
+        state: &Arc<GroupState>,
+        report: &mut CycleReport,
+    ) -> Result<(Outcome, PendingCut)> {
+        let (mut send, mut recv) = open_control(conn).await?;
+        let (mut session, hello) = SourceSession::pushing(&self.cfg.group);
+        stream::send(&mut send, &hello).await?;
+        let welcome = stream::recv(&mut recv)
+            .await
+            .context("target closed the session")?;
+        session.on_message(welcome)?;
+        if !session.awaits_cut() {
+            bail!("target did not welcome the session");
+        }
+        let (tee, pusher) = if session.push_allowed() {
+            let (tx, rx) = tokio::sync::mpsc::channel(PUSH_QUEUE);
+            let limit = self.limiter();
+            let task = push(
+                conn.clone(),
+                rx,
+                self.cfg.streams,
+                limit,
+                self.sent_counter(None),
+            );
+            (Some(tx), Some(tokio::spawn(task)))
+        } else {
+            tracing::info!(group = %self.cfg.group, "the target holds chunks of a broken transfer: not pushing, it asks for what it lacks after the cut");
+            (None, None)
+        };
+        let cut = self.make_cut(state, tee).await;
+        let pushed = match pusher {
+            Some(p) => p.await.context("push task failed")?,
+            None => Ok(Shipped::default()),
+        };
+        let cut = cut?;
+        self.describe(&cut, false, report);
+        let pushed = pushed.context("the connection broke while pushing the cut's chunks; the cut is kept and sent on the next attempt")?;
+        report.chunks_pushed = pushed.chunks;
+        report.chunks_sent = pushed.chunks;
+        report.bytes_sent = pushed.bytes;
+        let first = session.set_offer(cut.offer.clone(), pushed.streams, pushed.chunks)?;
+        let outcome = self
+            .drive(
+                conn,
+                (send, recv),
+                session,
+                Some(first),
+                state,
+                &cut,
+                report,
+            )
+            .await?;
+        Ok((outcome, cut))
+    }
+
+    /// Runs a session to its end: handles `first` (if any), then each message from the target.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        &self,
+        conn: &quinn::Connection,
+        (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+        mut session: SourceSession,
+        mut step: Option<SourceStep>,
         state: &Arc<GroupState>,
         cut: &PendingCut,
         report: &mut CycleReport,
     ) -> Result<Outcome> {
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .context("cannot open the control stream")?;
-        stream::write_preamble(&mut send).await?;
-        stream::read_preamble(&mut recv)
-            .await
-            .context("target did not accept the session")?;
-        let (mut session, hello) = SourceSession::new(&self.cfg.group, cut.offer.clone());
-        stream::send(&mut send, &hello).await?;
         loop {
-            let msg = stream::recv(&mut recv)
-                .await
-                .context("target closed the session")?;
-            if let Control::NeedEnd { held, .. } = &msg {
-                report.chunks_held = *held;
-            }
-            match session.on_message(msg)? {
+            let next = match step.take() {
+                Some(s) => s,
+                None => {
+                    let msg = stream::recv(&mut recv)
+                        .await
+                        .context("target closed the session")?;
+                    if let Control::NeedEnd { held, .. } = &msg {
+                        report.chunks_held = *held;
+                    }
+                    session.on_message(msg)?
+                }
+            };
+            match next {
                 SourceStep::Send(msgs) => {
                     for m in &msgs {
                         stream::send(&mut send, m).await?;
@@ -258,8 +373,8 @@ impl SourceAgent {
                         cut.spool.clone(),
                     )?);
                     let sent = self.send_chunks(conn, spool, hashes).await?;
-                    report.chunks_sent = sent.chunks;
-                    report.bytes_sent = sent.bytes;
+                    report.chunks_sent += sent.chunks;
+                    report.bytes_sent += sent.bytes;
                     stream::send(&mut send, &session.commit(sent.streams, sent.chunks)).await?;
                 }
                 SourceStep::AlreadyCommitted { seq } => {
@@ -284,25 +399,43 @@ impl SourceAgent {
         }
     }
 
+    fn limiter(&self) -> Option<Limiter> {
+        self.cfg.bandwidth_limit_mbit.map(Limiter::mbit)
+    }
+
+    /// Counts sent frame bytes in the metrics (and on `bar`, when given).
+    fn sent_counter(&self, bar: Option<indicatif::ProgressBar>) -> Arc<dyn Fn(u64) + Send + Sync> {
+        let counter = self
+            .metrics
+            .bytes_sent
+            .get_or_create(&Metrics::group(&self.cfg.group))
+            .clone();
+        Arc::new(move |n: u64| {
+            counter.inc_by(n);
+            if let Some(b) = &bar {
+                b.inc(n);
+            }
+        })
+    }
+
     async fn send_chunks(
         &self,
         conn: &quinn::Connection,
         spool: Arc<SpoolReader>,
         hashes: Vec<understudy_common::hash::ChunkHash>,
     ) -> Result<Shipped> {
-        let counter = self
-            .metrics
-            .bytes_sent
-            .get_or_create(&Metrics::group(&self.cfg.group))
-            .clone();
         let total: u64 = hashes.iter().filter_map(|h| spool.len_of(h)).sum();
         let pb = understudy_common::progress::bytes(total, "send");
-        let pb2 = pb.clone();
-        let on_bytes = Arc::new(move |n: u64| {
-            counter.inc_by(n);
-            pb2.inc(n);
-        });
-        let r = ship(conn, spool, hashes, self.cfg.streams, on_bytes).await;
+        let on_bytes = self.sent_counter(Some(pb.clone()));
+        let r = ship(
+            conn,
+            spool,
+            hashes,
+            self.cfg.streams,
+            self.limiter(),
+            on_bytes,
+        )
+        .await;
         pb.finish_and_clear();
         r
     }
@@ -316,4 +449,28 @@ impl SourceAgent {
 enum Outcome {
     Committed(u64),
     BaseMismatch,
+}
+
+/// Frames queued for the push streams; beyond that, frames wait in the spool for the Need.
+const PUSH_QUEUE: usize = 64;
+
+/// Opens the control stream and exchanges preambles.
+async fn open_control(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .context("cannot open the control stream")?;
+    stream::write_preamble(&mut send).await?;
+    stream::read_preamble(&mut recv)
+        .await
+        .context("target did not accept the session")?;
+    Ok((send, recv))
+}
+
+/// Adds why the connection closed, when it says, to a session error.
+fn explain(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
+    match understudy_common::transport::explain_close(conn) {
+        Some(why) => e.context(why),
+        None => e,
+    }
 }

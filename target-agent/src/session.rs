@@ -12,6 +12,7 @@ use understudy_common::protocol::target_session::{TargetSession, TargetStep, ref
 use understudy_common::protocol::{Control, RefuseCode};
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
+use understudy_common::transport::stream::StreamKind;
 use understudy_common::transport::{peer_fingerprint, stream};
 
 /// What every session shares.
@@ -30,8 +31,8 @@ pub struct SessionContext {
 
 enum Event {
     Control(Result<Control>),
-    Chunk(Verified),
-    StreamEnd,
+    Chunk(StreamKind, Verified),
+    StreamEnd(StreamKind),
     StreamFailed(anyhow::Error),
 }
 
@@ -137,11 +138,20 @@ async fn drive(
                 }
                 session.on_message(msg)
             }
-            Event::Chunk(v) => tokio::task::block_in_place(|| session.on_chunk(&v))
-                .map(|_| TargetStep::Reply(vec![])),
-            Event::StreamEnd => {
+            Event::Chunk(StreamKind::Data, v) => {
+                tokio::task::block_in_place(|| session.on_chunk(&v))
+                    .map(|_| TargetStep::Reply(vec![]))
+            }
+            Event::Chunk(StreamKind::Push, v) => {
+                tokio::task::block_in_place(|| session.on_pushed(&v))
+                    .map(|_| TargetStep::Reply(vec![]))
+            }
+            Event::StreamEnd(StreamKind::Data) => {
                 ended += 1;
                 Ok(TargetStep::Reply(vec![]))
+            }
+            Event::StreamEnd(StreamKind::Push) => {
+                tokio::task::block_in_place(|| session.on_push_stream_end())
             }
             Event::StreamFailed(e) => return Err(e.context("a data stream failed")),
         };
@@ -173,12 +183,15 @@ async fn drive(
             } = reply
             {
                 let (chunks, bytes) = session.received();
+                let (pushed_chunks, pushed_bytes) = session.pushed();
                 tracing::info!(
                     group = session.group(),
                     seq,
                     blocks_changed,
                     chunks,
                     bytes,
+                    pushed_chunks,
+                    pushed_bytes,
                     "recovery point committed"
                 );
                 return Ok(Some(session.group().to_string()));
@@ -296,19 +309,19 @@ async fn accept_data(conn: quinn::Connection, tx: mpsc::Sender<Event>) {
 
 async fn read_data(mut recv: quinn::RecvStream, tx: mpsc::Sender<Event>) {
     let result = async {
-        stream::read_data_kind(&mut recv).await?;
+        let kind = stream::read_data_kind(&mut recv).await?;
         while let Some(frame) = stream::read_frame(&mut recv).await? {
             let v = tokio::task::block_in_place(|| chunk::verify(frame))?;
-            if tx.send(Event::Chunk(v)).await.is_err() {
-                return Ok(());
+            if tx.send(Event::Chunk(kind, v)).await.is_err() {
+                return Ok(kind);
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(kind)
     }
     .await;
     let _ = tx
         .send(match result {
-            Ok(()) => Event::StreamEnd,
+            Ok(kind) => Event::StreamEnd(kind),
             Err(e) => Event::StreamFailed(e),
         })
         .await;

@@ -5,7 +5,7 @@ use crate::store::CutMeta;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// TLS ALPN token of Understudy sessions (the version is negotiated in the preamble).
 pub const ALPN: &[u8] = b"understudy";
 /// First bytes of the control stream, in both directions, before the version.
@@ -16,8 +16,11 @@ pub const MAX_CONTROL_MESSAGE: u32 = 4 << 20;
 pub const ENTRIES_PER_MESSAGE: usize = 16 * 1024;
 /// Hashes per `Need` message.
 pub const HASHES_PER_MESSAGE: usize = 16 * 1024;
-/// First byte of every data stream.
+/// First byte of a data stream carrying chunks the target asked for.
 pub const DATA_STREAM_KIND: u8 = 0x01;
+/// First byte of a push stream: chunks sent while the cut is still being made, before the
+/// target could ask for them (protocol 2).
+pub const PUSH_STREAM_KIND: u8 = 0x02;
 
 /// Whether an offer's entries are a delta or a full declaration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,8 +53,13 @@ pub enum RefuseCode {
 pub enum Control {
     /// Source -> target, first message: which group this session replicates.
     Hello { group: String },
-    /// Target -> source: the group's latest committed point (seq, cut id), if any.
-    Welcome { latest: Option<(u64, String)> },
+    /// Target -> source: the group's latest committed point (seq, cut id), if any, and whether
+    /// the source may push chunks before its offer (protocol 2): not after a transfer of the
+    /// group broke, because pushing cannot skip what the target already holds.
+    Welcome {
+        latest: Option<(u64, String)>,
+        push: bool,
+    },
     /// Source -> target: a cut to replicate.
     Offer { kind: OfferKind, cut: CutMeta },
     /// Source -> target: block-map entries of one volume of the offer (index into `cut.volumes`).
@@ -71,6 +79,9 @@ pub enum Control {
     Committed { seq: u64, blocks_changed: u64 },
     /// Either side: the session cannot go on.
     Refused { code: RefuseCode, message: String },
+    /// Source -> target, before Offer: chunks were pushed on `streams` push streams while the
+    /// cut was made (protocol 2). The target answers the offer once those streams drained.
+    PushEnd { streams: u32, chunks: u64 },
 }
 
 impl Control {
@@ -87,6 +98,7 @@ impl Control {
             Control::Commit { .. } => "Commit",
             Control::Committed { .. } => "Committed",
             Control::Refused { .. } => "Refused",
+            Control::PushEnd { .. } => "PushEnd",
         }
     }
 }

@@ -48,6 +48,8 @@ pub enum SourceStep {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitWelcome,
+    /// Welcomed; the cut is still being made (its chunks are pushed meanwhile).
+    AwaitCut,
     AwaitNeed,
     Sending,
     AwaitCommitted,
@@ -58,6 +60,7 @@ impl State {
     fn describe(self) -> &'static str {
         match self {
             State::AwaitWelcome => "waiting for Welcome",
+            State::AwaitCut => "making the cut",
             State::AwaitNeed => "waiting for Need",
             State::Sending => "sending chunks",
             State::AwaitCommitted => "waiting for Committed",
@@ -68,16 +71,33 @@ impl State {
 
 /// Source session state.
 pub struct SourceSession {
-    offer: Offer,
+    offer: Option<Offer>,
+    latest: Option<(u64, String)>,
+    push: Option<Control>,
+    push_allowed: bool,
     state: State,
     need: Vec<ChunkHash>,
 }
 
 impl SourceSession {
-    /// Starts a session for `group`; returns it and the first message to send.
+    /// Starts a session for `group` offering a cut already made; returns it and the first
+    /// message to send.
     pub fn new(group: &str, offer: Offer) -> (Self, Control) {
+        Self::start(group, Some(offer))
+    }
+
+    /// Starts a session for `group` while the cut is still being made (protocol 2): after
+    /// Welcome the caller pushes chunks, then hands the cut to [`SourceSession::set_offer`].
+    pub fn pushing(group: &str) -> (Self, Control) {
+        Self::start(group, None)
+    }
+
+    fn start(group: &str, offer: Option<Offer>) -> (Self, Control) {
         let s = SourceSession {
             offer,
+            latest: None,
+            push: None,
+            push_allowed: false,
             state: State::AwaitWelcome,
             need: Vec::new(),
         };
@@ -87,6 +107,38 @@ impl SourceSession {
                 group: group.to_string(),
             },
         )
+    }
+
+    /// True once Welcome arrived and the session waits for the cut.
+    pub fn awaits_cut(&self) -> bool {
+        self.state == State::AwaitCut
+    }
+
+    /// True when the target's Welcome allowed pushing chunks while the cut is made.
+    pub fn push_allowed(&self) -> bool {
+        self.push_allowed
+    }
+
+    /// The cut is made: `pushed` chunks went out on `push_streams` push streams meanwhile.
+    /// Says what to do next, as after Welcome.
+    pub fn set_offer(
+        &mut self,
+        offer: Offer,
+        push_streams: u32,
+        pushed: u64,
+    ) -> Result<SourceStep, SessionError> {
+        if self.state != State::AwaitCut {
+            return Err(SessionError::Unexpected {
+                got: "the cut",
+                state: self.state.describe(),
+            });
+        }
+        self.offer = Some(offer);
+        self.push = Some(Control::PushEnd {
+            streams: push_streams,
+            chunks: pushed,
+        });
+        Ok(self.on_welcome(self.latest.clone()))
     }
 
     /// Handles one message from the target.
@@ -106,7 +158,10 @@ impl SourceSession {
                 self.state = State::Done;
                 Err(SessionError::Refused { code, message })
             }
-            (State::AwaitWelcome, Control::Welcome { latest }) => Ok(self.on_welcome(latest)),
+            (State::AwaitWelcome, Control::Welcome { latest, push }) => {
+                self.push_allowed = push;
+                Ok(self.on_welcome(latest))
+            }
             (State::AwaitNeed, Control::Need { hashes }) => {
                 self.need.extend(hashes);
                 Ok(SourceStep::Send(vec![]))
@@ -142,13 +197,18 @@ impl SourceSession {
     }
 
     fn on_welcome(&mut self, latest: Option<(u64, String)>) -> SourceStep {
+        let Some(offer) = &self.offer else {
+            self.latest = latest;
+            self.state = State::AwaitCut;
+            return SourceStep::Send(vec![]);
+        };
         if let Some((seq, cut_id)) = &latest
-            && *cut_id == self.offer.cut.cut_id
+            && *cut_id == offer.cut.cut_id
         {
             self.state = State::Done;
             return SourceStep::AlreadyCommitted { seq: *seq };
         }
-        if let OfferKind::Delta { base } = self.offer.kind
+        if let OfferKind::Delta { base } = offer.kind
             && latest.as_ref().map(|l| l.0) != Some(base)
         {
             self.state = State::Done;
@@ -161,12 +221,14 @@ impl SourceSession {
     }
 
     fn offer_messages(&self) -> Vec<Control> {
-        let mut out = vec![Control::Offer {
-            kind: self.offer.kind,
-            cut: self.offer.cut.clone(),
-        }];
+        let offer = self.offer.as_ref().expect("offer set before it is sent");
+        let mut out: Vec<Control> = self.push.iter().cloned().collect();
+        out.push(Control::Offer {
+            kind: offer.kind,
+            cut: offer.cut.clone(),
+        });
         let mut total = 0u64;
-        for (i, entries) in self.offer.entries.iter().enumerate() {
+        for (i, entries) in offer.entries.iter().enumerate() {
             for batch in entries.chunks(ENTRIES_PER_MESSAGE) {
                 total += batch.len() as u64;
                 out.push(Control::Entries {

@@ -24,6 +24,8 @@ enum State {
     AwaitHello,
     AwaitOffer,
     ReceivingEntries,
+    /// The offer is complete; waiting for push streams to drain before answering it.
+    AwaitPushes,
     ReceivingChunks,
     Committing,
     Done,
@@ -45,6 +47,24 @@ pub struct TargetSession {
     pending: Option<Pending>,
     expected: HashSet<ChunkHash>,
     received: (u64, u64),
+    push: PushState,
+    marked: bool,
+}
+
+/// Chunks pushed during the cut, and the push streams announced and ended.
+#[derive(Default)]
+struct PushState {
+    allowed: bool,
+    hashes: HashSet<ChunkHash>,
+    announced: Option<u32>,
+    ended: u32,
+    bytes: u64,
+}
+
+impl PushState {
+    fn drained(&self) -> bool {
+        self.announced.is_none_or(|n| self.ended >= n)
+    }
 }
 
 /// Reply for a failed session: the message to send, and the error to log.
@@ -86,6 +106,8 @@ impl TargetSession {
             pending: None,
             expected: HashSet::new(),
             received: (0, 0),
+            push: PushState::default(),
+            marked: false,
         }
     }
 
@@ -99,6 +121,11 @@ impl TargetSession {
         self.received
     }
 
+    /// Chunks pushed so far (stored or already held) and their frame bytes.
+    pub fn pushed(&self) -> (u64, u64) {
+        (self.push.hashes.len() as u64, self.push.bytes)
+    }
+
     /// Handles one control message from the source.
     pub fn on_message(&mut self, msg: Control) -> Result<TargetStep, SessionError> {
         let step = match (self.state, msg) {
@@ -109,6 +136,12 @@ impl TargetSession {
             }
             (State::ReceivingEntries, Control::OfferEnd { entries }) => {
                 self.on_offer_end(entries)?
+            }
+            (State::AwaitOffer, Control::PushEnd { streams, .. })
+                if self.push.announced.is_none() =>
+            {
+                self.push.announced = Some(streams);
+                TargetStep::Reply(vec![])
             }
             (State::ReceivingChunks, Control::Commit { data_streams, .. }) => {
                 self.state = State::Committing;
@@ -130,10 +163,12 @@ impl TargetSession {
     fn on_hello(&mut self, group: String) -> Result<TargetStep, SessionError> {
         crate::volume::check_name(&group).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
         let latest = self.store.latest(&group).map_err(store_failed)?;
+        self.push.allowed = !self.store.was_receiving(&group).map_err(store_failed)?;
         self.group = group;
         self.state = State::AwaitOffer;
         Ok(TargetStep::Reply(vec![Control::Welcome {
             latest: latest.map(|p| (p.seq, p.cut.cut_id)),
+            push: self.push.allowed,
         }]))
     }
 
@@ -220,6 +255,17 @@ impl TargetSession {
                 p.count
             )));
         }
+        if !self.push.drained() {
+            self.state = State::AwaitPushes;
+            return Ok(TargetStep::Reply(vec![]));
+        }
+        self.answer_offer()
+    }
+
+    /// Lists what the offer references and the store lacks. Pushed chunks were appended to the
+    /// store, so it is flushed first: they count as held, and they are durable from here on.
+    fn answer_offer(&mut self) -> Result<TargetStep, SessionError> {
+        let p = self.pending.as_ref().expect("pending offer in this state");
         let mut referenced: Vec<ChunkHash> = p
             .entries
             .iter()
@@ -232,6 +278,19 @@ impl TargetSession {
             .collect();
         referenced.sort_unstable();
         referenced.dedup();
+        if !self.push.hashes.is_empty() {
+            if let Some(h) = self
+                .push
+                .hashes
+                .iter()
+                .find(|h| referenced.binary_search(h).is_err())
+            {
+                return Err(SessionError::Invalid(format!(
+                    "chunk {h} was pushed but the offer does not reference it"
+                )));
+            }
+            self.store.flush().map_err(store_failed)?;
+        }
         let missing = self.store.missing(&referenced).map_err(store_failed)?;
         let held = (referenced.len() - missing.len()) as u64;
         let mut out: Vec<Control> = missing
@@ -245,6 +304,61 @@ impl TargetSession {
         self.expected = missing.into_iter().collect();
         self.state = State::ReceivingChunks;
         Ok(TargetStep::Reply(out))
+    }
+
+    /// Takes a verified chunk from a push stream: stored unless the store holds it already.
+    /// Pushes are accepted until the offer is answered; the offer must then reference every
+    /// pushed chunk, or the session is refused (and the next GC removes what was stored).
+    pub fn on_pushed(&mut self, chunk: &Verified) -> Result<(), SessionError> {
+        if !self.push.allowed {
+            return Err(SessionError::Invalid(
+                "chunk pushed although Welcome did not allow pushing (a transfer of the group broke earlier)".into(),
+            ));
+        }
+        if !matches!(
+            self.state,
+            State::AwaitOffer | State::ReceivingEntries | State::AwaitPushes
+        ) {
+            return Err(SessionError::Unexpected {
+                got: "a pushed chunk",
+                state: describe(self.state),
+            });
+        }
+        if !self.push.hashes.insert(chunk.hash()) {
+            return Ok(());
+        }
+        self.push.bytes += chunk.frame().len() as u64;
+        let held = self
+            .store
+            .missing(&[chunk.hash()])
+            .map_err(store_failed)?
+            .is_empty();
+        if !held {
+            self.append(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk to the store, marking the group as receiving before the first one.
+    fn append(&mut self, chunk: &Verified) -> Result<(), SessionError> {
+        if !self.marked {
+            self.store
+                .mark_receiving(&self.group)
+                .map_err(store_failed)?;
+            self.marked = true;
+        }
+        self.store
+            .append(chunk.hash(), chunk.frame())
+            .map_err(store_failed)
+    }
+
+    /// A push stream ended. Once the last announced one has, a deferred offer is answered.
+    pub fn on_push_stream_end(&mut self) -> Result<TargetStep, SessionError> {
+        self.push.ended += 1;
+        if self.state == State::AwaitPushes && self.push.drained() {
+            return self.answer_offer();
+        }
+        Ok(TargetStep::Reply(vec![]))
     }
 
     /// Takes a verified chunk from a data stream. Chunks not asked for are refused (a peer cannot
@@ -262,9 +376,7 @@ impl TargetSession {
                 chunk.hash()
             )));
         }
-        self.store
-            .append(chunk.hash(), chunk.frame())
-            .map_err(store_failed)?;
+        self.append(chunk)?;
         self.received.0 += 1;
         self.received.1 += chunk.frame().len() as u64;
         Ok(())
@@ -316,6 +428,7 @@ fn describe(s: State) -> &'static str {
         State::AwaitHello => "waiting for Hello",
         State::AwaitOffer => "waiting for Offer",
         State::ReceivingEntries => "receiving entries",
+        State::AwaitPushes => "waiting for push streams to end",
         State::ReceivingChunks => "receiving chunks",
         State::Committing => "committing",
         State::Done => "the session was over",

@@ -2,7 +2,7 @@
 //! (post hook), and record the result durably as the pending cut.
 
 use super::scan::{ScanSettings, scan_volume};
-use super::spool::{SpoolIndex, SpoolWriter};
+use super::spool::{SpoolIndex, SpoolWriter, Tee};
 use super::state::{Base, GroupState};
 use crate::change::{ChangeSource, VolumeBase};
 use crate::cluster::capture::CaptureSpec;
@@ -99,12 +99,14 @@ pub struct PendingCut {
     pub bytes_spooled: u64,
 }
 
-/// Makes a cut of the group, delta against `base` when there is one.
+/// Makes a cut of the group, delta against `base` when there is one. With a `tee`, each new
+/// frame is also handed to it as it is spooled (see [`SpoolWriter::with_tee`]).
 pub fn make_cut(
     cfg: &CutConfig,
     state: &GroupState,
     base: Option<&Base>,
     change: &dyn ChangeSource,
+    tee: Option<Tee>,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<PendingCut> {
     let base = base.filter(|b| b.block_size == cfg.block_size);
@@ -115,7 +117,7 @@ pub fn make_cut(
         .collect::<Result<_>>()?;
     state.clear_pending()?;
     let spool_path = state.cut_dir().join("spool.frames");
-    let mut spool = SpoolWriter::create(&spool_path)?;
+    let mut spool = SpoolWriter::create(&spool_path)?.with_tee(tee);
     if let Some(h) = &cfg.pre_hook {
         h.run("pre").inspect_err(|_| run_post(cfg))?;
     }
@@ -215,7 +217,7 @@ fn spool_manifests(
     for piece in bytes.chunks(cfg.block_size as usize) {
         let h = ChunkHash::of(piece);
         if !spool.contains(&h) {
-            spool.add(h, &crate::chunk::encode_with_hash(piece, h, cfg.zstd_level))?;
+            spool.add(h, crate::chunk::encode_with_hash(piece, h, cfg.zstd_level))?;
         }
         chunks.push(h);
     }

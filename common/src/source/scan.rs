@@ -89,7 +89,7 @@ pub fn scan_volume(
         for batch in rx {
             for b in batch? {
                 map[b.index as usize] = b.block;
-                if let (Some(frame), BlockRef::Data(h)) = (&b.frame, b.block) {
+                if let (Some(frame), BlockRef::Data(h)) = (b.frame, b.block) {
                     spool.add(h, frame)?;
                 }
                 entries.push((b.index, b.block));

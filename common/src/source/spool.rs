@@ -12,12 +12,16 @@ use std::path::Path;
 /// Where a frame sits in the spool file: (offset, length).
 pub type SpoolIndex = HashMap<ChunkHash, (u64, u32)>;
 
+/// Where a spool also hands each new frame as it is written: the push of a cut being made.
+pub type Tee = tokio::sync::mpsc::Sender<(ChunkHash, Vec<u8>)>;
+
 /// Appends frames to a spool file, each hash once.
 pub struct SpoolWriter {
     out: BufWriter<File>,
     len: u64,
     index: SpoolIndex,
     bytes_added: u64,
+    tee: Option<Tee>,
 }
 
 impl SpoolWriter {
@@ -39,7 +43,16 @@ impl SpoolWriter {
             len: 0,
             index: HashMap::new(),
             bytes_added: 0,
+            tee: None,
         })
+    }
+
+    /// Also hands every new frame to `tee`. Never blocks: when the receiver is behind (a slow
+    /// link) the frame is only spooled, and the target asks for it after the cut; the scan, and
+    /// with it the application's freeze, never waits for the network.
+    pub fn with_tee(mut self, tee: Option<Tee>) -> Self {
+        self.tee = tee;
+        self
     }
 
     /// True when the spool already holds this chunk.
@@ -48,16 +61,22 @@ impl SpoolWriter {
     }
 
     /// Adds a frame unless its hash is already there.
-    pub fn add(&mut self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
+    pub fn add(&mut self, hash: ChunkHash, frame: Vec<u8>) -> Result<()> {
         if self.index.contains_key(&hash) {
             return Ok(());
         }
         self.out
-            .write_all(frame)
+            .write_all(&frame)
             .context("write to spool failed: is the source state disk full?")?;
         self.index.insert(hash, (self.len, frame.len() as u32));
         self.len += frame.len() as u64;
         self.bytes_added += frame.len() as u64;
+        if let Some(tee) = &self.tee
+            && let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                tee.try_send((hash, frame))
+        {
+            self.tee = None;
+        }
         Ok(())
     }
 
@@ -66,7 +85,7 @@ impl SpoolWriter {
         self.bytes_added
     }
 
-    /// Flushes and fsyncs; returns the index.
+    /// Flushes and fsyncs; returns the index. Ends the tee.
     pub fn finish(self) -> Result<SpoolIndex> {
         let f = self
             .out

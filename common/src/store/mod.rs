@@ -558,6 +558,10 @@ impl Store {
             points
                 .insert((group, record.seq), record.encode().as_slice())
                 .map_err(anyhow::Error::from)?;
+            txn.open_table(META)
+                .map_err(anyhow::Error::from)?
+                .remove(receiving_key(group).as_str())
+                .map_err(anyhow::Error::from)?;
             record
         };
         crate::failpoint::hit("store.commit.before");
@@ -566,6 +570,29 @@ impl Store {
             .map_err(CommitError::Store)?;
         crate::failpoint::hit("store.commit.after");
         Ok(record)
+    }
+
+    /// Records, durably, that a session of `group` is storing chunks, before any of them is
+    /// durable. A commit of the group clears the mark; while it stands, a transfer of the group
+    /// broke (or is under way), and chunks it stored may be held without a point referencing
+    /// them. The target then tells the next session not to push blindly, so that nothing
+    /// durable is sent twice.
+    pub fn mark_receiving(&self, group: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(receiving_key(group).as_str(), crate::now_ms().max(0) as u64)?;
+        txn.commit()
+            .context("catalog commit failed: the store's disk may be full")?;
+        Ok(())
+    }
+
+    /// True while a transfer of `group` stored chunks and no point committed since.
+    pub fn was_receiving(&self, group: &str) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        Ok(txn
+            .open_table(META)?
+            .get(receiving_key(group).as_str())?
+            .is_some())
     }
 
     /// The full block map of a volume at a point.
@@ -750,4 +777,9 @@ fn apply_entries(
         }
     }
     Ok(changed)
+}
+
+/// META key marking a group whose transfer stored chunks and has not committed yet.
+fn receiving_key(group: &str) -> String {
+    format!("receiving/{group}")
 }

@@ -3,7 +3,7 @@
 
 use crate::chunk::{self, HEADER_LEN};
 use crate::protocol::codec;
-use crate::protocol::{Control, DATA_STREAM_KIND};
+use crate::protocol::{Control, DATA_STREAM_KIND, PUSH_STREAM_KIND};
 use anyhow::{Context, Result, bail};
 use quinn::{RecvStream, SendStream};
 
@@ -46,15 +46,25 @@ pub async fn recv(r: &mut RecvStream) -> Result<Control> {
 }
 
 /// Reads the kind byte that opens a data stream.
-pub async fn read_data_kind(r: &mut RecvStream) -> Result<()> {
+pub async fn read_data_kind(r: &mut RecvStream) -> Result<StreamKind> {
     let mut k = [0u8; 1];
     r.read_exact(&mut k)
         .await
         .context("data stream ended before its kind byte")?;
-    if k[0] != DATA_STREAM_KIND {
-        bail!("unknown stream kind {:#04x}", k[0]);
+    match k[0] {
+        DATA_STREAM_KIND => Ok(StreamKind::Data),
+        PUSH_STREAM_KIND => Ok(StreamKind::Push),
+        other => bail!("unknown stream kind {other:#04x}"),
     }
-    Ok(())
+}
+
+/// What a unidirectional stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Chunks the target asked for.
+    Data,
+    /// Chunks pushed while the cut was being made.
+    Push,
 }
 
 /// Reads the next chunk frame of a data stream; `None` at a clean end of stream.

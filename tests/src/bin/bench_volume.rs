@@ -1,6 +1,8 @@
 //! Benchmark data, from a fixed seed: `create` writes a volume of 64 KiB blocks, about 40%
 //! incompressible, 40% compressible (log-like text, ~4x with zstd) and 20% all-zero, shuffled;
 //! `mutate` overwrites a given percentage of blocks at random offsets with new random data.
+//! Each prints one JSON line: the blocks it wrote and their size compressed block by block with
+//! zstd level 1 (the raw size where that is smaller), the yardstick for bytes on the wire.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -100,6 +102,12 @@ fn main() -> Result<()> {
     }
 }
 
+/// A block's size after zstd level 1, or its raw size when that is smaller.
+fn compressed_len(block: &[u8]) -> u64 {
+    let z = zstd::bulk::compress(block, 1).map_or(usize::MAX, |c| c.len());
+    z.min(block.len()) as u64
+}
+
 fn create(path: &PathBuf, size: u64, seed: u64) -> Result<()> {
     let f =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -107,7 +115,7 @@ fn create(path: &PathBuf, size: u64, seed: u64) -> Result<()> {
     let blocks = size / BLOCK;
     let mut rng = Rng(seed);
     let mut buf = vec![0u8; BLOCK as usize];
-    let (mut random, mut text, mut zero) = (0u64, 0u64, 0u64);
+    let (mut random, mut text, mut zero, mut compressed) = (0u64, 0u64, 0u64, 0u64);
     for i in 0..blocks {
         match rng.next() % 10 {
             0..=3 => {
@@ -123,12 +131,14 @@ fn create(path: &PathBuf, size: u64, seed: u64) -> Result<()> {
                 continue;
             }
         }
+        compressed += compressed_len(&buf);
         f.write_all_at(&buf, i * BLOCK)?;
     }
     f.sync_all()?;
     println!(
-        "{}: {blocks} blocks: {random} random, {text} text, {zero} zero",
-        path.display()
+        "{}",
+        serde_json::json!({"blocks": blocks, "random": random, "text": text, "zero": zero,
+            "data_bytes": (random + text) * BLOCK, "compressed_bytes": compressed})
     );
     Ok(())
 }
@@ -146,14 +156,17 @@ fn mutate(path: &PathBuf, percent: f64, seed: u64) -> Result<()> {
     while (chosen.len() as u64) < n {
         chosen.insert(rng.next() % blocks);
     }
+    let mut compressed = 0;
     for i in &chosen {
         random_block(seed ^ 0xABCD, *i, &mut buf);
+        compressed += compressed_len(&buf);
         f.write_all_at(&buf, i * BLOCK)?;
     }
     f.sync_all()?;
     println!(
-        "{}: overwrote {n} of {blocks} blocks ({percent}%)",
-        path.display()
+        "{}",
+        serde_json::json!({"blocks": blocks, "changed_blocks": n, "percent": percent,
+            "data_bytes": n * BLOCK, "compressed_bytes": compressed})
     );
     Ok(())
 }

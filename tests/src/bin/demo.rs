@@ -172,6 +172,7 @@ fn source_config(
     manifests: &Path,
 ) -> SourceConfig {
     SourceConfig {
+        bandwidth_limit_mbit: None,
         dir: dir.to_path_buf(),
         group: "shop".into(),
         target,
