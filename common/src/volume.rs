@@ -118,6 +118,37 @@ impl Volume {
         Ok(done)
     }
 
+    /// The data extents within `[offset, offset+len)`, as the file system reports them
+    /// (SEEK_DATA / SEEK_HOLE), in order; everything between them is a hole. Block devices, and
+    /// file systems that cannot tell, answer the whole range (the caller then reads and checks
+    /// for zeros).
+    pub fn data_extents(&self, offset: u64, len: u64) -> Vec<std::ops::Range<u64>> {
+        let end = offset + len;
+        if !self.sparse_aware {
+            return vec![offset..end];
+        }
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => {
+                    out.push(pos..end);
+                    break;
+                }
+            };
+            if data >= end {
+                break;
+            }
+            let hole = rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(data))
+                .map_or(end, |h| h.min(end));
+            out.push(data..hole);
+            pos = hole;
+        }
+        out
+    }
+
     /// True when `[offset, offset+len)` may hold data; false when the file system says it is a
     /// hole. Block devices always answer true (the caller then reads and checks for zeros).
     pub fn may_have_data(&self, offset: u64, len: u64) -> bool {
@@ -130,6 +161,24 @@ impl Volume {
             Err(rustix::io::Errno::NXIO) => false,
             Err(_) => true,
         }
+    }
+}
+
+/// Starts writing `[offset, offset+len)` of `file` to its device without waiting for it
+/// (write-behind): the disk works while the caller computes the next data, and the fsync that
+/// makes it durable finds little left to do. It guarantees nothing by itself; a failure only
+/// leaves the work to that fsync.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range gets a descriptor borrowed for the call and plain integers; it
+    // only starts writeback of the file's dirty pages in the range and touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
@@ -207,6 +256,11 @@ impl VolumeWriter {
             return Ok(());
         }
         self.write_at(&vec![0u8; len as usize], offset)
+    }
+
+    /// Starts writing `[offset, offset+len)` to the device (see [`start_writeback`]).
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        start_writeback(&self.file, offset, len);
     }
 
     /// Flushes the written data to stable storage.

@@ -197,11 +197,11 @@ impl SourceAgent {
         r.map_err(|e| explain(&conn, e))
     }
 
-    /// Makes a cut in the background, its progress on a bar; frames also go to `tee`.
+    /// Makes a cut in the background, its progress on a bar; frames are also announced on `feed`.
     async fn make_cut(
         &self,
         state: &Arc<GroupState>,
-        tee: Option<understudy_common::source::spool::Tee>,
+        feed: Option<understudy_common::source::spool::Feed>,
     ) -> Result<PendingCut> {
         let (state, cfg, change) = (state.clone(), self.cfg.cut.clone(), self.change.clone());
         let total: u64 = cfg
@@ -219,7 +219,7 @@ impl SourceAgent {
                 &state,
                 base.as_ref(),
                 change.as_ref(),
-                tee,
+                feed,
                 &|vol, d, _| {
                     let mut m = done.lock().expect("progress");
                     m.insert(vol.to_string(), d);
@@ -295,14 +295,14 @@ impl SourceAgent {
         if !session.awaits_cut() {
             bail!("target did not welcome the session");
         }
-        let (tee, pusher) = if session.push_allowed() {
-            let (tx, rx) = tokio::sync::mpsc::channel(PUSH_QUEUE);
-            let limit = self.limiter();
+        let (feed, pusher) = if session.push_allowed() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let task = push(
                 conn.clone(),
+                state.cut_dir().join("spool.frames"),
                 rx,
                 self.cfg.streams,
-                limit,
+                self.limiter(),
                 self.sent_counter(None),
             );
             (Some(tx), Some(tokio::spawn(task)))
@@ -310,28 +310,46 @@ impl SourceAgent {
             tracing::info!(group = %self.cfg.group, "the target holds chunks of a broken transfer: not pushing, it asks for what it lacks after the cut");
             (None, None)
         };
-        let cut = self.make_cut(state, tee).await;
-        let pushed = match pusher {
-            Some(p) => p.await.context("push task failed")?,
-            None => Ok(Shipped::default()),
+        let cut = self.make_cut(state, feed).await;
+        let cut = match cut {
+            Ok(cut) => cut,
+            Err(e) => {
+                if let Some(p) = pusher {
+                    p.abort();
+                }
+                return Err(e);
+            }
         };
-        let cut = cut?;
         self.describe(&cut, false, report);
-        let pushed = pushed.context("the connection broke while pushing the cut's chunks; the cut is kept and sent on the next attempt")?;
-        report.chunks_pushed = pushed.chunks;
-        report.chunks_sent = pushed.chunks;
-        report.bytes_sent = pushed.bytes;
-        let first = session.set_offer(cut.offer.clone(), pushed.streams, pushed.chunks)?;
+        let streams = pusher
+            .as_ref()
+            .map_or(0, |_| self.cfg.streams.max(1) as u32);
+        let first = session.set_offer(cut.offer.clone(), streams, cut.spool.len() as u64)?;
+        let first = match first {
+            SourceStep::Send(msgs) => {
+                for m in &msgs {
+                    stream::send(&mut send, m).await?;
+                }
+                None
+            }
+            other => Some(other),
+        };
+        match pusher {
+            // The target answers the offer once the push streams drained: wait for them here.
+            Some(p) if first.is_none() => {
+                let pushed = p
+                    .await
+                    .context("push task failed")?
+                    .context("the connection broke while pushing the cut's chunks; the cut is kept and sent on the next attempt")?;
+                report.chunks_pushed = pushed.chunks;
+                report.chunks_sent = pushed.chunks;
+                report.bytes_sent = pushed.bytes;
+            }
+            Some(p) => p.abort(),
+            None => {}
+        }
         let outcome = self
-            .drive(
-                conn,
-                (send, recv),
-                session,
-                Some(first),
-                state,
-                &cut,
-                report,
-            )
+            .drive(conn, (send, recv), session, first, state, &cut, report)
             .await?;
         Ok((outcome, cut))
     }
@@ -450,9 +468,6 @@ enum Outcome {
     Committed(u64),
     BaseMismatch,
 }
-
-/// Frames queued for the push streams; beyond that, frames wait in the spool for the Need.
-const PUSH_QUEUE: usize = 64;
 
 /// Opens the control stream and exchanges preambles.
 async fn open_control(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {

@@ -113,83 +113,115 @@ async fn send_stream(
     Ok((hashes.len() as u64, bytes))
 }
 
-/// Frames handed over by the cut as it spools them.
-type PushQueue = tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(ChunkHash, Vec<u8>)>>;
+/// Work of one push stream: (offset, length) of frames in the spool file.
+type StreamQueue = tokio::sync::mpsc::Receiver<(u64, u32)>;
 
-/// Sends the frames the cut hands over on up to `streams` push streams, until the cut ends;
-/// each stream is opened at its first frame. Returns what went out.
+/// Frames waiting per push stream; the feed itself is unbounded, so the cut never waits.
+const PUSH_STREAM_QUEUE: usize = 64;
+
+/// Pushes the frames the cut announces on `feed`, reading each back from the spool file at
+/// `spool` (the page cache), on `streams` push streams, until the feed ends and all are sent.
+/// The streams are opened at once, so their number is known before the offer.
 pub async fn push(
     conn: quinn::Connection,
-    frames: tokio::sync::mpsc::Receiver<(ChunkHash, Vec<u8>)>,
+    spool: std::path::PathBuf,
+    mut feed: tokio::sync::mpsc::UnboundedReceiver<Vec<(u64, u32)>>,
     streams: usize,
     limit: Option<Limiter>,
     on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<Shipped> {
-    let queue: Arc<PushQueue> = Arc::new(tokio::sync::Mutex::new(frames));
-    let tasks: Vec<_> = (0..streams.max(1))
-        .map(|_| {
-            let (conn, queue, limit, on_bytes) =
-                (conn.clone(), queue.clone(), limit.clone(), on_bytes.clone());
-            tokio::spawn(
-                async move { push_stream(&conn, &queue, limit.as_ref(), &*on_bytes).await },
-            )
-        })
-        .collect();
-    let mut total = Shipped::default();
-    let mut first_error = None;
-    for t in tasks {
-        match t.await.context("push stream task failed")? {
-            Ok((chunks, bytes)) => {
-                total.streams += u32::from(chunks > 0);
-                total.chunks += chunks;
-                total.bytes += bytes;
+    let n = streams.max(1);
+    let mut lanes = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = conn
+            .open_uni()
+            .await
+            .context("cannot open a push stream: the connection broke")?;
+        s.write_all(&[PUSH_STREAM_KIND]).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(PUSH_STREAM_QUEUE);
+        lanes.push(tx);
+        let (spool, limit, on_bytes) = (spool.clone(), limit.clone(), on_bytes.clone());
+        tasks.push(tokio::spawn(async move {
+            push_stream(s, &spool, rx, limit.as_ref(), &*on_bytes).await
+        }));
+    }
+    let mut next = 0;
+    'feed: while let Some(batch) = feed.recv().await {
+        for frame in batch {
+            if lanes[next % n].send(frame).await.is_err() {
+                break 'feed; // that stream failed: its task reports why
             }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
+            next += 1;
         }
     }
-    // Keep draining after a failure so the cut never waits on a full queue.
-    queue.lock().await.close();
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(total),
+    drop(lanes);
+    let mut total = Shipped {
+        streams: n as u32,
+        ..Default::default()
+    };
+    for t in tasks {
+        let (chunks, bytes) = t.await.context("push stream task failed")??;
+        total.chunks += chunks;
+        total.bytes += bytes;
     }
+    Ok(total)
 }
 
 async fn push_stream(
-    conn: &quinn::Connection,
-    queue: &PushQueue,
+    mut s: quinn::SendStream,
+    spool: &std::path::Path,
+    mut frames: StreamQueue,
     limit: Option<&Limiter>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(u64, u64)> {
-    let mut stream: Option<quinn::SendStream> = None;
+    let mut file: Option<std::fs::File> = None;
     let (mut chunks, mut bytes) = (0u64, 0u64);
-    loop {
-        let next = queue.lock().await.recv().await;
-        let Some((_, frame)) = next else { break };
-        if stream.is_none() {
-            let mut s = conn
-                .open_uni()
-                .await
-                .context("cannot open a push stream: the connection broke")?;
-            s.write_all(&[PUSH_STREAM_KIND]).await?;
-            stream = Some(s);
-        }
+    while let Some((offset, len)) = frames.recv().await {
+        let f = match &file {
+            Some(f) => f,
+            None => file.insert(std::fs::File::open(spool).with_context(|| {
+                format!("cannot open the spool {} to push from it", spool.display())
+            })?),
+        };
+        let mut frame = vec![0u8; len as usize];
+        tokio::task::block_in_place(|| {
+            std::os::unix::fs::FileExt::read_exact_at(f, &mut frame, offset)
+        })
+        .context("read from spool failed")?;
         if let Some(l) = limit {
             l.take(frame.len()).await;
         }
-        let s = stream.as_mut().expect("opened above");
-        if let Err(e) = s.write_all(&frame).await {
-            queue.lock().await.close();
-            return Err(anyhow::Error::new(e).context("the connection broke while pushing chunks"));
-        }
+        s.write_all(&frame)
+            .await
+            .context("the connection broke while pushing chunks")?;
         chunks += 1;
         bytes += frame.len() as u64;
         on_bytes(frame.len() as u64);
     }
-    if let Some(mut s) = stream {
-        s.finish().context("cannot finish push stream")?;
-    }
+    s.finish().context("cannot finish push stream")?;
     Ok((chunks, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cap is a ceiling: 4 MiB at 16 Mbit/s (2 MB/s) cannot pass in less than the time the
+    /// bucket takes to refill beyond its 512 KiB burst. (A lower bound only: a slow machine
+    /// makes this test slower, never wrong.)
+    #[tokio::test]
+    async fn the_limiter_never_lets_more_than_the_cap_through() {
+        let l = Limiter::mbit(16);
+        let start = std::time::Instant::now();
+        for _ in 0..64 {
+            l.take(64 << 10).await;
+        }
+        let floor = ((4u64 << 20) - (512 << 10)) as f64 / 2e6;
+        let took = start.elapsed().as_secs_f64();
+        assert!(
+            took >= floor * 0.98,
+            "4 MiB took {took:.2} s, the cap allows {floor:.2} s at least"
+        );
+    }
 }

@@ -193,8 +193,8 @@ restic_restore() {
 # Tool by tool, each on the volume made again from the seed and changed by the same mutations,
 # so that only one replica at a time takes disk space (about 3x SIZE besides the volume).
 free_kib=$(df -k --output=avail "$W" | tail -1)
-if [ "$free_kib" -lt $((SIZE * 5 * 1024 * 1024)) ]; then
-  echo "not enough free space in $W: need about $((SIZE * 5)) GiB, have $((free_kib / 1024 / 1024)) GiB (set BENCH_DIR)" >&2
+if [ "$free_kib" -lt $((SIZE * 3 * 1024 * 1024)) ]; then
+  echo "not enough free space in $W: need about $((SIZE * 3)) GiB, have $((free_kib / 1024 / 1024)) GiB (set BENCH_DIR)" >&2
   exit 1
 fi
 rec "{\"machine\":{\"cpus\":$(nproc),\"model\":\"$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)\",\"mem_gib\":$(awk '/MemTotal/ {printf "%d", $2/1048576}' /proc/meminfo),\"kernel\":\"$(uname -r)\"}}"

@@ -2,7 +2,7 @@
 //! (post hook), and record the result durably as the pending cut.
 
 use super::scan::{ScanSettings, scan_volume};
-use super::spool::{SpoolIndex, SpoolWriter, Tee};
+use super::spool::{Feed, SpoolIndex, SpoolWriter};
 use super::state::{Base, GroupState};
 use crate::change::{ChangeSource, VolumeBase};
 use crate::cluster::capture::CaptureSpec;
@@ -99,14 +99,14 @@ pub struct PendingCut {
     pub bytes_spooled: u64,
 }
 
-/// Makes a cut of the group, delta against `base` when there is one. With a `tee`, each new
-/// frame is also handed to it as it is spooled (see [`SpoolWriter::with_tee`]).
+/// Makes a cut of the group, delta against `base` when there is one. With a `feed`, frames are
+/// announced on it as they reach the spool file (see [`Feed`]).
 pub fn make_cut(
     cfg: &CutConfig,
     state: &GroupState,
     base: Option<&Base>,
     change: &dyn ChangeSource,
-    tee: Option<Tee>,
+    feed: Option<Feed>,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<PendingCut> {
     let base = base.filter(|b| b.block_size == cfg.block_size);
@@ -117,7 +117,7 @@ pub fn make_cut(
         .collect::<Result<_>>()?;
     state.clear_pending()?;
     let spool_path = state.cut_dir().join("spool.frames");
-    let mut spool = SpoolWriter::create(&spool_path)?.with_tee(tee);
+    let mut spool = SpoolWriter::create(&spool_path)?.with_feed(feed);
     if let Some(h) = &cfg.pre_hook {
         h.run("pre").inspect_err(|_| run_post(cfg))?;
     }

@@ -112,6 +112,27 @@ pub fn scan_volume(
     })
 }
 
+/// Reads the data extents of the batch starting at `start` into `buf` and zeroes the holes
+/// between them: only data is read from the volume.
+fn read_extents(
+    vol: &Volume,
+    start: u64,
+    extents: &[std::ops::Range<u64>],
+    buf: &mut [u8],
+    read: &std::sync::atomic::AtomicU64,
+) -> Result<()> {
+    let mut pos = 0usize;
+    for e in extents {
+        let (a, b) = ((e.start - start) as usize, (e.end - start) as usize);
+        buf[pos..a].fill(0);
+        vol.read_at(&mut buf[a..b], e.start)?;
+        read.fetch_add(e.end - e.start, Ordering::Relaxed);
+        pos = b;
+    }
+    buf[pos..].fill(0);
+    Ok(())
+}
+
 /// Reads, hashes and frames one batch; returns only blocks that differ from the base.
 fn scan_batch(
     vol: &Volume,
@@ -126,17 +147,18 @@ fn scan_batch(
     let start = range.start * bs;
     let len = ((range.end - range.start) * bs).min(size - start);
     let buf = &mut buf[..len as usize];
-    let has_data = vol.may_have_data(start, len);
-    if has_data {
-        vol.read_at(buf, start)?;
-        read.fetch_add(len, Ordering::Relaxed);
-    }
+    let extents = vol.data_extents(start, len);
+    read_extents(vol, start, &extents, buf, read)?;
     let mut out = Vec::new();
     for index in range {
         let off = ((index * bs) - start) as usize;
         let bl = block_len(size, s.block_size, index) as usize;
         let data = &buf[off..off + bl];
-        let block = if !has_data || is_zero(data) {
+        let block_start = start + off as u64;
+        let in_hole = !extents
+            .iter()
+            .any(|e| e.start < block_start + bl as u64 && block_start < e.end);
+        let block = if in_hole || is_zero(data) {
             BlockRef::Hole
         } else {
             BlockRef::Data(ChunkHash::of(data))

@@ -12,8 +12,10 @@ use std::path::Path;
 /// Where a frame sits in the spool file: (offset, length).
 pub type SpoolIndex = HashMap<ChunkHash, (u64, u32)>;
 
-/// Where a spool also hands each new frame as it is written: the push of a cut being made.
-pub type Tee = tokio::sync::mpsc::Sender<(ChunkHash, Vec<u8>)>;
+/// Where a spool announces frames once they are in the file: batches of (offset, length), in
+/// order. The push of a cut being made reads them back from the file (the page cache) at the
+/// link's pace, so the scan never waits for the network.
+pub type Feed = tokio::sync::mpsc::UnboundedSender<Vec<(u64, u32)>>;
 
 /// Appends frames to a spool file, each hash once.
 pub struct SpoolWriter {
@@ -21,8 +23,14 @@ pub struct SpoolWriter {
     len: u64,
     index: SpoolIndex,
     bytes_added: u64,
-    tee: Option<Tee>,
+    feed: Option<Feed>,
+    unannounced: Vec<(u64, u32)>,
+    flushed: u64,
 }
+
+/// Spool bytes between flushes: each flush announces its frames to the feed and starts their
+/// write-behind, so the final fsync finds little to write.
+const FLUSH_EVERY: u64 = 8 << 20;
 
 impl SpoolWriter {
     /// Creates the spool file.
@@ -43,15 +51,15 @@ impl SpoolWriter {
             len: 0,
             index: HashMap::new(),
             bytes_added: 0,
-            tee: None,
+            feed: None,
+            unannounced: Vec::new(),
+            flushed: 0,
         })
     }
 
-    /// Also hands every new frame to `tee`. Never blocks: when the receiver is behind (a slow
-    /// link) the frame is only spooled, and the target asks for it after the cut; the scan, and
-    /// with it the application's freeze, never waits for the network.
-    pub fn with_tee(mut self, tee: Option<Tee>) -> Self {
-        self.tee = tee;
+    /// Also announces every frame to `feed` once it is in the file (see [`Feed`]).
+    pub fn with_feed(mut self, feed: Option<Feed>) -> Self {
+        self.feed = feed;
         self
     }
 
@@ -69,13 +77,29 @@ impl SpoolWriter {
             .write_all(&frame)
             .context("write to spool failed: is the source state disk full?")?;
         self.index.insert(hash, (self.len, frame.len() as u32));
+        if self.feed.is_some() {
+            self.unannounced.push((self.len, frame.len() as u32));
+        }
         self.len += frame.len() as u64;
         self.bytes_added += frame.len() as u64;
-        if let Some(tee) = &self.tee
-            && let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
-                tee.try_send((hash, frame))
+        if self.len - self.flushed >= FLUSH_EVERY {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes out the buffer, starts its write-behind and announces its frames.
+    fn flush(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .context("write to spool failed: is the source state disk full?")?;
+        crate::volume::start_writeback(self.out.get_ref(), self.flushed, self.len - self.flushed);
+        self.flushed = self.len;
+        if let Some(feed) = &self.feed
+            && !self.unannounced.is_empty()
+            && feed.send(std::mem::take(&mut self.unannounced)).is_err()
         {
-            self.tee = None;
+            self.feed = None;
         }
         Ok(())
     }
@@ -85,8 +109,10 @@ impl SpoolWriter {
         self.bytes_added
     }
 
-    /// Flushes and fsyncs; returns the index. Ends the tee.
-    pub fn finish(self) -> Result<SpoolIndex> {
+    /// Flushes and fsyncs; returns the index. Ends the feed.
+    pub fn finish(mut self) -> Result<SpoolIndex> {
+        self.flush()?;
+        self.feed = None;
         let f = self
             .out
             .into_inner()

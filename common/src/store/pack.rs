@@ -123,6 +123,7 @@ impl PackWriter {
                     self.path.display()
                 )
             })?;
+        crate::volume::start_writeback(&self.file, self.len, self.buf.len() as u64);
         self.len += self.buf.len() as u64;
         self.buf.clear();
         Ok(())

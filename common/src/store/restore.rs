@@ -109,6 +109,7 @@ impl Store {
         let written = AtomicU64::new(0);
         let done = AtomicU64::new(0);
         parallel_batches(map.len() as u64, |range| {
+            let range_start = range.start;
             for i in range {
                 let offset = i * bs as u64;
                 let len = block_len(meta.size, bs, i);
@@ -133,6 +134,8 @@ impl Store {
                     }
                 }
             }
+            let start = range_start * bs as u64;
+            out.start_writeback(start, (BATCH * bs as u64).min(meta.size - start));
             (opts.progress)(
                 done.fetch_add(BATCH * bs as u64, Ordering::Relaxed)
                     .min(meta.size),
