@@ -124,10 +124,11 @@ impl Volume {
     /// for zeros).
     pub fn data_extents(&self, offset: u64, len: u64) -> Vec<std::ops::Range<u64>> {
         let end = offset + len;
-        if !self.sparse_aware {
-            return vec![offset..end];
-        }
         let mut out = Vec::new();
+        if !self.sparse_aware {
+            out.push(offset..end);
+            return out;
+        }
         let mut pos = offset;
         while pos < end {
             let data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
@@ -293,6 +294,30 @@ mod tests {
         assert!(!v.may_have_data(40 << 20, 1 << 20));
         let mut b = [0u8; 10];
         assert_eq!(v.read_at(&mut b, (64 << 20) - 4).unwrap(), 4);
+    }
+
+    #[test]
+    fn data_extents_name_the_data_between_the_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.img");
+        let w = VolumeWriter::create_image(&p, 8 << 20).unwrap();
+        w.write_at(&[1u8; 64 << 10], 1 << 20).unwrap();
+        w.write_at(&[2u8; 64 << 10], 3 << 20).unwrap();
+        w.sync().unwrap();
+        let v = Volume::open(&p).unwrap();
+        let window = v.data_extents(0, 4 << 20);
+        let covered: u64 = window.iter().map(|r| r.end - r.start).sum();
+        assert!(
+            window.iter().any(|r| r.contains(&(1 << 20)))
+                && window.iter().any(|r| r.contains(&(3 << 20))),
+            "{window:?}"
+        );
+        assert!(covered < 4 << 20, "holes are left out: {window:?}");
+        assert!(window.iter().all(|r| r.start < r.end && r.end <= 4 << 20));
+        assert!(v.data_extents(4 << 20, 4 << 20).is_empty(), "all hole");
+        // A window starting inside data is clipped to the window.
+        let inner = v.data_extents((1 << 20) + 4096, 4096);
+        assert_eq!(inner, vec![(1 << 20) + 4096..(1 << 20) + 8192]);
     }
 
     #[test]

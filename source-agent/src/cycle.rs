@@ -324,7 +324,9 @@ impl SourceAgent {
         let streams = pusher
             .as_ref()
             .map_or(0, |_| self.cfg.streams.max(1) as u32);
-        let first = session.set_offer(cut.offer.clone(), streams, cut.spool.len() as u64)?;
+        // Every frame of the spool but the manifest chunks (those wait for Need) is pushed.
+        let pushed = cut.spool.len() - cut.offer.cut.manifests.chunks.len().min(cut.spool.len());
+        let first = session.set_offer(cut.offer.clone(), streams, pushed as u64)?;
         let first = match first {
             SourceStep::Send(msgs) => {
                 for m in &msgs {
@@ -337,10 +339,10 @@ impl SourceAgent {
         match pusher {
             // The target answers the offer once the push streams drained: wait for them here.
             Some(p) if first.is_none() => {
-                let pushed = p
-                    .await
-                    .context("push task failed")?
-                    .context("the connection broke while pushing the cut's chunks; the cut is kept and sent on the next attempt")?;
+                let pushed = match p.await.context("push task failed")? {
+                    Ok(pushed) => pushed,
+                    Err(e) => return Err(refusal_or(&mut recv, e).await),
+                };
                 report.chunks_pushed = pushed.chunks;
                 report.chunks_sent = pushed.chunks;
                 report.bytes_sent = pushed.bytes;
@@ -480,6 +482,20 @@ async fn open_control(conn: &quinn::Connection) -> Result<(quinn::SendStream, qu
         .await
         .context("target did not accept the session")?;
     Ok((send, recv))
+}
+
+/// The target's Refused, when it sent one before a push failed (it says why: a full disk, a
+/// protocol error), or else the push's own error.
+async fn refusal_or(recv: &mut quinn::RecvStream, push_error: anyhow::Error) -> anyhow::Error {
+    let wait = std::time::Duration::from_secs(2);
+    match tokio::time::timeout(wait, stream::recv(recv)).await {
+        Ok(Ok(Control::Refused { code, message })) => {
+            anyhow::anyhow!("target refused the session ({code:?}): {message}")
+        }
+        _ => push_error.context(
+            "the connection broke while pushing the cut's chunks; the cut is kept and sent on the next attempt",
+        ),
+    }
 }
 
 /// Adds why the connection closed, when it says, to a session error.

@@ -73,16 +73,38 @@ pub async fn ship(
             send_stream(&conn, &spool, &part, limit.as_ref(), &*on_bytes).await
         }));
     }
+    join_streams(tasks).await
+}
+
+/// Waits for every stream task; sums what they sent.
+async fn join_streams(tasks: Vec<tokio::task::JoinHandle<Result<(u64, u64)>>>) -> Result<Shipped> {
     let mut total = Shipped {
         streams: tasks.len() as u32,
         ..Default::default()
     };
     for t in tasks {
-        let (c, b) = t.await.context("data stream task failed")??;
-        total.chunks += c;
-        total.bytes += b;
+        let (chunks, bytes) = t.await.context("stream task failed")??;
+        total.chunks += chunks;
+        total.bytes += bytes;
     }
     Ok(total)
+}
+
+/// Sends one frame on `s` within the cap, and counts it.
+async fn send_frame(
+    s: &mut quinn::SendStream,
+    frame: &[u8],
+    limit: Option<&Limiter>,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<()> {
+    if let Some(l) = limit {
+        l.take(frame.len()).await;
+    }
+    s.write_all(frame)
+        .await
+        .context("the connection broke while sending chunks")?;
+    on_bytes(frame.len() as u64);
+    Ok(())
 }
 
 async fn send_stream(
@@ -100,14 +122,8 @@ async fn send_stream(
     let mut bytes = 0;
     for h in hashes {
         let frame = tokio::task::block_in_place(|| spool.frame(h))?;
-        if let Some(l) = limit {
-            l.take(frame.len()).await;
-        }
-        s.write_all(&frame)
-            .await
-            .context("the connection broke while sending chunks")?;
+        send_frame(&mut s, &frame, limit, on_bytes).await?;
         bytes += frame.len() as u64;
-        on_bytes(frame.len() as u64);
     }
     s.finish().context("cannot finish data stream")?;
     Ok((hashes.len() as u64, bytes))
@@ -156,16 +172,7 @@ pub async fn push(
         }
     }
     drop(lanes);
-    let mut total = Shipped {
-        streams: n as u32,
-        ..Default::default()
-    };
-    for t in tasks {
-        let (chunks, bytes) = t.await.context("push stream task failed")??;
-        total.chunks += chunks;
-        total.bytes += bytes;
-    }
-    Ok(total)
+    join_streams(tasks).await
 }
 
 async fn push_stream(
@@ -189,15 +196,9 @@ async fn push_stream(
             std::os::unix::fs::FileExt::read_exact_at(f, &mut frame, offset)
         })
         .context("read from spool failed")?;
-        if let Some(l) = limit {
-            l.take(frame.len()).await;
-        }
-        s.write_all(&frame)
-            .await
-            .context("the connection broke while pushing chunks")?;
+        send_frame(&mut s, &frame, limit, on_bytes).await?;
         chunks += 1;
         bytes += frame.len() as u64;
-        on_bytes(frame.len() as u64);
     }
     s.finish().context("cannot finish push stream")?;
     Ok((chunks, bytes))

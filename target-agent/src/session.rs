@@ -97,11 +97,17 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "session failed");
+            // Let the Refused that says why reach the source before the connection goes.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(REFUSAL_GRACE, conn.closed()).await;
             conn.close(2u32.into(), b"session failed");
         }
     }
     result.map(|_| ())
 }
+
+/// How long a failed session waits for the source to read its Refused and close.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 
 /// The session loop; returns the group when a point was committed.
 async fn drive(

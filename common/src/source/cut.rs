@@ -117,12 +117,12 @@ pub fn make_cut(
         .collect::<Result<_>>()?;
     state.clear_pending()?;
     let spool_path = state.cut_dir().join("spool.frames");
-    let mut spool = SpoolWriter::create(&spool_path)?.with_feed(feed);
+    let mut spool = SpoolWriter::create(&spool_path)?;
     if let Some(h) = &cfg.pre_hook {
         h.run("pre").inspect_err(|_| run_post(cfg))?;
     }
     let created_ms = crate::now_ms();
-    let scanned = scan_all(cfg, &volumes, base, change, &mut spool, progress);
+    let scanned = scan_all(cfg, &volumes, base, change, (&mut spool, feed), progress);
     run_post(cfg);
     let (metas, maps, entries, bytes_read, manifests) = scanned?;
     let bytes_spooled = spool.bytes();
@@ -168,10 +168,13 @@ fn scan_all(
     volumes: &[Volume],
     base: Option<&Base>,
     change: &dyn ChangeSource,
-    spool: &mut SpoolWriter,
+    (spool, feed): (&mut SpoolWriter, Option<Feed>),
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Scanned> {
     let manifests = spool_manifests(&cfg.manifests.capture()?, cfg, spool)?;
+    // Volume blocks are pushed; the manifest chunks, usually unchanged and so already held,
+    // wait for the target's Need.
+    spool.set_feed(feed);
     let settings = ScanSettings {
         block_size: cfg.block_size,
         zstd_level: cfg.zstd_level,

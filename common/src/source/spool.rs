@@ -57,10 +57,10 @@ impl SpoolWriter {
         })
     }
 
-    /// Also announces every frame to `feed` once it is in the file (see [`Feed`]).
-    pub fn with_feed(mut self, feed: Option<Feed>) -> Self {
+    /// From now on, also announces every new frame to `feed` once it is in the file (see
+    /// [`Feed`]).
+    pub fn set_feed(&mut self, feed: Option<Feed>) {
         self.feed = feed;
-        self
     }
 
     /// True when the spool already holds this chunk.

@@ -297,19 +297,7 @@ fn targets(run: &Run) -> String {
     target(
         &mut out,
         "initial on loopback: at least 0.75x the speed of plaintext rsync --inplace",
-        run.get("loopback", "understudy", "initial")
-            .zip(run.get("loopback", "rsync-inplace", "initial"))
-            .map(|(u, r)| {
-                (
-                    r.wall / u.wall,
-                    format!(
-                        "{:.2}x ({:.2} s vs {:.2} s)",
-                        r.wall / u.wall,
-                        u.wall,
-                        r.wall
-                    ),
-                )
-            }),
+        speedup("loopback", "rsync-inplace", "initial"),
         |x| x >= 0.75,
     );
     target(
