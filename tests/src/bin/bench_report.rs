@@ -393,7 +393,7 @@ fn panel(
     let labels: Vec<String> = cases.iter().map(|(c, _)| c.to_string()).collect();
     c.configure_mesh()
         .disable_x_mesh()
-        .x_labels(cases.len() * 2 + 1)
+        .x_labels(cases.len() * (TOOLS.len() + 1) + 1)
         .x_label_formatter(&|x| {
             let i = (x / slots).floor() as usize;
             let centre = (x - i as f64 * slots - slots / 2.0).abs() < 0.6;
