@@ -250,13 +250,10 @@ impl VolumeWriter {
         })
     }
 
-    /// Makes `[offset, offset+len)` read as zeros: nothing to do on a fresh image, zeros written on
-    /// a device or a reused file.
-    pub fn zero_range(&self, offset: u64, len: u32, fresh_image: bool) -> Result<()> {
-        if fresh_image && !self.is_device {
-            return Ok(());
-        }
-        self.write_at(&vec![0u8; len as usize], offset)
+    /// True when holes must be written as zeros: on a device or a reused file. A fresh sparse
+    /// image already reads as zeros there.
+    pub fn holes_need_zeros(&self, fresh_image: bool) -> bool {
+        !fresh_image || self.is_device
     }
 
     /// Starts writing `[offset, offset+len)` to the device (see [`start_writeback`]).

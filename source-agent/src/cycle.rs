@@ -93,7 +93,7 @@ impl SourceAgent {
             "0.0.0.0:0".parse()?
         };
         let mut endpoint = quic::client_endpoint(bind)?;
-        endpoint.set_default_client_config(quic::client_config(&identity, peers)?);
+        endpoint.set_default_client_config(quic::client_config(&identity, peers, cfg.target)?);
         metrics.track(&cfg.group);
         Ok(SourceAgent {
             cfg,
@@ -321,11 +321,12 @@ impl SourceAgent {
             }
         };
         self.describe(&cut, false, report);
-        let streams = pusher
-            .as_ref()
-            .map_or(0, |_| self.cfg.streams.max(1) as u32);
-        // Every frame of the spool but the manifest chunks (those wait for Need) is pushed.
-        let pushed = cut.spool.len() - cut.offer.cut.manifests.chunks.len().min(cut.spool.len());
+        // When pushing, every frame of the spool but the manifest chunks (those wait for Need)
+        // went out on the push streams; otherwise none did.
+        let (streams, pushed) = pusher.as_ref().map_or((0, 0), |_| {
+            let manifests = cut.offer.cut.manifests.chunks.len().min(cut.spool.len());
+            (self.cfg.streams.max(1) as u32, cut.spool.len() - manifests)
+        });
         let first = session.set_offer(cut.offer.clone(), streams, pushed as u64)?;
         let first = match first {
             SourceStep::Send(msgs) => {

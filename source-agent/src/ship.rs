@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use understudy_common::chunk;
 use understudy_common::hash::ChunkHash;
 use understudy_common::protocol::{DATA_STREAM_KIND, PUSH_STREAM_KIND};
 use understudy_common::source::spool::SpoolReader;
@@ -184,6 +185,7 @@ async fn push_stream(
 ) -> Result<(u64, u64)> {
     let mut file: Option<std::fs::File> = None;
     let (mut chunks, mut bytes) = (0u64, 0u64);
+    let mut frame = Vec::new();
     while let Some((offset, len)) = frames.recv().await {
         let f = match &file {
             Some(f) => f,
@@ -191,11 +193,8 @@ async fn push_stream(
                 format!("cannot open the spool {} to push from it", spool.display())
             })?),
         };
-        let mut frame = vec![0u8; len as usize];
-        tokio::task::block_in_place(|| {
-            std::os::unix::fs::FileExt::read_exact_at(f, &mut frame, offset)
-        })
-        .context("read from spool failed")?;
+        tokio::task::block_in_place(|| chunk::read_stored(f, offset, len as usize, &mut frame))
+            .context("read from spool failed")?;
         send_frame(&mut s, &frame, limit, on_bytes).await?;
         chunks += 1;
         bytes += frame.len() as u64;

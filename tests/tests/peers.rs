@@ -102,12 +102,9 @@ fn another_protocol_version_is_refused_with_both_versions_named() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reply = rt.block_on(async {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quic::client_config(&id, vec![tfp]).unwrap());
-        let conn = ep
-            .connect(p.addr.parse().unwrap(), quic::SERVER_NAME)
-            .unwrap()
-            .await
-            .unwrap();
+        let addr = p.addr.parse().unwrap();
+        ep.set_default_client_config(quic::client_config(&id, vec![tfp], addr).unwrap());
+        let conn = ep.connect(addr, quic::SERVER_NAME).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(b"UNDR\x00\x63").await.unwrap(); // version 99
         let mut b = [0u8; 6];
@@ -296,7 +293,9 @@ fn garbage_after_the_handshake_is_refused_and_writes_nothing() {
     for (name, bytes) in variants {
         let closed = rt.block_on(async {
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            ep.set_default_client_config(quic::client_config(&id, vec![tfp.clone()]).unwrap());
+            ep.set_default_client_config(
+                quic::client_config(&id, vec![tfp.clone()], addr).unwrap(),
+            );
             let conn = ep.connect(addr, quic::SERVER_NAME).unwrap().await.unwrap();
             let (mut send, _recv) = conn.open_bi().await.unwrap();
             send.write_all(&bytes).await.unwrap();

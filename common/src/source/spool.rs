@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Where a frame sits in the spool file: (offset, length).
@@ -148,9 +147,8 @@ impl SpoolReader {
             .index
             .get(h)
             .with_context(|| format!("chunk {h} is not in this cut's spool"))?;
-        let mut buf = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut buf, off)
+        let mut buf = Vec::new();
+        crate::chunk::read_stored(&self.file, off, len as usize, &mut buf)
             .context("read from spool failed")?;
         Ok(buf)
     }

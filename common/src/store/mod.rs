@@ -308,13 +308,43 @@ impl Store {
 
     /// Reads the chunk at a known location, decompresses it and checks it is `hash`.
     pub fn read_chunk_at(&self, hash: &ChunkHash, loc: Location) -> Result<Vec<u8>> {
-        let frame = self.read_frame_at(loc)?;
+        let mut frame = Vec::new();
+        self.read_frame_into(loc, &mut frame)?;
+        // A damaged header leaves 0 here; decoding then names the damage.
+        let raw_len = chunk::parse_header(&frame).map_or(0, |h| h.raw_len as usize);
+        let mut raw = vec![0u8; raw_len];
+        self.decode_chunk_into(hash, loc, &frame, &mut raw)?;
+        Ok(raw)
+    }
+
+    /// Reads the chunk at `loc` into `out`, which must be the block's exact length, and checks
+    /// its hash against `hash`. `frame` is a buffer the caller keeps between calls, so the
+    /// restore allocates nothing per block.
+    pub fn read_chunk_into(
+        &self,
+        hash: &ChunkHash,
+        loc: Location,
+        frame: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.read_frame_into(loc, frame)?;
+        self.decode_chunk_into(hash, loc, frame, out)
+    }
+
+    /// Decodes `frame`, read from `loc`, into `out` and checks it is the chunk the catalog names.
+    fn decode_chunk_into(
+        &self,
+        hash: &ChunkHash,
+        loc: Location,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
         let pack = || {
             pack::pack_path(&self.packs_dir(), loc.pack)
                 .display()
                 .to_string()
         };
-        let (header, raw) = chunk::decode(&frame).with_context(|| {
+        let header = chunk::decode_into(frame, out).with_context(|| {
             format!(
                 "chunk {hash} at offset {} of pack {} is damaged",
                 loc.offset,
@@ -328,7 +358,7 @@ impl Store {
             loc.offset,
             header.hash
         );
-        Ok(raw)
+        Ok(())
     }
 
     /// Appends a verified chunk frame. It becomes durable (and visible to [`Store::missing`]) at the
@@ -443,8 +473,15 @@ impl Store {
 
     /// Reads a chunk's frame bytes from its pack, unverified.
     pub fn read_frame_at(&self, loc: Location) -> Result<Vec<u8>> {
+        let mut frame = Vec::new();
+        self.read_frame_into(loc, &mut frame)?;
+        Ok(frame)
+    }
+
+    /// Reads the frame at `loc` into `buf`, resized to it.
+    fn read_frame_into(&self, loc: Location, buf: &mut Vec<u8>) -> Result<()> {
         let f = self.reader(loc.pack)?;
-        pack::read_frame(&f, loc).with_context(|| {
+        chunk::read_stored(&f, loc.offset, loc.len as usize, buf).with_context(|| {
             format!(
                 "cannot read {} bytes at offset {} of pack {}: the pack is truncated or unreadable",
                 loc.len,

@@ -142,13 +142,6 @@ impl PackWriter {
     }
 }
 
-/// Reads a frame's bytes at a location (length-checked against the file).
-pub fn read_frame(file: &File, loc: Location) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; loc.len as usize];
-    file.read_exact_at(&mut buf, loc.offset)?;
-    Ok(buf)
-}
-
 /// Checks a pack file's header.
 pub fn check_header(file: &File, id: u32) -> Result<()> {
     let mut h = [0u8; PACK_HEADER_LEN as usize];

@@ -1,12 +1,15 @@
 //! Restore: stream a point's blocks into an image file or a device, verifying every chunk hash,
 //! the volume digest the source recorded at the cut, and (optionally) the written bytes read back.
-//! Blocks are processed in batches on every core; chunk locations come from one catalog read.
+//! Blocks are processed in batches by two workers per core (one's reads from the packs overlap
+//! another's decoding), each decoding into its own batch buffer and writing each run of adjacent
+//! blocks with one call; chunk locations come from one catalog read.
 
 use super::Store;
 use super::pack::Location;
 use crate::hash::{BlockRef, ChunkHash, VolumeDigest, block_len};
 use crate::volume::{Volume, VolumeWriter};
 use anyhow::{Context, Result};
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,8 +48,8 @@ pub struct RestoreOptions<'a> {
     pub progress: &'a (dyn Fn(u64) + Sync),
 }
 
-/// Runs `work` over every batch of `blocks` on all cores and returns the batches' results in
-/// block order; the first error stops the rest.
+/// Runs `work` over every batch of `blocks` on two workers per core and returns the batches'
+/// results in block order; the first error stops the rest.
 fn parallel_batches<T: Send>(
     blocks: u64,
     work: impl Fn(Range<u64>) -> Result<T> + Sync,
@@ -55,7 +58,7 @@ fn parallel_batches<T: Send>(
     let results: Mutex<Vec<(u64, T)>> = Mutex::new(Vec::new());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
+        .map_or(2, |n| n.get() * 2)
         .min(8);
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -108,33 +111,18 @@ impl Store {
         let locations = self.locations_of(&map)?;
         let written = AtomicU64::new(0);
         let done = AtomicU64::new(0);
+        let job = BatchJob {
+            volume,
+            map: &map,
+            locations: &locations,
+            size: meta.size,
+            bs,
+            out,
+            zeros: out.holes_need_zeros(opts.fresh_image),
+        };
         parallel_batches(map.len() as u64, |range| {
-            let range_start = range.start;
-            for i in range {
-                let offset = i * bs as u64;
-                let len = block_len(meta.size, bs, i);
-                match (map[i as usize], locations[i as usize]) {
-                    (BlockRef::Hole, _) => out.zero_range(offset, len, opts.fresh_image)?,
-                    (BlockRef::Data(h), Some(loc)) => {
-                        let raw = self
-                            .read_chunk_at(&h, loc)
-                            .with_context(|| format!("volume {volume}, block at byte {offset}"))?;
-                        anyhow::ensure!(
-                            raw.len() == len as usize,
-                            "volume {volume}: block at byte {offset} should be {len} bytes, chunk {h} holds {}",
-                            raw.len()
-                        );
-                        out.write_at(&raw, offset)?;
-                        written.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                    (BlockRef::Data(h), None) => {
-                        anyhow::bail!(
-                            "volume {volume}, block at byte {offset}: chunk {h} is not in the store: run `target-agent verify`"
-                        )
-                    }
-                }
-            }
-            let start = range_start * bs as u64;
+            let start = range.start * bs as u64;
+            written.fetch_add(self.restore_batch(&job, range)?, Ordering::Relaxed);
             out.start_writeback(start, (BATCH * bs as u64).min(meta.size - start));
             (opts.progress)(
                 done.fetch_add(BATCH * bs as u64, Ordering::Relaxed)
@@ -162,6 +150,46 @@ impl Store {
         })
     }
 
+    /// Decodes one batch of blocks into this worker's buffer and writes each run of adjacent
+    /// blocks with one call; returns the data bytes written.
+    fn restore_batch(&self, job: &BatchJob, range: Range<u64>) -> Result<u64> {
+        BUFFERS.with(|b| {
+            let (buf, frame) = &mut *b.borrow_mut();
+            let bs = job.bs as u64;
+            let start = range.start * bs;
+            buf.resize(((range.end - range.start) * bs).min(job.size - start) as usize, 0);
+            let mut written = 0;
+            // The run of blocks decoded into `buf` and not yet written: [run, pos).
+            let mut run = 0usize;
+            for i in range {
+                let pos = (i * bs - start) as usize;
+                let len = block_len(job.size, job.bs, i) as usize;
+                let block = &mut buf[pos..pos + len];
+                match (job.map[i as usize], job.locations[i as usize]) {
+                    (BlockRef::Hole, _) if job.zeros => block.fill(0),
+                    (BlockRef::Hole, _) => {
+                        job.write(&buf[run..pos], start + run as u64)?;
+                        run = pos + len;
+                    }
+                    (BlockRef::Data(h), Some(loc)) => {
+                        let offset = start + pos as u64;
+                        self.read_chunk_into(&h, loc, frame, block).with_context(|| {
+                            format!("volume {}, block at byte {offset}", job.volume)
+                        })?;
+                        written += len as u64;
+                    }
+                    (BlockRef::Data(h), None) => anyhow::bail!(
+                        "volume {}, block at byte {}: chunk {h} is not in the store: run `target-agent verify`",
+                        job.volume,
+                        start + pos as u64
+                    ),
+                }
+            }
+            job.write(&buf[run..], start + run as u64)?;
+            Ok(written)
+        })
+    }
+
     /// Location of every data block of a map (`None` for holes and missing chunks).
     fn locations_of(&self, map: &[BlockRef]) -> Result<Vec<Option<Location>>> {
         let hashes: Vec<ChunkHash> = map
@@ -181,6 +209,32 @@ impl Store {
     }
 }
 
+thread_local! {
+    /// Each restore worker's batch buffer and frame buffer, kept from one batch to the next.
+    static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// What every batch of one volume's restore shares.
+struct BatchJob<'a> {
+    volume: &'a str,
+    map: &'a [BlockRef],
+    locations: &'a [Option<Location>],
+    size: u64,
+    bs: u32,
+    out: &'a VolumeWriter,
+    /// Holes are written as zeros (a device or a reused file).
+    zeros: bool,
+}
+
+impl BatchJob<'_> {
+    /// Writes a run of decoded blocks at `offset`; an empty run writes nothing.
+    fn write(&self, run: &[u8], offset: u64) -> Result<()> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        self.out.write_at(run, offset)
+    }
+}
 /// Hashes what a volume actually holds, block by block, on all cores; holes of a sparse image are
 /// not read.
 fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
