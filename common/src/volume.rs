@@ -149,20 +149,6 @@ impl Volume {
         }
         out
     }
-
-    /// True when `[offset, offset+len)` may hold data; false when the file system says it is a
-    /// hole. Block devices always answer true (the caller then reads and checks for zeros).
-    pub fn may_have_data(&self, offset: u64, len: u64) -> bool {
-        if !self.sparse_aware {
-            return true;
-        }
-        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
-            Ok(data_start) => data_start < offset + len,
-            // ENXIO: no data at or after offset.
-            Err(rustix::io::Errno::NXIO) => false,
-            Err(_) => true,
-        }
-    }
 }
 
 /// Starts writing `[offset, offset+len)` of `file` to its device without waiting for it
@@ -287,8 +273,8 @@ mod tests {
         w.sync().unwrap();
         let v = Volume::open(&p).unwrap();
         assert_eq!(v.size(), 64 << 20);
-        assert!(v.may_have_data(32 << 20, 4096));
-        assert!(!v.may_have_data(40 << 20, 1 << 20));
+        assert!(!v.data_extents(32 << 20, 4096).is_empty());
+        assert!(v.data_extents(40 << 20, 1 << 20).is_empty());
         let mut b = [0u8; 10];
         assert_eq!(v.read_at(&mut b, (64 << 20) - 4).unwrap(), 4);
     }

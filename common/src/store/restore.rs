@@ -240,10 +240,12 @@ impl BatchJob<'_> {
 fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
     let batches = parallel_batches(crate::hash::block_count(size, bs), |range| {
         let start = range.start * bs as u64;
-        let has_data = v.may_have_data(
-            start,
-            ((range.end - range.start) * bs as u64).min(size - start),
-        );
+        let has_data = !v
+            .data_extents(
+                start,
+                ((range.end - range.start) * bs as u64).min(size - start),
+            )
+            .is_empty();
         let mut buf = vec![0u8; bs as usize];
         range
             .map(|i| {
