@@ -235,6 +235,7 @@ impl BatchJob<'_> {
         self.out.write_at(run, offset)
     }
 }
+
 /// Hashes what a volume actually holds, block by block, on all cores; holes of a sparse image are
 /// not read.
 fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
