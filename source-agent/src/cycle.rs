@@ -488,8 +488,7 @@ async fn open_control(conn: &quinn::Connection) -> Result<(quinn::SendStream, qu
 /// The target's Refused, when it sent one before a push failed (it says why: a full disk, a
 /// protocol error), or else the push's own error.
 async fn refusal_or(recv: &mut quinn::RecvStream, push_error: anyhow::Error) -> anyhow::Error {
-    let wait = std::time::Duration::from_secs(2);
-    match tokio::time::timeout(wait, stream::recv(recv)).await {
+    match tokio::time::timeout(understudy_common::protocol::REFUSAL_GRACE, stream::recv(recv)).await {
         Ok(Ok(Control::Refused { code, message })) => {
             anyhow::anyhow!("target refused the session ({code:?}): {message}")
         }

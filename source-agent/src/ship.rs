@@ -121,8 +121,9 @@ async fn send_stream(
         .context("cannot open a data stream: the connection broke")?;
     s.write_all(&[DATA_STREAM_KIND]).await?;
     let mut bytes = 0;
+    let mut frame = Vec::new();
     for h in hashes {
-        let frame = tokio::task::block_in_place(|| spool.frame(h))?;
+        tokio::task::block_in_place(|| spool.frame_into(h, &mut frame))?;
         send_frame(&mut s, &frame, limit, on_bytes).await?;
         bytes += frame.len() as u64;
     }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use understudy_common::chunk::{self, Verified};
 use understudy_common::metrics::Metrics;
 use understudy_common::protocol::target_session::{TargetSession, TargetStep, refusal};
-use understudy_common::protocol::{Control, RefuseCode};
+use understudy_common::protocol::{Control, REFUSAL_GRACE, RefuseCode};
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
 use understudy_common::transport::stream::StreamKind;
@@ -105,9 +105,6 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
     }
     result.map(|_| ())
 }
-
-/// How long a failed session waits for the source to read its Refused and close.
-const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 
 /// The session loop; returns the group when a point was committed.
 async fn drive(

@@ -21,6 +21,10 @@ pub const DATA_STREAM_KIND: u8 = 0x01;
 /// First byte of a push stream: chunks sent while the cut is still being made, before the
 /// target could ask for them (protocol 2).
 pub const PUSH_STREAM_KIND: u8 = 0x02;
+/// How long a side that failed a session keeps the connection open for its peer to read the
+/// Refused that says why (the target after refusing; the source waiting for it after a push
+/// broke).
+pub const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether an offer's entries are a delta or a full declaration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

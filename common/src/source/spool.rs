@@ -141,15 +141,13 @@ impl SpoolReader {
         self.index.get(h).map(|(_, l)| *l as u64)
     }
 
-    /// The frame of a chunk.
-    pub fn frame(&self, h: &ChunkHash) -> Result<Vec<u8>> {
+    /// The frame of a chunk, read into `buf` (a buffer the caller keeps between chunks).
+    pub fn frame_into(&self, h: &ChunkHash, buf: &mut Vec<u8>) -> Result<()> {
         let (off, len) = *self
             .index
             .get(h)
             .with_context(|| format!("chunk {h} is not in this cut's spool"))?;
-        let mut buf = Vec::new();
-        crate::chunk::read_stored(&self.file, off, len as usize, &mut buf)
-            .context("read from spool failed")?;
-        Ok(buf)
+        crate::chunk::read_stored(&self.file, off, len as usize, buf)
+            .context("read from spool failed")
     }
 }

@@ -306,17 +306,6 @@ impl Store {
             .collect()
     }
 
-    /// Reads the chunk at a known location, decompresses it and checks it is `hash`.
-    pub fn read_chunk_at(&self, hash: &ChunkHash, loc: Location) -> Result<Vec<u8>> {
-        let mut frame = Vec::new();
-        self.read_frame_into(loc, &mut frame)?;
-        // A damaged header leaves 0 here; decoding then names the damage.
-        let raw_len = chunk::parse_header(&frame).map_or(0, |h| h.raw_len as usize);
-        let mut raw = vec![0u8; raw_len];
-        self.decode_chunk_into(hash, loc, &frame, &mut raw)?;
-        Ok(raw)
-    }
-
     /// Reads the chunk at `loc` into `out`, which must be the block's exact length, and checks
     /// its hash against `hash`. `frame` is a buffer the caller keeps between calls, so the
     /// restore allocates nothing per block.
@@ -496,7 +485,13 @@ impl Store {
         let loc = self.locate(hash)?.with_context(|| {
             format!("chunk {hash} is not in the store: run `target-agent verify`")
         })?;
-        self.read_chunk_at(hash, loc)
+        let mut frame = Vec::new();
+        self.read_frame_into(loc, &mut frame)?;
+        // A damaged header leaves 0 here; decoding then names the damage.
+        let raw_len = chunk::parse_header(&frame).map_or(0, |h| h.raw_len as usize);
+        let mut raw = vec![0u8; raw_len];
+        self.decode_chunk_into(hash, loc, &frame, &mut raw)?;
+        Ok(raw)
     }
 
     // ----- recovery points --------------------------------------------------------------------

@@ -86,7 +86,8 @@ pub async fn read_frame(r: &mut RecvStream) -> Result<Option<Vec<u8>>> {
     while frame.len() < len {
         let part = r
             .read_chunk(len - frame.len(), true)
-            .await?
+            .await
+            .context("data stream broke inside a chunk")?
             .context("data stream ended inside a chunk")?;
         frame.extend_from_slice(&part.bytes);
     }
