@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use understudy_common::manifest::Bundle;
+use understudy_common::source::state::remove_if_present;
 use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
 use understudy_common::transform::Rules;
@@ -152,6 +153,8 @@ pub fn failover(
     if !req.dry_run {
         std::fs::create_dir_all(&req.out)
             .with_context(|| format!("cannot create output directory {}", req.out.display()))?;
+        // An earlier run's report must not describe what this run leaves behind.
+        remove_if_present(&req.out.join("report.json"))?;
     }
     // Damaged manifests do not stop the volumes from being rebuilt: the report says what failed.
     let (bundle, manifests_error) = match store
@@ -224,7 +227,8 @@ fn planned(v: &understudy_common::store::VolumeMeta, target: &Path) -> VolumeRes
 
 /// Rebuilds one volume. An image is written as `<name>.img.partial` and renamed to its final
 /// name only once its digest matched, so a crash or a failed check never leaves a file that looks
-/// like a finished volume.
+/// like a finished volume. An image an earlier failover left under the final name is kept as
+/// `<name>.img.previous` until the new one is published, so a failed rebuild loses nothing.
 fn restore_one(
     store: &Store,
     point: &PointRecord,
@@ -236,6 +240,7 @@ fn restore_one(
 ) -> VolumeRestore {
     let is_device = req.devices.contains_key(name);
     let partial = target.with_extension("img.partial");
+    let previous = target.with_extension("img.previous");
     let result = (|| {
         let writer = if is_device {
             VolumeWriter::open_device(target, size)?
@@ -243,7 +248,7 @@ fn restore_one(
             let dir = target.parent().expect("under out");
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
-            let _ = std::fs::remove_file(target);
+            set_aside(target, &previous)?;
             VolumeWriter::create_image(&partial, size)?
         };
         let opts = RestoreOptions {
@@ -263,6 +268,7 @@ fn restore_one(
         if !is_device {
             if r.ok {
                 publish(&partial, target)?;
+                remove_if_present(&previous)?;
             } else {
                 r.path = partial.display().to_string();
             }
@@ -271,7 +277,11 @@ fn restore_one(
     })();
     result.unwrap_or_else(|e: anyhow::Error| VolumeRestore {
         volume: name.to_string(),
-        path: target.display().to_string(),
+        path: if !is_device && partial.exists() {
+            partial.display().to_string()
+        } else {
+            target.display().to_string()
+        },
         size,
         bytes_written: 0,
         expected_digest: point
@@ -283,6 +293,21 @@ fn restore_one(
         ok: false,
         error: Some(format!("{e:#}")),
     })
+}
+
+/// Moves an image an earlier failover published at `target` to `previous` (replacing an older
+/// one there); does nothing when there is none.
+fn set_aside(target: &Path, previous: &Path) -> Result<()> {
+    match std::fs::rename(target, previous) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.with_context(|| {
+            format!(
+                "cannot move the earlier image {} aside to {}: check the output directory is writable",
+                target.display(),
+                previous.display()
+            )
+        }),
+    }
 }
 
 /// Renames a verified image to its final name, durably.

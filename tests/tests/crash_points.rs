@@ -248,6 +248,9 @@ fn crash_during_a_failover_rebuild_leaves_no_finished_looking_volume() {
     let mut sc = Scene::new(&[]);
     sc.p.kill_target();
     let out = sc.p.path("fo");
+    // An earlier failover into the same directory: its image must outlive a rebuild that stops.
+    sc.p.failover("g", "latest", &out, &[]);
+    let earlier = digest(&out.join("volumes/a.img"));
     let o = Command::new(bin("target-agent"))
         .args([
             "failover",
@@ -269,10 +272,19 @@ fn crash_during_a_failover_rebuild_leaves_no_finished_looking_volume() {
         "a half-written volume has its final name"
     );
     assert!(out.join("volumes/a.img.partial").exists());
-    assert!(!out.join("report.json").exists());
+    assert_eq!(
+        digest(&out.join("volumes/a.img.previous")),
+        earlier,
+        "the earlier image was not kept aside"
+    );
+    assert!(
+        !out.join("report.json").exists(),
+        "the earlier run's report is still there"
+    );
     let rep = sc.p.failover("g", "latest", &out, &[]);
     assert_eq!(rep["ok"], true, "{rep}");
     assert!(!out.join("volumes/a.img.partial").exists());
+    assert!(!out.join("volumes/a.img.previous").exists());
     sc.vols.assert_restored(&out, &sc.expected[0].1, "point 1");
 }
 

@@ -68,7 +68,7 @@ impl GroupState {
     pub fn set_base(&self, base: Option<&Base>) -> Result<()> {
         match base {
             Some(b) => write_atomic(&self.dir.join("base.bin"), &postcard::to_stdvec(b)?),
-            None => remove(&self.dir.join("base.bin")),
+            None => remove_if_present(&self.dir.join("base.bin")),
         }
     }
 
@@ -84,8 +84,8 @@ impl GroupState {
 
     /// Forgets the pending cut and its spool.
     pub fn clear_pending(&self) -> Result<()> {
-        remove(&self.cut_dir().join("cut.bin"))?;
-        remove(&self.cut_dir().join("spool.frames"))
+        remove_if_present(&self.cut_dir().join("cut.bin"))?;
+        remove_if_present(&self.cut_dir().join("spool.frames"))
     }
 
     /// After the target committed `cut` as `seq`: it becomes the base, and the cut is dropped.
@@ -114,7 +114,8 @@ fn read_file<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-fn remove(path: &Path) -> Result<()> {
+/// Removes `path` unless it is already gone.
+pub fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", path.display()))
