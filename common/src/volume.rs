@@ -174,6 +174,10 @@ pub struct VolumeWriter {
     file: File,
     path: PathBuf,
     is_device: bool,
+    /// Held for each write. A buffered write takes the file's inode lock anyway, and the kernel's
+    /// waiters for that lock spin on a CPU the other workers need for decoding; waiting here
+    /// sleeps instead.
+    writing: std::sync::Mutex<()>,
 }
 
 impl VolumeWriter {
@@ -197,6 +201,7 @@ impl VolumeWriter {
             file,
             path: path.to_path_buf(),
             is_device: false,
+            writing: Default::default(),
         })
     }
 
@@ -223,11 +228,13 @@ impl VolumeWriter {
             file,
             path: path.to_path_buf(),
             is_device,
+            writing: Default::default(),
         })
     }
 
     /// Writes a block's bytes at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         self.file.write_all_at(data, offset).with_context(|| {
             format!(
                 "write to {} at offset {offset} failed (disk full or device error?)",
