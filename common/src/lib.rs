@@ -12,6 +12,7 @@ pub mod chunk;
 pub mod cli;
 pub mod cluster;
 pub mod failpoint;
+pub mod files;
 pub mod hash;
 pub mod hooks;
 pub mod manifest;

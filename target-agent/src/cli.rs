@@ -113,7 +113,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             tracing::info!(%bound, "serving metrics");
         }
         if let Some(f) = &a.ready_file {
-            understudy_common::source::state::write_atomic(f, addr.to_string().as_bytes())?;
+            understudy_common::files::write_atomic(f, addr.to_string().as_bytes())?;
         }
         tracing::info!(%addr, "target agent listening");
         tokio::select! {

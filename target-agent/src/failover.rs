@@ -6,8 +6,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use understudy_common::files::{remove_if_present, sync_dir};
 use understudy_common::manifest::Bundle;
-use understudy_common::source::state::remove_if_present;
 use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
 use understudy_common::transform::Rules;
@@ -319,12 +319,7 @@ fn publish(partial: &Path, target: &Path) -> Result<()> {
             target.display()
         )
     })?;
-    if let Some(dir) = target.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
-    }
-    Ok(())
+    target.parent().map_or(Ok(()), sync_dir)
 }
 
 impl FailoverReport {

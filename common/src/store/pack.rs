@@ -70,9 +70,7 @@ impl PackWriter {
         header.extend_from_slice(&[0; 4]);
         file.write_all(&header)
             .with_context(|| format!("cannot write pack header {}", path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot fsync {}", dir.display()))?;
+        crate::files::sync_dir(dir)?;
         Ok(PackWriter {
             id,
             file,

@@ -100,7 +100,7 @@ impl Identity {
         let cert_pem = ck.cert.pem();
         let key_pem = ck.signing_key.serialize_pem();
         write_private(&key_path(dir), key_pem.as_bytes())?;
-        crate::source::state::write_atomic(&cert_path(dir), cert_pem.as_bytes())?;
+        crate::files::write_atomic(&cert_path(dir), cert_pem.as_bytes())?;
         Self::load(dir)
     }
 
@@ -195,7 +195,7 @@ impl Peers {
             name: name.to_string(),
             fingerprint,
         });
-        crate::source::state::write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(&p)?)?;
+        crate::files::write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(&p)?)?;
         Ok(p)
     }
 
