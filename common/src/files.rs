@@ -23,17 +23,23 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 /// Fsyncs a directory, so the names created, renamed or removed in it survive a crash.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot fsync directory {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| {
+        format!(
+            "cannot fsync directory {}: check the disk it is on for I/O errors (dmesg)",
+            dir.display()
+        )
+    })
 }
 
 /// Removes `path` unless it is already gone.
 pub fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("cannot remove {}", path.display()))
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| {
+            format!(
+                "cannot remove {}: check that its directory is writable by this agent",
+                path.display()
+            )
+        }),
         _ => Ok(()),
     }
 }
