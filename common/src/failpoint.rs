@@ -7,6 +7,9 @@
 //! `2*off->return` for the third time it is reached) and the process kills itself there with
 //! SIGKILL: no destructor, no flush, no unwinding, exactly like a crash.
 //!
+//! The same names take fail-rs's other actions too: `source.cut.scanning=1*sleep(3000)` holds the
+//! first scan batch for 3 s, so a test can send a signal while the cut is being made.
+//!
 //! Crash points exist only in builds with the `failpoints` feature (the test crate enables it);
 //! in a release build [`hit`] compiles to nothing and `FAILPOINTS` is ignored.
 
@@ -18,6 +21,7 @@ pub const POINTS: &[&str] = &[
     "store.gc.chunks-removed",
     "store.compact.copied",
     "failover.volume-written",
+    "source.cut.scanning",
     "source.cut.made",
     "source.commit.acked",
 ];

@@ -1,9 +1,10 @@
 //! Block hashes and per-volume digests.
 //!
 //! Every block is identified by the BLAKE3 hash of its raw bytes. A volume's digest is BLAKE3 (in
-//! derive-key mode) over its size, its block size and the content hash of every block in order, so a
-//! digest is a pure function of the volume's bytes, computable from block hashes alone: the source
-//! gets it from the cut without re-reading unchanged blocks, the target re-derives it at restore.
+//! derive-key mode) over its size, its block size and the index and hash of every data block in
+//! order; an all-zero block is always a hole, never data, so a digest is a pure function of the
+//! volume's bytes, computable from the block map alone: the source gets it from the cut without
+//! re-reading unchanged blocks, the target re-derives it at restore, and holes cost nothing.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -75,43 +76,40 @@ pub fn block_count(size: u64, block_size: u32) -> u64 {
     size.div_ceil(block_size as u64)
 }
 
-/// Incremental computation of a volume digest, fed block by block in index order.
+/// Incremental computation of a volume digest (v2), fed the volume's data blocks in increasing
+/// index order. It is BLAKE3 (derive-key mode) over the size, the block size and, for each data
+/// block, its index and hash; holes (all-zero blocks, which a scan never records as data) add
+/// nothing, so the digest costs what the data costs and a run of holes costs nothing.
 pub struct VolumeDigest {
     hasher: blake3::Hasher,
-    size: u64,
-    block_size: u32,
+    blocks: u64,
     next: u64,
-    zero: ZeroHashes,
 }
 
 impl VolumeDigest {
     /// Starts the digest of a volume of `size` bytes cut into `block_size` blocks.
     pub fn new(size: u64, block_size: u32) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key("understudy volume digest v1");
+        let mut hasher = blake3::Hasher::new_derive_key("understudy volume digest v2");
         hasher.update(&size.to_le_bytes());
         hasher.update(&block_size.to_le_bytes());
         VolumeDigest {
             hasher,
-            size,
-            block_size,
+            blocks: block_count(size, block_size),
             next: 0,
-            zero: ZeroHashes::default(),
         }
     }
 
-    /// Adds the next block. Panics never: blocks past the end are ignored.
-    pub fn push(&mut self, block: BlockRef) {
-        if self.next >= block_count(self.size, self.block_size) {
+    /// Adds data block `index`. Blocks out of order or past the end are ignored (they cannot
+    /// belong to this volume, and the digest then differs from the source's).
+    pub fn push(&mut self, index: u64, hash: &ChunkHash) {
+        if index < self.next || index >= self.blocks {
+            self.next = u64::MAX; // poisons the digest: nothing matches it
+            self.hasher.update(b"out of order");
             return;
         }
-        let hash = match block {
-            BlockRef::Data(h) => h,
-            BlockRef::Hole => self
-                .zero
-                .get(block_len(self.size, self.block_size, self.next)),
-        };
+        self.hasher.update(&index.to_le_bytes());
         self.hasher.update(&hash.0);
-        self.next += 1;
+        self.next = index + 1;
     }
 
     /// Finishes the digest; the hex string is what reports print.
@@ -120,26 +118,10 @@ impl VolumeDigest {
     }
 
     /// Digest of a whole block map.
-    pub fn of_map(size: u64, block_size: u32, map: &[BlockRef]) -> String {
+    pub fn of_map(size: u64, block_size: u32, map: &crate::block_map::BlockMap) -> String {
         let mut d = VolumeDigest::new(size, block_size);
-        map.iter().for_each(|b| d.push(*b));
+        map.data().iter().for_each(|(i, h)| d.push(*i, h));
         d.finish()
-    }
-}
-
-/// Cache of the hash of an all-zero block of a given length (at most two lengths per volume).
-#[derive(Default)]
-pub struct ZeroHashes(Vec<(u32, ChunkHash)>);
-
-impl ZeroHashes {
-    /// Hash of `len` zero bytes.
-    pub fn get(&mut self, len: u32) -> ChunkHash {
-        if let Some((_, h)) = self.0.iter().find(|(l, _)| *l == len) {
-            return *h;
-        }
-        let h = ChunkHash::of(&vec![0u8; len as usize]);
-        self.0.push((len, h));
-        h
     }
 }
 
@@ -156,29 +138,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digest_treats_hole_as_zero_bytes() {
+    fn digest_depends_on_data_blocks_size_and_order_only() {
+        use crate::block_map::BlockMap;
         let bs = 4096u32;
         let size = 3 * 4096 + 100;
-        let data = vec![7u8; 4096];
-        let holes = [
-            BlockRef::Hole,
-            BlockRef::Data(ChunkHash::of(&data)),
-            BlockRef::Hole,
-            BlockRef::Hole,
-        ];
-        let explicit = [
-            BlockRef::Data(ChunkHash::of(&[0; 4096])),
-            BlockRef::Data(ChunkHash::of(&data)),
-            BlockRef::Data(ChunkHash::of(&[0; 4096])),
-            BlockRef::Data(ChunkHash::of(&[0; 100])),
-        ];
+        let data = ChunkHash::of(&[7u8; 4096]);
+        let one = BlockMap::from_sorted(vec![(1, data)]).unwrap();
         assert_eq!(
-            VolumeDigest::of_map(size, bs, &holes),
-            VolumeDigest::of_map(size, bs, &explicit)
+            VolumeDigest::of_map(size, bs, &one),
+            VolumeDigest::of_map(size, bs, &one.clone())
         );
         assert_ne!(
-            VolumeDigest::of_map(size, bs, &holes),
-            VolumeDigest::of_map(size + 1, bs, &holes)
+            VolumeDigest::of_map(size, bs, &one),
+            VolumeDigest::of_map(size + 1, bs, &one)
+        );
+        let moved = BlockMap::from_sorted(vec![(2, data)]).unwrap();
+        assert_ne!(
+            VolumeDigest::of_map(size, bs, &one),
+            VolumeDigest::of_map(size, bs, &moved)
+        );
+        let mut d = VolumeDigest::new(size, bs);
+        d.push(2, &data);
+        d.push(1, &data);
+        assert_ne!(
+            d.finish(),
+            VolumeDigest::of_map(size, bs, &moved),
+            "out of order"
+        );
+        let mut d = VolumeDigest::new(size, bs);
+        d.push(4, &data);
+        assert_ne!(
+            d.finish(),
+            VolumeDigest::of_map(size, bs, &BlockMap::new()),
+            "past the end"
         );
     }
 

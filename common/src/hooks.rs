@@ -1,9 +1,100 @@
 //! Quiesce hooks: shell commands run before the cut (freeze) and after it (thaw), each with a
 //! timeout and an on-error policy.
+//!
+//! A freeze that ran is a thaw owed to the application: [`freeze`] returns a [`Thaw`] that runs
+//! the post hook when it is dropped, however the cut ends (done, failed, interrupted), and the
+//! thaw is also registered process-wide so that an agent forced to exit at once (a second
+//! signal) still runs it first ([`run_owed_thaws`]). Each thaw runs exactly once.
 
 use anyhow::{Context, Result, bail};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Thaws owed right now, by the id of their [`Thaw`].
+static OWED: Mutex<Vec<(u64, Hook)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+/// Process groups of the hooks running right now.
+static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// The thaw owed after a freeze; dropping it runs the post hook (once).
+#[must_use = "dropping the Thaw runs the post hook at once"]
+pub struct Thaw {
+    id: u64,
+}
+
+/// Runs `pre` (the freeze) and returns the thaw that `post` owes from now on. When the freeze
+/// fails (under the `fail` policy), the post hook runs at once, to undo a partial freeze, and
+/// the error is returned.
+pub fn freeze(pre: Option<&Hook>, post: Option<&Hook>) -> Result<Thaw> {
+    let thaw = Thaw {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+    };
+    if let Some(h) = post {
+        owed().push((thaw.id, h.clone()));
+    }
+    if let Some(h) = pre {
+        h.run("pre")?; // on error, dropping `thaw` runs the post hook
+    }
+    Ok(thaw)
+}
+
+fn owed() -> std::sync::MutexGuard<'static, Vec<(u64, Hook)>> {
+    OWED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn take_owed(id: Option<u64>) -> Vec<Hook> {
+    let mut o = owed();
+    let (take, keep): (Vec<_>, Vec<_>) =
+        o.drain(..).partition(|(i, _)| id.is_none_or(|id| id == *i));
+    *o = keep;
+    take.into_iter().map(|(_, h)| h).collect()
+}
+
+fn thaw_now(h: &Hook) {
+    if let Err(e) = h.run("post") {
+        tracing::error!(error = %format!("{e:#}"), "post hook failed: the application may still be frozen; thaw it by hand");
+    }
+}
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        take_owed(Some(self.id)).iter().for_each(thaw_now);
+    }
+}
+
+/// Kills the hooks running now (a freeze must not complete after its thaw), then runs every thaw
+/// still owed, each bounded by its hook's timeout. For an exit that cannot wait for the cut to
+/// end; a [`Thaw`] whose hook ran here does nothing when dropped.
+pub fn run_owed_thaws() {
+    let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|p| p.into_inner()));
+    for pgid in running {
+        if let Some(pid) = rustix::process::Pid::from_raw(pgid) {
+            rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).ok();
+        }
+    }
+    take_owed(None).iter().for_each(thaw_now);
+}
+
+/// Registers a running hook's process group for [`run_owed_thaws`] while it lives.
+struct RunningHook(i32);
+
+impl RunningHook {
+    fn new(pgid: i32) -> Self {
+        RUNNING.lock().unwrap_or_else(|p| p.into_inner()).push(pgid);
+        RunningHook(pgid)
+    }
+}
+
+impl Drop for RunningHook {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| *p != self.0);
+    }
+}
 
 /// What to do when a hook fails or times out.
 #[derive(
@@ -54,6 +145,7 @@ impl Hook {
             .process_group(0)
             .spawn()
             .context("cannot start sh")?;
+        let _running = RunningHook::new(child.id() as i32);
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait()? {

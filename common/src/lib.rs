@@ -4,19 +4,25 @@
 //! session protocol ([`protocol`]) over mutual-TLS QUIC ([`transport`]) -> pack + catalog
 //! ([`store`]) -> recovery point -> restore ([`store::restore`]).
 //!
-//! The source side's cut (hooks, scan, spool) lives in [`source`]; application manifests and their
-//! transforms in [`manifest`]. The agent binaries only wire these together.
+//! Block maps ([`block_map`]) are sparse everywhere; the scan and the restore share one worker
+//! pool ([`pool`]). The source side's cut (its instant, the scan against the base, the spool)
+//! lives in [`source`]; application manifests in [`manifest`], their transforms in
+//! [`transform`], the Kubernetes side in [`cluster`]. The agent binaries only wire these
+//! together.
 
+pub mod block_map;
 pub mod change;
 pub mod chunk;
 pub mod cli;
 pub mod cluster;
+pub mod error;
 pub mod failpoint;
 pub mod files;
 pub mod hash;
 pub mod hooks;
 pub mod manifest;
 pub mod metrics;
+pub mod pool;
 pub mod progress;
 pub mod protocol;
 pub mod source;

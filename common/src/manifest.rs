@@ -84,10 +84,9 @@ impl Bundle {
         for (path, data) in &self.files {
             let p = dir.join(path);
             if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
+                crate::files::private_dir(parent)?;
             }
-            std::fs::write(&p, data).with_context(|| format!("cannot write {}", p.display()))?;
+            crate::files::write_private(&p, data)?;
         }
         Ok(())
     }
@@ -183,7 +182,12 @@ impl std::fmt::Display for ObjectId {
 
 fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) -> Result<()> {
     let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot read manifest directory {}: check that --manifests names an existing directory this agent may read",
+                dir.display()
+            )
+        })?;
     for e in entries {
         let e = e?;
         let path = e.path();

@@ -59,22 +59,39 @@ pub struct Volume {
 
 impl Volume {
     /// Opens a block device or image file for reading.
+    /// A path that does not exist, may not be read, or is neither a block device nor a regular
+    /// file gives a [`crate::error::Permanent`] error: retrying cannot fix it.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).with_context(|| {
-            format!(
+        let mut file = File::open(path).map_err(|e| {
+            let fixable_by_user = matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            );
+            let e = anyhow::Error::new(e).context(format!(
                 "cannot open volume {}: check the path exists and this agent may read it",
                 path.display()
-            )
+            ));
+            if fixable_by_user {
+                crate::error::permanent(e)
+            } else {
+                e
+            }
         })?;
         let meta = file
             .metadata()
             .with_context(|| format!("cannot stat volume {}", path.display()))?;
         let ft = meta.file_type();
-        anyhow::ensure!(
-            ft.is_file() || ft.is_block_device(),
-            "volume {} is neither a block device nor a regular file",
-            path.display()
-        );
+        if !(ft.is_file() || ft.is_block_device()) {
+            let what = if ft.is_dir() {
+                "a directory"
+            } else {
+                "neither a block device nor a regular file"
+            };
+            return Err(crate::error::permanent(anyhow::anyhow!(
+                "volume {} is {what}: give a block device or an image file",
+                path.display()
+            )));
+        }
         let size = file
             .seek(SeekFrom::End(0))
             .with_context(|| format!("cannot size volume {}", path.display()))?;
@@ -183,18 +200,7 @@ pub struct VolumeWriter {
 impl VolumeWriter {
     /// Creates (or truncates) an image file of `size` bytes; unwritten ranges stay holes.
     pub fn create_image(path: &Path, size: u64) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .with_context(|| {
-                format!(
-                    "cannot create image {}: check the directory exists and is writable",
-                    path.display()
-                )
-            })?;
+        let file = crate::files::create_private(path).context("cannot create the image")?;
         file.set_len(size)
             .with_context(|| format!("cannot size image {} to {size} bytes", path.display()))?;
         Ok(VolumeWriter {

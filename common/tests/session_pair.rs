@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use understudy_common::block_map::BlockMap;
 use understudy_common::chunk;
 use understudy_common::hash::{BlockRef, ChunkHash, VolumeDigest};
 use understudy_common::protocol::source_session::{Offer, SourceSession, SourceStep};
@@ -25,17 +26,15 @@ impl Image {
             blocks: vec![vec![0u8; BS as usize]; n],
         }
     }
-    fn map(&self) -> Vec<BlockRef> {
-        self.blocks
+    fn map(&self) -> BlockMap {
+        let data = self
+            .blocks
             .iter()
-            .map(|b| {
-                if b.iter().all(|x| *x == 0) {
-                    BlockRef::Hole
-                } else {
-                    BlockRef::Data(ChunkHash::of(b))
-                }
-            })
-            .collect()
+            .enumerate()
+            .filter(|(_, b)| b.iter().any(|x| *x != 0))
+            .map(|(i, b)| (i as u64, ChunkHash::of(b)))
+            .collect();
+        BlockMap::from_sorted(data).unwrap()
     }
     fn frames(&self) -> HashMap<ChunkHash, Vec<u8>> {
         self.blocks
@@ -44,22 +43,12 @@ impl Image {
             .map(|b| (ChunkHash::of(b), chunk::encode(b, 1)))
             .collect()
     }
-    fn offer(&self, id: &str, base: Option<(u64, &[BlockRef])>) -> Offer {
+    fn offer(&self, id: &str, base: Option<(u64, &BlockMap)>) -> Offer {
         let map = self.map();
         let size = (self.blocks.len() as u64) * BS as u64;
         let entries: Vec<(u64, BlockRef)> = match base {
-            None => map
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| **b != BlockRef::Hole)
-                .map(|(i, b)| (i as u64, *b))
-                .collect(),
-            Some((_, old)) => map
-                .iter()
-                .enumerate()
-                .filter(|(i, b)| old.get(*i) != Some(b))
-                .map(|(i, b)| (i as u64, *b))
-                .collect(),
+            None => BlockMap::new().changes_to(&map),
+            Some((_, old)) => old.changes_to(&map),
         };
         Offer {
             kind: base.map_or(OfferKind::Full, |(s, _)| OfferKind::Delta { base: s }),

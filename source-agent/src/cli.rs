@@ -1,7 +1,9 @@
 //! Command line of the source agent.
 
 use crate::cycle::{SourceAgent, SourceConfig};
-use crate::schedule::{self, Schedule};
+use crate::schedule::{self, Ended, Schedule};
+use crate::stop::Stop;
+use crate::target::TargetAddr;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -46,9 +48,10 @@ pub struct RunArgs {
     /// Protection group name.
     #[arg(long)]
     pub group: String,
-    /// Target agent address (host:port, UDP).
+    /// Target agent address, HOST:PORT (UDP): a host name (resolved at every connect; every
+    /// address it has is tried), an IPv4 address or a bracketed IPv6 one.
     #[arg(long)]
-    pub target: SocketAddr,
+    pub target: TargetAddr,
     /// A volume of the group, NAME=PATH (block device or image file); repeat for each volume.
     #[arg(long = "volume", value_name = "NAME=PATH", required = true)]
     pub volumes: Vec<VolumeSpec>,
@@ -64,8 +67,8 @@ pub struct RunArgs {
     /// Kubeconfig of the source cluster (default: $KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long, requires = "kube_namespaces")]
     pub kubeconfig: Option<PathBuf>,
-    /// Time between cycle starts.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    /// Time between cycle starts (at least 10s).
+    #[arg(long, default_value = "5m", value_parser = parse_interval)]
     pub interval: Duration,
     /// Run one cycle and exit (non-zero if it failed after retries).
     #[arg(long)]
@@ -116,7 +119,7 @@ pub fn main() -> ExitCode {
         |cli| {
             match cli.command {
                 Command::Identity(c) => c.run()?,
-                Command::Run(a) => run(a)?,
+                Command::Run(a) => return run(a),
                 Command::Capture(a) => crate::capture::run(a)?,
             }
             Ok(ExitCode::SUCCESS)
@@ -164,7 +167,7 @@ impl RunArgs {
         Ok(SourceConfig {
             dir: self.dir.clone(),
             group: self.group.clone(),
-            target: self.target,
+            target: self.target.clone(),
             streams: self.streams.max(1),
             bandwidth_limit_mbit: self.bandwidth_limit_mbit,
             cut: CutConfig {
@@ -181,29 +184,48 @@ impl RunArgs {
     }
 }
 
-fn run(a: Box<RunArgs>) -> Result<()> {
+fn parse_interval(s: &str) -> Result<Duration> {
+    schedule::check_interval(humantime::parse_duration(s)?)
+}
+
+/// Runs the schedule. Exit codes: 0 when done or stopped between cycles, 1 on failure, and
+/// 128 + the signal's number when a signal stopped a cycle part-way (its cut is kept).
+fn run(a: Box<RunArgs>) -> Result<ExitCode> {
     let cfg = a.config()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
+        let stop = Stop::on_signals()?;
         let metrics = Arc::new(Metrics::new());
         if let Some(m) = a.metrics_addr {
             let bound = metrics.clone().serve(m).await?;
             tracing::info!(%bound, "serving metrics");
         }
-        let agent = SourceAgent::new(cfg, metrics)?;
+        let agent = SourceAgent::new(cfg, metrics, stop.clone())?;
+        agent.preflight()?;
         let s = Schedule {
             interval: a.interval,
             max_retries: a.max_retries,
             once: a.once,
         };
         let json = a.json;
-        let r = schedule::run(&agent, s, |r| {
+        let r = schedule::run(&agent, s, &stop, |r| {
             if json {
                 println!("{}", serde_json::to_string(r).expect("serialisable"));
             }
         })
         .await;
         agent.shutdown().await;
-        r
+        let code = match r? {
+            Ended::Done => ExitCode::SUCCESS,
+            Ended::StoppedBetweenCycles => {
+                eprintln!("source-agent stopped by a signal between cycles; nothing was under way");
+                ExitCode::SUCCESS
+            }
+            Ended::StoppedDuringCycle => {
+                eprintln!("source-agent stopped by a signal during a cycle: the application was thawed, and the cut is resumed (or made again) at the next start");
+                ExitCode::from(128 + stop.signal().unwrap_or(libc::SIGTERM) as u8)
+            }
+        };
+        Ok(code)
     })
 }

@@ -2,19 +2,21 @@
 //! target, send what it lacks, and record the commit.
 
 use crate::ship::{Limiter, Shipped, push, ship};
+use crate::stop::Stop;
+use crate::target::{TargetAddr, first_success};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use understudy_common::change::{ChangeSource, FullScan};
+use understudy_common::change::{ChangeSource, HashDiff};
 use understudy_common::metrics::Metrics;
 use understudy_common::protocol::Control;
 use understudy_common::protocol::source_session::{SourceSession, SourceStep};
 use understudy_common::source::spool::SpoolReader;
-use understudy_common::source::{CutConfig, GroupState, PendingCut, make_cut};
-use understudy_common::transport::{Identity, quic, stream};
+use understudy_common::source::{CutConfig, CutObserver, GroupState, PendingCut, make_cut};
+use understudy_common::transport::{Fingerprint, Identity, quic, stream};
 
 /// How long the QUIC and TLS handshake with the target may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
@@ -25,8 +27,8 @@ pub struct SourceConfig {
     pub dir: PathBuf,
     /// Group name.
     pub group: String,
-    /// Target address.
-    pub target: SocketAddr,
+    /// Target address (resolved at every connect).
+    pub target: TargetAddr,
     /// How to cut.
     pub cut: CutConfig,
     /// Parallel data streams.
@@ -76,31 +78,44 @@ pub struct CycleReport {
 /// A source agent for one group.
 pub struct SourceAgent {
     cfg: SourceConfig,
-    endpoint: quinn::Endpoint,
+    identity: Identity,
+    peers: Vec<Fingerprint>,
+    /// QUIC client endpoints, made on first use: one for IPv4 targets, one for IPv6.
+    endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
     metrics: Arc<Metrics>,
     change: Arc<dyn ChangeSource>,
+    stop: Stop,
 }
 
 impl SourceAgent {
-    /// Loads the identity and pinned peers and prepares the QUIC client.
-    pub fn new(mut cfg: SourceConfig, metrics: Arc<Metrics>) -> Result<Self> {
+    /// Loads the identity and pinned peers; `stop` ends the agent's work when asked.
+    pub fn new(mut cfg: SourceConfig, metrics: Arc<Metrics>, stop: Stop) -> Result<Self> {
         let identity = Identity::load(&cfg.dir)?;
         let peers = understudy_common::cli::require_peers(&cfg.dir)?;
         cfg.cut.source_id = identity.fingerprint.to_string();
-        let bind: SocketAddr = if cfg.target.is_ipv6() {
-            "[::]:0".parse()?
-        } else {
-            "0.0.0.0:0".parse()?
-        };
-        let mut endpoint = quic::client_endpoint(bind)?;
-        endpoint.set_default_client_config(quic::client_config(&identity, peers, cfg.target)?);
         metrics.track(&cfg.group);
         Ok(SourceAgent {
             cfg,
-            endpoint,
+            identity,
+            peers,
+            endpoints: Mutex::new([None, None]),
             metrics,
-            change: Arc::new(FullScan),
+            change: Arc::new(HashDiff),
+            stop,
         })
+    }
+
+    /// Checks what a retry could never fix before the first cycle: every volume opens as a
+    /// block device or an image file, and a manifests directory reads and parses.
+    pub fn preflight(&self) -> Result<()> {
+        for v in &self.cfg.cut.volumes {
+            understudy_common::volume::Volume::open(&v.path)
+                .with_context(|| format!("volume {} is not usable", v.name))?;
+        }
+        if let understudy_common::source::ManifestSource::Directory(_) = &self.cfg.cut.manifests {
+            self.cfg.cut.manifests.capture()?;
+        }
+        Ok(())
     }
 
     /// The group.
@@ -108,8 +123,12 @@ impl SourceAgent {
         &self.cfg.group
     }
 
-    /// Runs one cycle. A delta whose base the target no longer has becomes a full cut.
+    /// Runs one cycle. A delta whose base the target no longer has becomes a full cut. A stop
+    /// asked for meanwhile ends it with [`understudy_common::error::Interrupted`].
     pub async fn run_cycle(&self) -> Result<CycleReport> {
+        if self.stop.requested() {
+            return Err(understudy_common::error::Interrupted.into());
+        }
         let start = Instant::now();
         let label = Metrics::group(&self.cfg.group);
         let r = self.cycle_once(true).await;
@@ -117,7 +136,9 @@ impl SourceAgent {
             .cycle_seconds
             .get_or_create(&label)
             .observe(start.elapsed().as_secs_f64());
-        if r.is_err() {
+        if r.as_ref()
+            .is_err_and(|e| !understudy_common::error::is_interrupted(e))
+        {
             self.metrics.failures.get_or_create(&label).inc();
         }
         let mut report = r?;
@@ -149,7 +170,7 @@ impl SourceAgent {
             Outcome::BaseMismatch if may_retry_full => {
                 tracing::warn!(group = %self.cfg.group, "target does not hold our base point; making a full cut");
                 tokio::task::block_in_place(|| -> Result<()> {
-                    state.set_base(None)?;
+                    state.clear_base()?;
                     state.clear_pending()
                 })?;
                 drop(state);
@@ -185,6 +206,7 @@ impl SourceAgent {
     ) -> Result<(Outcome, PendingCut)> {
         let conn = match self.connect().await {
             Ok(conn) => conn,
+            Err(e) if understudy_common::error::is_interrupted(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(group = %self.cfg.group, error = %format!("{e:#}"), "target unreachable: making the cut now, to send it once the target answers");
                 let cut = self.make_cut(state, None).await?;
@@ -194,7 +216,7 @@ impl SourceAgent {
         };
         let r = self.push_session(&conn, state, report).await;
         self.account(&conn, report);
-        r.map_err(|e| explain(&conn, e))
+        r.map_err(|e| self.ended(&conn, e))
     }
 
     /// Makes a cut in the background, its progress on a bar; frames are also announced on `feed`.
@@ -210,22 +232,21 @@ impl SourceAgent {
             .filter_map(|v| understudy_common::volume::Volume::open(&v.path).ok())
             .map(|v| v.size())
             .sum();
+        let stop = self.stop.clone();
+        // Not cancelled from here: the cut hears the stop itself, and always thaws before it ends.
         let cut = tokio::task::spawn_blocking(move || {
             let pb = understudy_common::progress::bytes(total, "cut");
             let done = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
-            let base = state.base()?;
-            let r = make_cut(
-                &cfg,
-                &state,
-                base.as_ref(),
-                change.as_ref(),
+            let obs = CutObserver {
                 feed,
-                &|vol, d, _| {
+                progress: &|vol, d, _| {
                     let mut m = done.lock().expect("progress");
                     m.insert(vol.to_string(), d);
                     pb.set_position(m.values().sum());
                 },
-            );
+                stop: &|| stop.requested(),
+            };
+            let r = make_cut(&cfg, &state, &cfg.live_instant(), change.as_ref(), obs);
             pb.finish_and_clear();
             r
         })
@@ -235,16 +256,48 @@ impl SourceAgent {
         Ok(cut)
     }
 
+    /// Resolves the target and connects to the first of its addresses that answers.
     async fn connect(&self) -> Result<quinn::Connection> {
-        let target = self.cfg.target;
+        let target = &self.cfg.target;
         let hint = "is it running, reachable over UDP, and are both agents paired with each other's fingerprint?";
-        let connecting = self.endpoint.connect(target, quic::SERVER_NAME)?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(r) => r.with_context(|| format!("cannot connect to target {target}: {hint}")),
-            Err(_) => {
-                anyhow::bail!("no answer from target {target} within {CONNECT_TIMEOUT:?}: {hint}")
-            }
+        let work = async {
+            let addrs = target.resolve().await?;
+            let (conn, used) = first_success(&addrs, |addr| {
+                let connecting = self.endpoint(addr)?.connect_with(
+                    quic::client_config(&self.identity, self.peers.clone(), addr)?,
+                    addr,
+                    quic::SERVER_NAME,
+                )?;
+                Ok(Box::pin(async move {
+                    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                        Ok(r) => Ok(r?),
+                        Err(_) => bail!("no answer within {CONNECT_TIMEOUT:?}"),
+                    }
+                }))
+            })
+            .await
+            .with_context(|| format!("cannot connect to target {target}: {hint}"))?;
+            tracing::info!(%target, address = %used, "connected to the target");
+            Ok(conn)
+        };
+        self.stop.unless_stopped(work).await
+    }
+
+    /// The client endpoint for connections to `addr`'s address family, made on first use.
+    fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint> {
+        let mut eps = self.endpoints.lock().expect("endpoints lock");
+        let slot = &mut eps[usize::from(addr.is_ipv6())];
+        if let Some(e) = slot {
+            return Ok(e.clone());
         }
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let e = quic::client_endpoint(bind)?;
+        *slot = Some(e.clone());
+        Ok(e)
     }
 
     /// Adds the connection's figures to the report.
@@ -265,16 +318,18 @@ impl SourceAgent {
         report: &mut CycleReport,
     ) -> Result<Outcome> {
         let conn = self.connect().await?;
-        let r = async {
-            let (mut send, recv) = open_control(&conn).await?;
-            let (session, hello) = SourceSession::new(&self.cfg.group, cut.offer.clone());
-            stream::send(&mut send, &hello).await?;
-            self.drive(&conn, (send, recv), session, None, state, cut, report)
-                .await
-        }
-        .await;
+        let r = self
+            .stop
+            .unless_stopped(async {
+                let (mut send, recv) = open_control(&conn).await?;
+                let (session, hello) = SourceSession::new(&self.cfg.group, cut.offer.clone());
+                stream::send(&mut send, &hello).await?;
+                self.drive(&conn, (send, recv), session, None, state, cut, report)
+                    .await
+            })
+            .await;
         self.account(&conn, report);
-        r.map_err(|e| explain(&conn, e))
+        r.map_err(|e| self.ended(&conn, e))
     }
 
     /// A session that starts before the cut: Hello, Welcome, then the cut is made while its
@@ -285,12 +340,18 @@ impl SourceAgent {
         state: &Arc<GroupState>,
         report: &mut CycleReport,
     ) -> Result<(Outcome, PendingCut)> {
-        let (mut send, mut recv) = open_control(conn).await?;
         let (mut session, hello) = SourceSession::pushing(&self.cfg.group);
-        stream::send(&mut send, &hello).await?;
-        let welcome = stream::recv(&mut recv)
-            .await
-            .context("target closed the session")?;
+        let (mut send, mut recv, welcome) = self
+            .stop
+            .unless_stopped(async {
+                let (mut send, mut recv) = open_control(conn).await?;
+                stream::send(&mut send, &hello).await?;
+                let welcome = stream::recv(&mut recv)
+                    .await
+                    .context("target closed the session")?;
+                Ok((send, recv, welcome))
+            })
+            .await?;
         session.on_message(welcome)?;
         if !session.awaits_cut() {
             bail!("target did not welcome the session");
@@ -328,32 +389,35 @@ impl SourceAgent {
             (self.cfg.streams.max(1) as u32, cut.spool.len() - manifests)
         });
         let first = session.set_offer(cut.offer.clone(), streams, pushed as u64)?;
-        let first = match first {
-            SourceStep::Send(msgs) => {
-                for m in &msgs {
-                    stream::send(&mut send, m).await?;
+        let work = async {
+            let first = match first {
+                SourceStep::Send(msgs) => {
+                    for m in &msgs {
+                        stream::send(&mut send, m).await?;
+                    }
+                    None
                 }
-                None
+                other => Some(other),
+            };
+            match pusher {
+                // The target answers the offer once the push streams drained: wait for them here.
+                Some(p) if first.is_none() => {
+                    let _abort = AbortOnDrop(p.abort_handle());
+                    let pushed = match p.await.context("push task failed")? {
+                        Ok(pushed) => pushed,
+                        Err(e) => return Err(refusal_or(&mut recv, e).await),
+                    };
+                    report.chunks_pushed = pushed.chunks;
+                    report.chunks_sent = pushed.chunks;
+                    report.bytes_sent = pushed.bytes;
+                }
+                Some(p) => p.abort(),
+                None => {}
             }
-            other => Some(other),
+            self.drive(conn, (send, recv), session, first, state, &cut, report)
+                .await
         };
-        match pusher {
-            // The target answers the offer once the push streams drained: wait for them here.
-            Some(p) if first.is_none() => {
-                let pushed = match p.await.context("push task failed")? {
-                    Ok(pushed) => pushed,
-                    Err(e) => return Err(refusal_or(&mut recv, e).await),
-                };
-                report.chunks_pushed = pushed.chunks;
-                report.chunks_sent = pushed.chunks;
-                report.bytes_sent = pushed.bytes;
-            }
-            Some(p) => p.abort(),
-            None => {}
-        }
-        let outcome = self
-            .drive(conn, (send, recv), session, first, state, &cut, report)
-            .await?;
+        let outcome = self.stop.unless_stopped(work).await?;
         Ok((outcome, cut))
     }
 
@@ -461,9 +525,43 @@ impl SourceAgent {
         r
     }
 
+    /// Ends the session on `conn` after `e`: a stop closes the connection with a reason the target
+    /// logs, and the error says the cut is kept; any other error gets the close reason, if the
+    /// connection gave one.
+    fn ended(&self, conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
+        if understudy_common::error::is_interrupted(&e) {
+            conn.close(
+                3u32.into(),
+                b"source stopping; the cut is resumed at its next start",
+            );
+            return e
+                .context("the session was ended; the cut is kept and resumed at the next start");
+        }
+        explain(conn, e)
+    }
+
     /// Waits for connections to close cleanly (call before exiting).
     pub async fn shutdown(&self) {
-        self.endpoint.wait_idle().await;
+        let eps: Vec<quinn::Endpoint> = self
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for e in eps {
+            e.wait_idle().await;
+        }
+    }
+}
+
+/// Aborts a task when dropped (when the future awaiting it is dropped by a stop).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

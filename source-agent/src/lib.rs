@@ -7,3 +7,5 @@ pub mod cli;
 pub mod cycle;
 pub mod schedule;
 pub mod ship;
+pub mod stop;
+pub mod target;

@@ -104,11 +104,15 @@ async fn run(cmd: StoreCommand, ctx: &Arc<SessionContext>) -> Response {
     }
 }
 
-/// Sends a command to the running `serve` of `dir` and waits for its reply.
-pub fn request(dir: &Path, cmd: &StoreCommand) -> Result<Reply> {
+/// Connects to the admin socket of the running `serve` of `dir`.
+pub fn connect(dir: &Path) -> Result<std::os::unix::net::UnixStream> {
     let path = socket_path(dir);
-    let mut s = std::os::unix::net::UnixStream::connect(&path)
-        .with_context(|| format!("cannot reach the running target-agent through {}: stop it, or check it is this directory's `serve`", path.display()))?;
+    std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the running target-agent through {}: stop it, or check it is this directory's `serve`", path.display()))
+}
+
+/// Sends a command to the running `serve` on `s` (from [`connect`]) and waits for its reply.
+pub fn request(mut s: std::os::unix::net::UnixStream, cmd: &StoreCommand) -> Result<Reply> {
     let mut req = serde_json::to_vec(cmd)?;
     req.push(b'\n');
     s.write_all(&req)?;

@@ -87,8 +87,11 @@ fn store_command(mut cmd: StoreCommand) -> Result<ExitCode> {
     let reply = match Store::open(&path) {
         Ok(store) => cmd.run(&store, true)?,
         Err(e) if e.downcast_ref::<StoreInUse>().is_some() => {
+            // Only a socket that cannot be reached is about the store being in use; an error the
+            // running server answered (a missing point, say) is shown as it is.
+            let conn = admin::connect(&dir).with_context(|| format!("{e:#}"))?;
             cmd.absolutize()?;
-            admin::request(&dir, &cmd).with_context(|| format!("{e:#}"))?
+            admin::request(conn, &cmd)?
         }
         Err(e) => return Err(e),
     };
@@ -116,9 +119,32 @@ fn serve(a: ServeArgs) -> Result<()> {
             understudy_common::files::write_atomic(f, addr.to_string().as_bytes())?;
         }
         tracing::info!(%addr, "target agent listening");
-        tokio::select! {
-            r = server.run() => r,
-            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping"); Ok(()) }
-        }
+        server.run(stop_signal()).await?;
+        eprintln!("target-agent stopped by a signal; every committed point is kept");
+        Ok(())
     })
+}
+
+/// Completes at the first SIGTERM or SIGINT; a second one exits the process at once (the store
+/// is crash-safe: chunks received since the last flush are sent again by the source).
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM and SIGINT; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    let first = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+    tracing::info!(
+        signal = first,
+        "stopping: ending the sessions under way (send the signal again to exit at once)"
+    );
+    tokio::spawn(async move {
+        let no =
+            tokio::select! { _ = term.recv() => libc::SIGTERM, _ = int.recv() => libc::SIGINT };
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(128 + no);
+    });
 }

@@ -25,6 +25,22 @@ pub enum PointSelector {
     AtOrBefore(i64),
 }
 
+/// How people read a selector in messages: `latest point`, `point 7`, `point at or before
+/// 2026-11-21T10:00:00Z`.
+impl std::fmt::Display for PointSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointSelector::Latest => f.write_str("latest point"),
+            PointSelector::Seq(n) => write!(f, "point {n}"),
+            PointSelector::AtOrBefore(ms) => write!(
+                f,
+                "point at or before {}",
+                understudy_common::format_ms(*ms)
+            ),
+        }
+    }
+}
+
 impl From<PointSelector> for String {
     fn from(p: PointSelector) -> String {
         match p {
@@ -84,7 +100,15 @@ pub fn select_point(store: &Store, group: &str, sel: &PointSelector) -> Result<P
     };
     found.with_context(|| {
         let have: Vec<u64> = points.iter().map(|p| p.seq).collect();
-        format!("group {group} has no point matching {sel:?}; points held: {have:?}")
+        let held = match (have.first(), have.last()) {
+            (Some(first), Some(last)) if have.len() > 1 => format!("points {first} to {last}"),
+            _ => format!("point {}", have[0]),
+        };
+        format!(
+            "no {sel} in group {group} (it holds {held}, cut from {} to {}): list them with `target-agent points --group {group}`",
+            understudy_common::format_ms(points[0].cut.created_ms),
+            understudy_common::format_ms(points[points.len() - 1].cut.created_ms),
+        )
     })
 }
 
@@ -151,8 +175,8 @@ pub fn failover(
         }
     }
     if !req.dry_run {
-        std::fs::create_dir_all(&req.out)
-            .with_context(|| format!("cannot create output directory {}", req.out.display()))?;
+        understudy_common::files::private_dir(&req.out)
+            .context("cannot create the output directory")?;
         // An earlier run's report must not describe what this run leaves behind.
         remove_if_present(&req.out.join("report.json"))?;
     }
@@ -206,8 +230,7 @@ pub fn failover(
     };
     if !req.dry_run {
         let path = req.out.join("report.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        understudy_common::files::write_private(&path, &serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(report)
 }
@@ -246,8 +269,7 @@ fn restore_one(
             VolumeWriter::open_device(target, size)?
         } else {
             let dir = target.parent().expect("under out");
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            understudy_common::files::private_dir(dir)?;
             set_aside(target, &previous)?;
             VolumeWriter::create_image(&partial, size)?
         };

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use understudy_common::metrics::Metrics;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
@@ -59,14 +60,18 @@ impl Server {
         Ok(self.endpoint.local_addr()?)
     }
 
-    /// Accepts connections until the endpoint closes, and serves the admin socket meanwhile.
-    /// Dropping (aborting) this future stops both, so the store is released with the server.
-    pub async fn run(self) -> Result<()> {
+    /// Accepts connections until `stop` completes (or the endpoint closes), and serves the admin
+    /// socket meanwhile. On `stop`, the endpoint is closed with a reason sources log, the
+    /// sessions under way end (each makes what it received durable first) and are waited for,
+    /// up to [`DRAIN_LIMIT`]. Dropping this future stops everything at once; the store is
+    /// crash-safe either way.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
         let Server {
             admin,
             endpoint,
             ctx,
         } = self;
+        let sessions = tokio_util::task::TaskTracker::new();
         let admin_ctx = ctx.clone();
         let admin = async move {
             if let Err(e) = admin.serve(admin_ctx).await {
@@ -74,17 +79,43 @@ impl Server {
             }
             std::future::pending::<()>().await
         };
-        tokio::select! {
+        let r = tokio::select! {
             _ = admin => unreachable!("the admin future never completes"),
-            r = accept(&endpoint, &ctx) => r,
+            r = accept(&endpoint, &ctx, &sessions) => r,
+            _ = stop => Ok(()),
+        };
+        endpoint.close(4u32.into(), b"target stopping; try again once it is back");
+        sessions.close();
+        if !sessions.is_empty() {
+            tracing::info!(
+                sessions = sessions.len(),
+                "waiting for the sessions under way to end"
+            );
         }
+        if tokio::time::timeout(DRAIN_LIMIT, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "sessions did not end within {DRAIN_LIMIT:?}; stopping anyway (what they received since their last flush is sent again)"
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        r
     }
 }
 
-async fn accept(endpoint: &quinn::Endpoint, ctx: &Arc<SessionContext>) -> Result<()> {
+/// How long a stopping server waits for its sessions to end.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
+async fn accept(
+    endpoint: &quinn::Endpoint,
+    ctx: &Arc<SessionContext>,
+    sessions: &tokio_util::task::TaskTracker,
+) -> Result<()> {
     while let Some(incoming) = endpoint.accept().await {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        sessions.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,

@@ -10,12 +10,18 @@
 #   restic           backup to a local repository, restore for the rebuild
 # Physical limits in the same run: dd read and write with direct I/O, raw loopback TCP (iperf3).
 # Then a 1 Gbit/s link profile: Understudy with its own cap (--bandwidth-limit-mbit 1000) against
-# rsync --bwlimit, for the three sync cases.
+# rsync --bwlimit, for the three sync cases. Last, cost against capacity: a 1 TiB sparse image
+# holding 64 MiB of random data (64 runs of 1 MiB, spread evenly), synced, then again after
+# 1 MiB of it changed (profile sparse-1tib).
 #
 # Usage: tests/bench/run.sh [SIZE_GIB]
 #   BENCH_DIR=/path   where the data goes (default /tmp; needs ~6x SIZE free)
 #   BENCH_NO_LINK=1   skip the 1 Gbit/s profile
 #   BENCH_OUT=dir     where results.jsonl, report.md and benchmark.png go (default: printed only)
+#   BENCH_ONLY=understudy  only Understudy's cases (loopback, rebuild, 1 TiB sparse): no peers
+#   BENCH_NO_TIB=1    skip the 1 TiB sparse case
+#   BENCH_BIN=dir     use the agents and bench tools in dir instead of building them (to measure
+#                     another build, e.g. an earlier commit's, in the same conditions)
 # Needs root for apt (rsync, restic, iperf3, fonts) and to drop the page cache; without root the
 # page cache stays and the report says so.
 set -euo pipefail
@@ -36,9 +42,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The agents alone (without the test crate's crash points), then the bench tools.
-cargo build --release --quiet -p source-agent -p target-agent
-cargo build --release --quiet -p understudy-e2e --bin bench-volume --bin bench-report
-B=$ROOT/target/release
+if [ -n "${BENCH_BIN:-}" ]; then
+  B=$BENCH_BIN
+else
+  cargo build --release --quiet -p source-agent -p target-agent
+  cargo build --release --quiet -p understudy-e2e --bin bench-volume --bin bench-report
+  B=$ROOT/target/release
+fi
 
 W=$(mktemp -d "${BENCH_DIR:-/tmp}/understudy-bench.XXXXXX")
 PIDS=()
@@ -209,6 +219,21 @@ series() {
     "${@:2}" "$case"
   done
 }
+# The 1 TiB sparse image: 64 MiB of data in 64 runs of 1 MiB, 16 GiB apart; then 1 MiB changes.
+tib_series() {
+  rm -f "$W/vol.img"; FRESH=no
+  truncate -s 1T "$W/vol.img"
+  for i in $(seq 0 63); do
+    head -c 1M /dev/urandom | dd of="$W/vol.img" bs=1M seek=$((i * 16384)) conv=notrunc status=none
+  done
+  us_pair
+  echo "== 1 TiB sparse: initial" >&2
+  us_sync sparse-1tib initial
+  head -c 1M /dev/urandom | dd of="$W/vol.img" bs=1M seek=$((7 * 16384)) conv=notrunc status=none
+  echo "== 1 TiB sparse: 1 MiB changed" >&2
+  us_sync sparse-1tib incr1mib
+  rm -rf "$W/t" "$W/s" "$W/vol.img"
+}
 us_loop() { us_sync loopback "$1"; }
 us_link() { us_sync 1gbit "$1" --bandwidth-limit-mbit 1000; }
 echo "== volume and limits" >&2
@@ -219,6 +244,9 @@ series "Understudy, loopback" us_loop
 echo "== Understudy: rebuild" >&2
 us_rebuild
 rm -rf "$W/t" "$W/s"
+if [ "${BENCH_ONLY:-}" = understudy ]; then
+  BENCH_NO_LINK=1
+else
 series "restic" restic_backup
 echo "== restic: restore" >&2
 restic_restore
@@ -229,6 +257,7 @@ for tool in "rsync-inplace --inplace --no-whole-file" "rsync-inplace-z --inplace
   series "$name, loopback" rs_case loopback "$name" $flags
   rm -rf "$W/rs/loopback-$name"
 done
+fi
 if [ -z "${BENCH_NO_LINK:-}" ]; then
   us_pair
   series "Understudy, 1 Gbit/s" us_link
@@ -240,6 +269,7 @@ if [ -z "${BENCH_NO_LINK:-}" ]; then
     rm -rf "$W/rs/1gbit-$name"
   done
 fi
+[ -n "${BENCH_NO_TIB:-}" ] || tib_series
 rec "{\"page_cache_dropped\":\"$DROPPED\"}"
 
 if [ -n "${BENCH_OUT:-}" ]; then

@@ -12,6 +12,9 @@ rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly -
 cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
+# The fuzz workspace builds against the product's dependency versions: start from the main lock
+# file (cargo then adds libfuzzer-sys and drops what the fuzz targets do not use).
+cp ../Cargo.lock fuzz/Cargo.lock
 cargo +nightly fuzz build -O
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"

@@ -17,6 +17,7 @@ const COVERED: &[&str] = &[
     "store.gc.chunks-removed",
     "store.compact.copied",
     "failover.volume-written",
+    "source.cut.scanning",
     "source.cut.made",
     "source.commit.acked",
 ];
@@ -286,6 +287,18 @@ fn crash_during_a_failover_rebuild_leaves_no_finished_looking_volume() {
     assert!(!out.join("volumes/a.img.partial").exists());
     assert!(!out.join("volumes/a.img.previous").exists());
     sc.vols.assert_restored(&out, &sc.expected[0].1, "point 1");
+}
+
+#[test]
+fn source_crash_while_scanning_leaves_no_cut_and_the_next_cycle_makes_one() {
+    let mut s = Scene::new(&[]);
+    let want = s.change();
+    // The second batch of the scan: some chunks of the cut are spooled (and pushed) already.
+    let (st, _) = s.cycle_env(&[("FAILPOINTS", "source.cut.scanning=1*off->return")]);
+    assert!(sigkilled(&st), "source ended with {st}");
+    s.check_store();
+    let r = s.completes_as(2, want);
+    assert_eq!(r["resumed"], false, "a half-made cut is never offered: {r}");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Records read back from disk: recovery-point records and block-map entries from the catalog,
-//! pack headers, and the source's state files (pending cut, base).
+//! pack headers, and the source's state (the pending cut, the base's info row).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use understudy_common::hash::BlockRef;
-use understudy_common::source::{Base, PendingCut};
+use understudy_common::source::{BaseInfo, PendingCut};
 use understudy_common::store::PointRecord;
 use understudy_common::store::pack::check_header_bytes;
 
@@ -16,5 +16,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = check_header_bytes(data, 1);
     let _ = postcard::from_bytes::<PendingCut>(data);
-    let _ = postcard::from_bytes::<Base>(data);
+    let _ = postcard::from_bytes::<BaseInfo>(data);
 });

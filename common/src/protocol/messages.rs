@@ -1,11 +1,11 @@
-//! Control-stream messages of protocol version 1.
+//! Control-stream messages of protocol version 3 (see docs/protocol.md, "Changes").
 
 use crate::hash::{BlockRef, ChunkHash};
 use crate::store::CutMeta;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// TLS ALPN token of Understudy sessions (the version is negotiated in the preamble).
 pub const ALPN: &[u8] = b"understudy";
 /// First bytes of the control stream, in both directions, before the version.

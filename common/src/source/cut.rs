@@ -1,18 +1,23 @@
-//! Making a cut: freeze (pre hook), note the instant, capture manifests, scan every volume, thaw
-//! (post hook), and record the result durably as the pending cut.
+//! Making a cut: take the instant ([`CutInstant`]: standalone, a freeze by the pre hook),
+//! capture the manifests, scan every volume against the base, end the hold (the post hook), and
+//! record the result durably as the pending cut.
 
-use super::scan::{ScanSettings, scan_volume};
+use super::base::BaseInfo;
+use super::instant::{CutInstant, FrozenLive, TakenInstant};
+use super::scan::{BaseStream, ScanObserver, ScanSettings, scan_volume};
 use super::spool::{Feed, SpoolIndex, SpoolWriter};
-use super::state::{Base, GroupState};
-use crate::change::{ChangeSource, VolumeBase};
+use super::state::GroupState;
+use crate::block_map::BlockChange;
+use crate::change::ChangeSource;
 use crate::cluster::capture::CaptureSpec;
+use crate::error::Interrupted;
 use crate::hash::ChunkHash;
 use crate::hooks::Hook;
 use crate::manifest::Bundle;
 use crate::protocol::OfferKind;
 use crate::protocol::source_session::Offer;
 use crate::store::{CutMeta, ManifestRef, VolumeMeta};
-use crate::volume::{Volume, VolumeSpec};
+use crate::volume::VolumeSpec;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -38,6 +43,17 @@ pub struct CutConfig {
     pub source_id: String,
 }
 
+impl CutConfig {
+    /// The standalone instant: the configured volumes, live, frozen by the hooks while read.
+    pub fn live_instant(&self) -> FrozenLive<'_> {
+        FrozenLive {
+            volumes: &self.volumes,
+            pre_hook: self.pre_hook.as_ref(),
+            post_hook: self.post_hook.as_ref(),
+        }
+    }
+}
+
 /// Where a cut's manifests come from; they are captured at the cut, after the pre hook.
 #[derive(Clone, Debug, Default)]
 pub enum ManifestSource {
@@ -61,7 +77,8 @@ impl ManifestSource {
     pub fn capture(&self) -> Result<Bundle> {
         match self {
             ManifestSource::None => Ok(Bundle::default()),
-            ManifestSource::Directory(dir) => Bundle::capture(dir),
+            // A missing directory or a file that does not parse waits for the user, not a retry.
+            ManifestSource::Directory(dir) => Bundle::capture(dir).map_err(crate::error::permanent),
             ManifestSource::Cluster { kubeconfig, spec } => {
                 let work = async {
                     let client = crate::cluster::connect(kubeconfig.as_deref()).await?;
@@ -87,44 +104,68 @@ impl ManifestSource {
 /// A cut made and spooled, waiting for the target to commit it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PendingCut {
-    /// What is offered (cut meta and entries).
+    /// What is offered: the cut and, per volume, its changes against the base.
     pub offer: Offer,
-    /// Full block maps at the cut (the next base).
-    pub maps: Vec<VolumeBase>,
     /// Where each spooled frame is.
     pub spool: SpoolIndex,
     /// Bytes read from volumes to make it.
     pub bytes_read: u64,
     /// Bytes of frames spooled.
     pub bytes_spooled: u64,
+    /// Per volume (in the cut's order), the change source that named what to read.
+    pub change_sources: Vec<String>,
 }
 
-/// Makes a cut of the group, delta against `base` when there is one. With a `feed`, frames are
-/// announced on it as they reach the spool file (see [`Feed`]).
+impl PendingCut {
+    /// The base this cut becomes once the target committed it as point `seq`.
+    pub fn base_info(&self, seq: u64) -> BaseInfo {
+        let cut = &self.offer.cut;
+        BaseInfo {
+            seq,
+            cut_id: cut.cut_id.clone(),
+            block_size: cut.block_size,
+            volumes: cut
+                .volumes
+                .iter()
+                .map(|v| (v.name.clone(), v.size))
+                .collect(),
+        }
+    }
+}
+
+/// What a cut reports to, and hears from, the agent making it.
+pub struct CutObserver<'a> {
+    /// Where frames are announced as they reach the spool file (see [`Feed`]), if anywhere.
+    pub feed: Option<Feed>,
+    /// Called with (volume, bytes covered, volume size) as the scan goes.
+    pub progress: &'a (dyn Fn(&str, u64, u64) + Sync),
+    /// True once the agent was asked to stop: the cut ends at the next block batch with
+    /// [`Interrupted`] (after its thaw), and nothing of it is kept.
+    pub stop: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// Makes a cut of the group at an instant `instant` takes, delta against the group's base when
+/// it has one. The hold on the instant (a freeze) ends when the volumes are read, whether the
+/// cut succeeds, fails or is stopped; manifests are captured inside it.
 pub fn make_cut(
     cfg: &CutConfig,
     state: &GroupState,
-    base: Option<&Base>,
+    instant: &dyn CutInstant,
     change: &dyn ChangeSource,
-    feed: Option<Feed>,
-    progress: &(dyn Fn(&str, u64, u64) + Sync),
+    obs: CutObserver<'_>,
 ) -> Result<PendingCut> {
-    let base = base.filter(|b| b.block_size == cfg.block_size);
-    let volumes: Vec<Volume> = cfg
-        .volumes
-        .iter()
-        .map(|v| Volume::open(&v.path))
-        .collect::<Result<_>>()?;
+    let base = state.base()?.filter(|b| b.block_size == cfg.block_size);
     state.clear_pending()?;
     let spool_path = state.cut_dir().join("spool.frames");
     let mut spool = SpoolWriter::create(&spool_path)?;
-    if let Some(h) = &cfg.pre_hook {
-        h.run("pre").inspect_err(|_| run_post(cfg))?;
+    let taken = instant.take()?;
+    if (obs.stop)() {
+        return Err(Interrupted.into()); // dropping `taken` ends the hold (the thaw runs)
     }
-    let created_ms = crate::now_ms();
-    let scanned = scan_all(cfg, &volumes, base, change, (&mut spool, feed), progress);
-    run_post(cfg);
-    let (metas, maps, entries, bytes_read, manifests) = scanned?;
+    let scanned = scan_all(cfg, state, &taken, base.as_ref(), change, &mut spool, obs);
+    let created_ms = taken.created_ms;
+    drop(taken);
+    let scanned = scanned?;
     let bytes_spooled = spool.bytes();
     let index = spool.finish()?;
     let cut = CutMeta {
@@ -132,84 +173,84 @@ pub fn make_cut(
         source: cfg.source_id.clone(),
         created_ms,
         block_size: cfg.block_size,
-        volumes: metas,
-        manifests,
+        volumes: scanned.metas,
+        manifests: scanned.manifests,
     };
     let kind = base.map_or(OfferKind::Full, |b| OfferKind::Delta { base: b.seq });
     let pending = PendingCut {
-        offer: Offer { kind, cut, entries },
-        maps,
+        offer: Offer {
+            kind,
+            cut,
+            entries: scanned.changes,
+        },
         spool: index,
-        bytes_read,
+        bytes_read: scanned.bytes_read,
         bytes_spooled,
+        change_sources: scanned.change_sources,
     };
     state.set_pending(&pending)?;
     Ok(pending)
 }
 
-fn run_post(cfg: &CutConfig) {
-    if let Some(h) = &cfg.post_hook
-        && let Err(e) = h.run("post")
-    {
-        tracing::error!(error = %format!("{e:#}"), "post hook failed: the application may still be frozen");
-    }
+/// What scanning every volume of a cut found.
+struct Scanned {
+    metas: Vec<VolumeMeta>,
+    changes: Vec<Vec<BlockChange>>,
+    bytes_read: u64,
+    manifests: ManifestRef,
+    change_sources: Vec<String>,
 }
-
-type Scanned = (
-    Vec<VolumeMeta>,
-    Vec<VolumeBase>,
-    Vec<Vec<(u64, crate::hash::BlockRef)>>,
-    u64,
-    ManifestRef,
-);
 
 fn scan_all(
     cfg: &CutConfig,
-    volumes: &[Volume],
-    base: Option<&Base>,
+    state: &GroupState,
+    taken: &TakenInstant,
+    base: Option<&BaseInfo>,
     change: &dyn ChangeSource,
-    (spool, feed): (&mut SpoolWriter, Option<Feed>),
-    progress: &(dyn Fn(&str, u64, u64) + Sync),
+    spool: &mut SpoolWriter,
+    obs: CutObserver<'_>,
 ) -> Result<Scanned> {
     let manifests = spool_manifests(&cfg.manifests.capture()?, cfg, spool)?;
     // Volume blocks are pushed; the manifest chunks, usually unchanged and so already held,
     // wait for the target's Need.
-    spool.set_feed(feed);
+    spool.set_feed(obs.feed);
     let settings = ScanSettings {
         block_size: cfg.block_size,
         zstd_level: cfg.zstd_level,
         workers: cfg.workers,
     };
-    let (mut metas, mut maps, mut entries, mut read) = (Vec::new(), Vec::new(), Vec::new(), 0);
-    for (spec, vol) in cfg.volumes.iter().zip(volumes) {
-        let vbase = base.and_then(|b| b.volume(&spec.name));
+    let reader = state.base_reader()?;
+    let mut out = Scanned {
+        metas: Vec::new(),
+        changes: Vec::new(),
+        bytes_read: 0,
+        manifests,
+        change_sources: Vec::new(),
+    };
+    for (name, vol) in &taken.volumes {
         let size = vol.size();
-        let s = scan_volume(&spec.name, vol, vbase, change, settings, spool, &|done| {
-            progress(&spec.name, done, size)
-        })
-        .with_context(|| {
-            format!(
-                "scan of volume {} ({}) failed",
-                spec.name,
-                spec.path.display()
-            )
-        })?;
-        metas.push(VolumeMeta {
-            name: spec.name.clone(),
+        let mut stream = reader.volume(name)?;
+        let vbase = base
+            .filter(|b| b.volume_size(name).is_some())
+            .map(|_| &mut stream as BaseStream<'_>);
+        let progress = |done| (obs.progress)(name, done, size);
+        let scan_obs = ScanObserver {
+            stop: obs.stop,
+            progress: &progress,
+        };
+        let s = scan_volume(name, vol, vbase, change, settings, spool, scan_obs)
+            .with_context(|| format!("scan of volume {name} ({}) failed", vol.path().display()))?;
+        out.metas.push(VolumeMeta {
+            name: name.clone(),
             size,
             digest: s.digest,
         });
-        maps.push(VolumeBase {
-            name: spec.name.clone(),
-            size,
-            blocks: s.map,
-        });
-        entries.push(s.entries);
-        read += s.bytes_read;
+        out.changes.push(s.changes);
+        out.bytes_read += s.bytes_read;
+        out.change_sources.push(s.change_source.to_string());
     }
-    Ok((metas, maps, entries, read, manifests))
+    Ok(out)
 }
-
 fn spool_manifests(
     bundle: &Bundle,
     cfg: &CutConfig,

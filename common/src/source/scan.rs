@@ -1,17 +1,30 @@
-//! The scan: read a volume's candidate blocks in parallel, hash them, compare with the base, frame
-//! the changed ones (compressed) into the spool.
+//! The scan: read a volume's candidate blocks in parallel, hash them, merge them with the base as
+//! a stream, and frame the changed ones (compressed) into the spool.
+//!
+//! The planner walks the change source's ranges and the base's map (both in block order) once:
+//! each job is a batch of candidate blocks with the base entries inside it (so a worker frames
+//! only the blocks that changed), or a run of base entries outside every candidate range
+//! (holes now, or unchanged, as the change source says). Workers hash and frame; one consumer
+//! takes their results in block order, feeds the volume digest, collects the changes and writes
+//! the spool. Memory is a constant (the pool's window of batches) plus the changes; a hole costs
+//! nothing, an unchanged block one comparison.
 
 use super::spool::SpoolWriter;
-use crate::change::{ChangeSource, VolumeBase, batches};
+use crate::block_map::BlockChange;
+use crate::change::{Candidates, ChangeSource, Unlisted, batches};
 use crate::chunk;
+use crate::error::Interrupted;
 use crate::hash::{BlockRef, ChunkHash, VolumeDigest, block_count, block_len, is_zero};
 use crate::volume::Volume;
 use anyhow::Result;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::iter::Peekable;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Blocks per read batch (4 MiB at 64 KiB blocks).
 const BATCH_BLOCKS: u64 = 64;
+/// Base entries per pass-through job (entries outside every candidate range).
+const UNLISTED_PER_JOB: usize = 4096;
 
 /// Settings of a scan.
 #[derive(Clone, Copy, Debug)]
@@ -27,89 +40,222 @@ pub struct ScanSettings {
 /// What the scan found in one volume.
 #[derive(Debug)]
 pub struct VolumeScan {
-    /// The volume's full block map at the cut.
-    pub map: Vec<BlockRef>,
-    /// Entries that differ from the base (all data blocks when there is no base).
-    pub entries: Vec<(u64, BlockRef)>,
+    /// Blocks that differ from the base, in block order (with no base: every data block).
+    pub changes: Vec<BlockChange>,
     /// Volume digest at the cut.
     pub digest: String,
     /// Bytes read from the volume.
     pub bytes_read: u64,
+    /// The change source's name.
+    pub change_source: &'static str,
 }
 
-struct Block {
-    index: u64,
-    block: BlockRef,
-    frame: Option<Vec<u8>>,
+/// The base map of the volume being scanned: its data blocks in order, as a stream.
+pub type BaseStream<'a> = &'a mut (dyn Iterator<Item = Result<(u64, ChunkHash)>> + Send);
+
+/// What the scan asks of, and tells, its caller while it runs.
+pub struct ScanObserver<'a> {
+    /// True once the scan should stop: it ends with [`Interrupted`] at the next batch.
+    pub stop: &'a (dyn Fn() -> bool + Sync),
+    /// Called with the bytes covered so far.
+    pub progress: &'a (dyn Fn(u64) + Sync),
 }
 
-/// Scans one volume. `progress` is called with bytes covered so far.
+enum Job {
+    /// Read and hash these blocks; `base` holds the base's entries among them.
+    Scan {
+        range: Range<u64>,
+        base: Vec<(u64, ChunkHash)>,
+    },
+    /// Base entries no candidate range covers.
+    Unlisted(Vec<(u64, ChunkHash)>),
+}
+
+enum Done {
+    Scanned {
+        /// Every data block of the batch, for the digest.
+        data: Vec<(u64, ChunkHash)>,
+        /// Blocks that differ from the base, with the frame of each changed data block.
+        changed: Vec<(u64, BlockRef, Option<Vec<u8>>)>,
+        /// Bytes the batch covered.
+        covered: u64,
+    },
+    Unlisted(Vec<(u64, ChunkHash)>),
+}
+
+/// Scans one volume against its base (`None`: no base, every data block is new).
 pub fn scan_volume(
     name: &str,
     vol: &Volume,
-    base: Option<&VolumeBase>,
+    base: Option<BaseStream<'_>>,
     change: &dyn ChangeSource,
     s: ScanSettings,
     spool: &mut SpoolWriter,
-    progress: &(dyn Fn(u64) + Sync),
+    obs: ScanObserver<'_>,
 ) -> Result<VolumeScan> {
     let size = vol.size();
     let blocks = block_count(size, s.block_size);
-    let base = base.filter(|b| b.name == name);
-    let mut map: Vec<BlockRef> = match base {
-        Some(b) => (0..blocks)
-            .map(|i| b.blocks.get(i as usize).copied().unwrap_or(BlockRef::Hole))
-            .collect(),
-        None => vec![BlockRef::Hole; blocks as usize],
-    };
-    let work = batches(
-        &change.candidates(name, size, s.block_size, base)?,
-        BATCH_BLOCKS,
+    let has_base = base.is_some();
+    let Candidates { unlisted, ranges } = change.candidates(name, vol, s.block_size, has_base)?;
+    anyhow::ensure!(
+        has_base || unlisted == Unlisted::Holes,
+        "change source {} names only changed blocks, but volume {name} has no base to compare with",
+        change.name()
     );
-    let next = AtomicUsize::new(0);
-    let read = std::sync::atomic::AtomicU64::new(0);
-    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Block>>>(s.workers * 2);
-    let mut entries = Vec::new();
-    std::thread::scope(|scope| -> Result<()> {
-        for _ in 0..s.workers.max(1) {
-            let tx = tx.clone();
-            let (work, next, read) = (&work, &next, &read);
-            scope.spawn(move || {
-                let mut buf = vec![0u8; (BATCH_BLOCKS * s.block_size as u64) as usize];
-                while let Some(range) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let r = scan_batch(vol, range.clone(), base, s, &mut buf, read);
-                    if tx.send(r).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let mut covered = 0u64;
-        for batch in rx {
-            for b in batch? {
-                map[b.index as usize] = b.block;
-                if let (Some(frame), BlockRef::Data(h)) = (b.frame, b.block) {
-                    spool.add(h, frame)?;
-                }
-                entries.push((b.index, b.block));
-                covered += 1;
+    let mut empty = std::iter::empty();
+    let base: &mut (dyn Iterator<Item = Result<(u64, ChunkHash)>> + Send) = match base {
+        Some(b) => b,
+        None => &mut empty,
+    };
+    let planner = Planner {
+        batches: batches(ranges, BATCH_BLOCKS),
+        base: base.peekable(),
+        blocks,
+        range: None,
+        ended: false,
+    };
+    let read = AtomicU64::new(0);
+    let mut merge = Merge {
+        digest: VolumeDigest::new(size, s.block_size),
+        changes: Vec::new(),
+        unlisted,
+        covered: 0,
+    };
+    let batch_bytes = (BATCH_BLOCKS * s.block_size as u64) as usize;
+    crate::pool::ordered(
+        planner,
+        s.workers.max(1),
+        s.workers.max(1) * 2,
+        || vec![0u8; batch_bytes],
+        |buf, job| {
+            crate::failpoint::hit("source.cut.scanning");
+            if (obs.stop)() {
+                return Err(Interrupted.into());
             }
-            progress((covered * s.block_size as u64).min(size));
+            match job {
+                Job::Scan { range, base } => scan_batch(vol, range, &base, s, buf, &read),
+                Job::Unlisted(entries) => Ok(Done::Unlisted(entries)),
+            }
+        },
+        |done| {
+            merge.take(done, spool)?;
+            (obs.progress)(merge.covered.min(size));
+            Ok(())
+        },
+    )?;
+    Ok(VolumeScan {
+        changes: merge.changes,
+        digest: merge.digest.finish(),
+        bytes_read: read.into_inner(),
+        change_source: change.name(),
+    })
+}
+
+/// Walks the candidate batches and the base map together (see the module docs).
+struct Planner<'a, B: Iterator<Item = Result<Range<u64>>>> {
+    batches: B,
+    base: Peekable<&'a mut (dyn Iterator<Item = Result<(u64, ChunkHash)>> + Send)>,
+    blocks: u64,
+    range: Option<Range<u64>>,
+    ended: bool,
+}
+
+impl<B: Iterator<Item = Result<Range<u64>>>> Planner<'_, B> {
+    /// Base entries below `end` (at most `max`), dropping those past the volume's end.
+    fn base_below(&mut self, end: u64, max: usize) -> Result<Vec<(u64, ChunkHash)>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.base.peek() {
+                Some(Ok((i, _))) if *i < end => {}
+                Some(Err(_)) => return Err(self.base.next().expect("peeked").unwrap_err()),
+                _ => break,
+            }
+            let (i, h) = self.base.next().expect("peeked")?;
+            if i < self.blocks {
+                out.push((i, h));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Iterator<Item = Result<Range<u64>>>> Iterator for Planner<'_, B> {
+    type Item = Result<Job>;
+    fn next(&mut self) -> Option<Result<Job>> {
+        if self.ended {
+            return None;
+        }
+        let r = (|| {
+            if self.range.is_none() {
+                self.range = self.batches.next().transpose()?;
+            }
+            let start = self.range.as_ref().map_or(u64::MAX, |r| r.start);
+            let before = self.base_below(start, UNLISTED_PER_JOB)?;
+            if !before.is_empty() {
+                return Ok(Some(Job::Unlisted(before)));
+            }
+            let Some(range) = self.range.take() else {
+                return Ok(None);
+            };
+            if range.end > self.blocks {
+                anyhow::bail!(
+                    "change source named blocks {range:?}, past the volume's end ({} blocks)",
+                    self.blocks
+                );
+            }
+            let base = self.base_below(range.end, usize::MAX)?;
+            Ok(Some(Job::Scan { range, base }))
+        })();
+        match r {
+            Ok(Some(job)) => Some(Ok(job)),
+            Ok(None) => {
+                self.ended = true;
+                None
+            }
+            Err(e) => {
+                self.ended = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The consumer's side: the digest, the changes and the spool, fed in block order.
+struct Merge {
+    digest: VolumeDigest,
+    changes: Vec<BlockChange>,
+    unlisted: Unlisted,
+    covered: u64,
+}
+
+impl Merge {
+    fn take(&mut self, done: Done, spool: &mut SpoolWriter) -> Result<()> {
+        match done {
+            Done::Scanned {
+                data,
+                changed,
+                covered,
+            } => {
+                // Both lists are in block order; the digest takes data blocks, the changes
+                // list every changed block (holes included).
+                data.iter().for_each(|(i, h)| self.digest.push(*i, h));
+                for (i, block, frame) in changed {
+                    if let (Some(frame), BlockRef::Data(h)) = (frame, block) {
+                        spool.add(h, frame)?;
+                    }
+                    self.changes.push((i, block));
+                }
+                self.covered += covered;
+            }
+            Done::Unlisted(entries) => match self.unlisted {
+                Unlisted::Holes => self
+                    .changes
+                    .extend(entries.iter().map(|(i, _)| (*i, BlockRef::Hole))),
+                Unlisted::Unchanged => entries.iter().for_each(|(i, h)| self.digest.push(*i, h)),
+            },
         }
         Ok(())
-    })?;
-    entries.sort_unstable_by_key(|(i, _)| *i);
-    if base.is_none() {
-        entries.retain(|(_, b)| *b != BlockRef::Hole);
     }
-    let digest = VolumeDigest::of_map(size, s.block_size, &map);
-    Ok(VolumeScan {
-        map,
-        entries,
-        digest,
-        bytes_read: read.into_inner(),
-    })
 }
 
 /// Reads the data extents of the batch starting at `start` into `buf` and zeroes the holes
@@ -117,9 +263,9 @@ pub fn scan_volume(
 fn read_extents(
     vol: &Volume,
     start: u64,
-    extents: &[std::ops::Range<u64>],
+    extents: &[Range<u64>],
     buf: &mut [u8],
-    read: &std::sync::atomic::AtomicU64,
+    read: &AtomicU64,
 ) -> Result<()> {
     let mut pos = 0usize;
     for e in extents {
@@ -133,15 +279,16 @@ fn read_extents(
     Ok(())
 }
 
-/// Reads, hashes and frames one batch; returns only blocks that differ from the base.
+/// Reads and hashes one batch; frames the data blocks that differ from `base` (the base's
+/// entries within the batch; with no base, every data block is new).
 fn scan_batch(
     vol: &Volume,
-    range: std::ops::Range<u64>,
-    base: Option<&VolumeBase>,
+    range: Range<u64>,
+    base: &[(u64, ChunkHash)],
     s: ScanSettings,
     buf: &mut [u8],
-    read: &std::sync::atomic::AtomicU64,
-) -> Result<Vec<Block>> {
+    read: &AtomicU64,
+) -> Result<Done> {
     let bs = s.block_size as u64;
     let size = vol.size();
     let start = range.start * bs;
@@ -149,33 +296,40 @@ fn scan_batch(
     let buf = &mut buf[..len as usize];
     let extents = vol.data_extents(start, len);
     read_extents(vol, start, &extents, buf, read)?;
-    let mut out = Vec::new();
+    let (mut data, mut changed) = (Vec::new(), Vec::new());
     for index in range {
         let off = ((index * bs) - start) as usize;
         let bl = block_len(size, s.block_size, index) as usize;
-        let data = &buf[off..off + bl];
+        let bytes = &buf[off..off + bl];
         let block_start = start + off as u64;
         let in_hole = !extents
             .iter()
             .any(|e| e.start < block_start + bl as u64 && block_start < e.end);
-        let block = if in_hole || is_zero(data) {
+        let block = if in_hole || is_zero(bytes) {
             BlockRef::Hole
         } else {
-            BlockRef::Data(ChunkHash::of(data))
+            BlockRef::Data(ChunkHash::of(bytes))
         };
-        let old = base.and_then(|b| b.blocks.get(index as usize)).copied();
-        if base.is_some() && old == Some(block) {
+        let old = match base.binary_search_by_key(&index, |(i, _)| *i) {
+            Ok(at) => BlockRef::Data(base[at].1),
+            Err(_) => BlockRef::Hole,
+        };
+        if let BlockRef::Data(h) = block {
+            data.push((index, h));
+        }
+        // With no base every old block is a hole: data is new, holes are not listed.
+        if old == block {
             continue;
         }
         let frame = match block {
-            BlockRef::Data(h) => Some(chunk::encode_with_hash(data, h, s.zstd_level)),
+            BlockRef::Data(h) => Some(chunk::encode_with_hash(bytes, h, s.zstd_level)),
             BlockRef::Hole => None,
         };
-        out.push(Block {
-            index,
-            block,
-            frame,
-        });
+        changed.push((index, block, frame));
     }
-    Ok(out)
+    Ok(Done::Scanned {
+        data,
+        changed,
+        covered: len,
+    })
 }

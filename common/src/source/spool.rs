@@ -4,7 +4,7 @@
 use crate::hash::ChunkHash;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -34,17 +34,7 @@ const FLUSH_EVERY: u64 = 8 << 20;
 impl SpoolWriter {
     /// Creates the spool file.
     pub fn create(path: &Path) -> Result<Self> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .with_context(|| {
-                format!(
-                    "cannot create spool {}: check the state directory is writable",
-                    path.display()
-                )
-            })?;
+        let f = crate::files::create_private(path).context("cannot create the cut's spool")?;
         Ok(SpoolWriter {
             out: BufWriter::with_capacity(4 << 20, f),
             len: 0,

@@ -1,39 +1,21 @@
 //! What the source keeps between cycles, per group, under `<state>/groups/<group>/`:
-//! `base.bin` (the block maps of the last point the target committed) and `cut/` (a cut made but
-//! not yet committed: `cut.bin` plus its spool). Files are replaced atomically (write, fsync,
-//! rename, fsync directory), and a lock file keeps two cycles of a group from running at once.
+//! `base.redb` (the block maps of the last point the target committed, see [`super::base`]) and
+//! `cut/` (a cut made but not yet committed: `cut.bin`, its changes, plus its spool). Files are
+//! replaced atomically (write, fsync, rename, fsync directory), and a lock file keeps two cycles
+//! of a group from running at once.
 
+use super::base::{BaseInfo, BaseReader, SourceBase, VolumeChanges};
 use super::cut::PendingCut;
-use crate::change::VolumeBase;
 use crate::files::{remove_if_present, write_atomic};
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-
-/// The last point the target committed, as the source knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Base {
-    /// Point sequence number on the target.
-    pub seq: u64,
-    /// Cut id of that point.
-    pub cut_id: String,
-    /// Block size of the maps.
-    pub block_size: u32,
-    /// Block maps per volume.
-    pub volumes: Vec<VolumeBase>,
-}
-
-impl Base {
-    /// The base of one volume.
-    pub fn volume(&self, name: &str) -> Option<&VolumeBase> {
-        self.volumes.iter().find(|v| v.name == name)
-    }
-}
 
 /// A group's state directory, locked for the lifetime of this value.
 pub struct GroupState {
     dir: PathBuf,
+    base: SourceBase,
     _lock: File,
 }
 
@@ -41,17 +23,26 @@ impl GroupState {
     /// Opens (creating) and locks the state of `group` under `state_dir`.
     pub fn lock(state_dir: &Path, group: &str) -> Result<Self> {
         let dir = state_dir.join("groups").join(group);
-        std::fs::create_dir_all(dir.join("cut")).with_context(|| {
-            format!(
-                "cannot create source state {}: check permissions",
-                dir.display()
-            )
-        })?;
-        let lock = File::create(dir.join("lock"))?;
+        crate::files::private_dir(state_dir)?;
+        crate::files::private_dir(&dir.join("cut"))
+            .context("cannot create the source state directory")?;
+        let lock = crate::files::private_file()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("lock"))
+            .with_context(|| format!("cannot create {}", dir.join("lock").display()))?;
         lock.try_lock().map_err(|_| {
             anyhow::anyhow!("another cycle of group {group} is running (lock {} is held); wait for it to finish", dir.join("lock").display())
         })?;
-        Ok(GroupState { dir, _lock: lock })
+        // Agents before the on-disk base kept whole maps in base.bin: start over with a full sync.
+        remove_if_present(&dir.join("base.bin"))?;
+        let base = SourceBase::open(&dir.join("base.redb"))?;
+        Ok(GroupState {
+            dir,
+            base,
+            _lock: lock,
+        })
     }
 
     /// Directory of the pending cut.
@@ -59,17 +50,19 @@ impl GroupState {
         self.dir.join("cut")
     }
 
-    /// The committed base, if any.
-    pub fn base(&self) -> Result<Option<Base>> {
-        read_file(&self.dir.join("base.bin"))
+    /// What the committed base is, if there is one.
+    pub fn base(&self) -> Result<Option<BaseInfo>> {
+        self.base.info()
     }
 
-    /// Replaces the base.
-    pub fn set_base(&self, base: Option<&Base>) -> Result<()> {
-        match base {
-            Some(b) => write_atomic(&self.dir.join("base.bin"), &postcard::to_stdvec(b)?),
-            None => remove_if_present(&self.dir.join("base.bin")),
-        }
+    /// A stable read view of the base's maps.
+    pub fn base_reader(&self) -> Result<BaseReader> {
+        self.base.reader()
+    }
+
+    /// Forgets the base: the next cut is full.
+    pub fn clear_base(&self) -> Result<()> {
+        self.base.clear()
     }
 
     /// The pending cut, if one was made and not yet committed.
@@ -88,15 +81,24 @@ impl GroupState {
         remove_if_present(&self.cut_dir().join("spool.frames"))
     }
 
-    /// After the target committed `cut` as `seq`: it becomes the base, and the cut is dropped.
+    /// After the target committed `cut` as `seq`: its changes are applied to the base (one
+    /// transaction, in proportion to what changed), and the cut is dropped. A crash between the
+    /// two leaves a base already at the cut, which a second call leaves as it is.
     pub fn promote(&self, cut: &PendingCut, seq: u64) -> Result<()> {
-        let base = Base {
-            seq,
-            cut_id: cut.offer.cut.cut_id.clone(),
-            block_size: cut.offer.cut.block_size,
-            volumes: cut.maps.clone(),
-        };
-        self.set_base(Some(&base))?;
+        let volumes: Vec<VolumeChanges<'_>> = cut
+            .offer
+            .cut
+            .volumes
+            .iter()
+            .zip(&cut.offer.entries)
+            .map(|(v, changes)| VolumeChanges {
+                name: &v.name,
+                size: v.size,
+                changes,
+            })
+            .collect();
+        let full = cut.offer.kind == crate::protocol::OfferKind::Full;
+        self.base.commit(&cut.base_info(seq), full, &volumes)?;
         self.clear_pending()
     }
 }

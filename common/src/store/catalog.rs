@@ -11,7 +11,8 @@ use super::pack::Location;
 use redb::TableDefinition;
 
 /// Catalog format version; a store written by another version is refused with a clear error.
-pub const FORMAT_VERSION: u64 = 1;
+/// 2: volume digests v2 (data blocks only, see [`crate::hash::VolumeDigest`]).
+pub const FORMAT_VERSION: u64 = 2;
 
 /// `"format"` -> [`FORMAT_VERSION`].
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");

@@ -8,6 +8,7 @@ pub mod restore;
 pub mod retention;
 pub mod verify;
 
+use crate::block_map::BlockMap;
 use crate::chunk;
 use crate::hash::{BlockRef, ChunkHash, block_count};
 use anyhow::{Context, Result, bail};
@@ -123,13 +124,23 @@ impl Store {
     /// Opens (creating if needed) the store at `root`, truncating torn pack tails and removing
     /// packs no committed catalog entry refers to (both are left by a crash).
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("packs")).with_context(|| {
-            format!(
-                "cannot create store directory {}: check permissions",
-                root.display()
-            )
-        })?;
+        crate::files::private_dir(root)?;
+        crate::files::private_dir(&root.join("packs"))?;
         let db_path = root.join("catalog.redb");
+        // Created owner-only before redb opens it (redb takes an empty file as a new catalog).
+        let catalog = crate::files::private_file()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&db_path)
+            .with_context(|| {
+                format!(
+                    "cannot create catalog {}: check permissions",
+                    db_path.display()
+                )
+            })?;
+        crate::files::restrict(&catalog, &db_path)?;
+        drop(catalog);
         let opened = contain_panic(|| {
             redb::Builder::new()
                 .set_cache_size(CATALOG_CACHE)
@@ -197,7 +208,7 @@ impl Store {
                 }
                 Some(FORMAT_VERSION) => {}
                 Some(v) => bail!(
-                    "store {} has catalog format {v}, this agent reads format {FORMAT_VERSION}: use a matching target-agent",
+                    "store {} has catalog format {v}, this agent reads format {FORMAT_VERSION}: use a matching target-agent, or move the store away and let the source resync (format 1 stores hold v1 volume digests, which this agent cannot check)",
                     self.root.display()
                 ),
             }
@@ -628,7 +639,7 @@ impl Store {
     }
 
     /// The full block map of a volume at a point.
-    pub fn block_map(&self, group: &str, seq: u64, volume: &str) -> Result<Vec<BlockRef>> {
+    pub fn block_map(&self, group: &str, seq: u64, volume: &str) -> Result<BlockMap> {
         self.block_map_among(&self.points(group)?, group, seq, volume)
     }
 
@@ -639,7 +650,7 @@ impl Store {
         group: &str,
         seq: u64,
         volume: &str,
-    ) -> Result<Vec<BlockRef>> {
+    ) -> Result<BlockMap> {
         let point = points.iter().find(|p| p.seq == seq).with_context(|| {
             format!(
                 "group {group} has no recovery point {seq}: list them with `target-agent points`"
@@ -650,19 +661,25 @@ impl Store {
             .volume(volume)
             .with_context(|| format!("recovery point {seq} of {group} has no volume {volume}"))?;
         let blocks = block_count(meta.size, point.cut.block_size);
-        let mut map = vec![BlockRef::Hole; blocks as usize];
         let txn = self.db.begin_read()?;
         let heads = txn.open_table(HEADS)?;
+        let mut head = Vec::new();
         for row in heads.range((group, volume, 0)..(group, volume, blocks))? {
             let (k, v) = row?;
-            map[k.value().2 as usize] = decode_ref(v.value())?;
+            if let BlockRef::Data(h) = decode_ref(v.value())? {
+                head.push((k.value().2, h));
+            }
         }
         let undo = txn.open_table(UNDO)?;
-        // map(P_k) = head overlaid with undo(P_{n-1}), then undo(P_{n-2}), ... down to undo(P_k).
+        // map(P_k) = head overlaid with undo(P_{n-1}), then undo(P_{n-2}), ... down to undo(P_k):
+        // the oldest overlay wins, so later inserts replace earlier ones. The overlay holds only
+        // what changed since P_k.
+        let mut changes = std::collections::BTreeMap::new();
         for older in points.iter().rev().filter(|p| p.seq >= seq).skip(1) {
-            overlay(&undo, &mut map, group, older.seq, volume)?;
+            overlay(&undo, &mut changes, group, older.seq, volume, blocks)?;
         }
-        Ok(map)
+        let changes: Vec<_> = changes.into_iter().collect();
+        Ok(BlockMap::from_sorted(head)?.apply(&changes))
     }
 
     /// Reads a point's manifest bundle (verifying every chunk and the bundle digest).
@@ -703,18 +720,19 @@ fn decode_ref(b: &[u8]) -> Result<BlockRef> {
         .context("catalog holds a malformed block-map entry: run `target-agent verify`")
 }
 
+/// Adds point `seq`'s undo entries of `volume` (below `blocks`) to `changes`, replacing those
+/// already there.
 fn overlay(
     undo: &redb::ReadOnlyTable<(&str, u64, &str, u64), &[u8]>,
-    map: &mut [BlockRef],
+    changes: &mut std::collections::BTreeMap<u64, BlockRef>,
     group: &str,
     seq: u64,
     volume: &str,
+    blocks: u64,
 ) -> Result<()> {
-    for row in undo.range((group, seq, volume, 0)..=(group, seq, volume, u64::MAX))? {
+    for row in undo.range((group, seq, volume, 0)..(group, seq, volume, blocks))? {
         let (k, v) = row?;
-        if let Some(slot) = map.get_mut(k.value().3 as usize) {
-            *slot = decode_ref(v.value())?;
-        }
+        changes.insert(k.value().3, decode_ref(v.value())?);
     }
     Ok(())
 }

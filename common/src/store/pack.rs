@@ -11,7 +11,7 @@
 //! truncates them when it opens.
 
 use anyhow::{Context, Result};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -59,7 +59,7 @@ impl PackWriter {
     /// Creates pack `id` in `dir` (which must not hold it yet) and makes its entry durable.
     pub fn create(dir: &Path, id: u32) -> Result<Self> {
         let path = pack_path(dir, id);
-        let mut file = OpenOptions::new()
+        let mut file = crate::files::private_file()
             .write(true)
             .read(true)
             .create_new(true)

@@ -1,18 +1,18 @@
 //! Restore: stream a point's blocks into an image file or a device, verifying every chunk hash,
 //! the volume digest the source recorded at the cut, and (optionally) the written bytes read back.
-//! Blocks are processed in batches by two workers per core (one's reads from the packs overlap
-//! another's decoding), each decoding into its own batch buffer and writing each run of adjacent
-//! blocks with one call; chunk locations come from one catalog read.
+//! The work follows the point's sparse block map: batches of data blocks run on the shared
+//! worker pool ([`crate::pool`], two workers per core: one's reads from the packs overlap
+//! another's decoding), each decoding into its own buffer and writing each run of adjacent
+//! blocks with one call; holes are written only where they must be (a device or a reused
+//! file). Chunk locations come from one catalog read.
 
 use super::Store;
 use super::pack::Location;
-use crate::hash::{BlockRef, ChunkHash, VolumeDigest, block_len};
+use crate::block_map::BlockMap;
+use crate::hash::{ChunkHash, VolumeDigest, block_len, is_zero};
 use crate::volume::{Volume, VolumeWriter};
 use anyhow::{Context, Result};
-use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Blocks per work batch.
 const BATCH: u64 = 64;
@@ -48,43 +48,45 @@ pub struct RestoreOptions<'a> {
     pub progress: &'a (dyn Fn(u64) + Sync),
 }
 
-/// Runs `work` over every batch of `blocks` on two workers per core and returns the batches'
-/// results in block order; the first error stops the rest.
-fn parallel_batches<T: Send>(
-    blocks: u64,
-    work: impl Fn(Range<u64>) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(u64, T)>> = Mutex::new(Vec::new());
-    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get() * 2)
-        .min(8);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                loop {
-                    let start = next.fetch_add(1, Ordering::Relaxed) as u64 * BATCH;
-                    if start >= blocks || failed.lock().expect("lock").is_some() {
-                        return;
-                    }
-                    match work(start..(start + BATCH).min(blocks)) {
-                        Ok(t) => results.lock().expect("lock").push((start, t)),
-                        Err(e) => {
-                            failed.lock().expect("lock").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
+/// One piece of a restore's work.
+enum Job {
+    /// Decode and write these data entries of the map (indices into `map.data()`).
+    Data(Range<usize>),
+    /// Write zeros over these bytes (holes on a device or a reused file).
+    Zeros(Range<u64>),
+}
+
+/// Splits a map's data entries into batches spanning at most [`BATCH`] blocks, and, when holes must
+/// be written, the holes between them into zero ranges of at most [`BATCH`] blocks: the work
+/// follows the data (and the holes only where they must be written), never the capacity.
+fn jobs(map: &BlockMap, size: u64, bs: u32, zeros: bool) -> Vec<Job> {
+    let bs = bs as u64;
+    let mut out = Vec::new();
+    let data = map.data();
+    let mut hole_from = 0u64; // first byte not yet covered
+    let zero_until = |out: &mut Vec<Job>, from: u64, to: u64| {
+        let mut at = from;
+        while zeros && at < to {
+            let end = (at + BATCH * bs).min(to);
+            out.push(Job::Zeros(at..end));
+            at = end;
         }
-    });
-    if let Some(e) = failed.into_inner().expect("lock") {
-        return Err(e);
+    };
+    let mut i = 0;
+    while i < data.len() {
+        // A batch spans at most BATCH blocks, so its buffer stays small however sparse the map.
+        let mut end = i + 1;
+        while end < data.len() && data[end].0 < data[i].0 + BATCH {
+            end += 1;
+        }
+        zero_until(&mut out, hole_from, data[i].0 * bs);
+        // Holes inside the batch are zeroed by the batch itself (it fills its buffer).
+        out.push(Job::Data(i..end));
+        hole_from = ((data[end - 1].0 + 1) * bs).min(size);
+        i = end;
     }
-    let mut r = results.into_inner().expect("lock");
-    r.sort_unstable_by_key(|(start, _)| *start);
-    Ok(r.into_iter().map(|(_, t)| t).collect())
+    zero_until(&mut out, hole_from, size);
+    out
 }
 
 impl Store {
@@ -108,9 +110,8 @@ impl Store {
             .clone();
         let bs = point.cut.block_size;
         let map = self.block_map(group, seq, volume)?;
-        let locations = self.locations_of(&map)?;
-        let written = AtomicU64::new(0);
-        let done = AtomicU64::new(0);
+        let hashes: Vec<ChunkHash> = map.data().iter().map(|(_, h)| *h).collect();
+        let locations = self.locate_all(&hashes)?;
         let job = BatchJob {
             volume,
             map: &map,
@@ -120,16 +121,20 @@ impl Store {
             out,
             zeros: out.holes_need_zeros(opts.fresh_image),
         };
-        parallel_batches(map.len() as u64, |range| {
-            let start = range.start * bs as u64;
-            written.fetch_add(self.restore_batch(&job, range)?, Ordering::Relaxed);
-            out.start_writeback(start, (BATCH * bs as u64).min(meta.size - start));
-            (opts.progress)(
-                done.fetch_add(BATCH * bs as u64, Ordering::Relaxed)
-                    .min(meta.size),
-            );
-            Ok(())
-        })?;
+        let (mut written, mut done) = (0u64, 0u64);
+        crate::pool::ordered(
+            jobs(&map, meta.size, bs, job.zeros).into_iter().map(Ok),
+            crate::pool::default_workers(),
+            crate::pool::default_workers() * 2,
+            || (Vec::new(), Vec::new()),
+            |(buf, frame), j| self.restore_job(&job, j, buf, frame),
+            |(data, covered)| {
+                written += data;
+                done += covered;
+                (opts.progress)(done.min(meta.size));
+                Ok(())
+            },
+        )?;
         out.sync()?;
         let actual = if opts.read_back {
             read_back_digest(&out.reopen()?, meta.size, bs)?
@@ -142,7 +147,7 @@ impl Store {
             volume: volume.to_string(),
             path: path.to_string(),
             size: meta.size,
-            bytes_written: written.into_inner(),
+            bytes_written: written,
             ok,
             error: (!ok).then(|| "restored bytes do not match the source digest".to_string()),
             expected_digest: meta.digest,
@@ -150,74 +155,81 @@ impl Store {
         })
     }
 
-    /// Decodes one batch of blocks into this worker's buffer and writes each run of adjacent
-    /// blocks with one call; returns the data bytes written.
-    fn restore_batch(&self, job: &BatchJob, range: Range<u64>) -> Result<u64> {
-        BUFFERS.with(|b| {
-            let (buf, frame) = &mut *b.borrow_mut();
-            let bs = job.bs as u64;
-            let start = range.start * bs;
-            buf.resize(((range.end - range.start) * bs).min(job.size - start) as usize, 0);
-            let mut written = 0;
-            // The run of blocks decoded into `buf` and not yet written: [run, pos).
-            let mut run = 0usize;
-            for i in range {
-                let pos = (i * bs - start) as usize;
-                let len = block_len(job.size, job.bs, i) as usize;
-                let block = &mut buf[pos..pos + len];
-                match (job.map[i as usize], job.locations[i as usize]) {
-                    (BlockRef::Hole, _) if job.zeros => block.fill(0),
-                    (BlockRef::Hole, _) => {
-                        job.write(&buf[run..pos], start + run as u64)?;
-                        run = pos + len;
-                    }
-                    (BlockRef::Data(h), Some(loc)) => {
-                        let offset = start + pos as u64;
-                        self.read_chunk_into(&h, loc, frame, block).with_context(|| {
-                            format!("volume {}, block at byte {offset}", job.volume)
-                        })?;
-                        written += len as u64;
-                    }
-                    (BlockRef::Data(h), None) => anyhow::bail!(
-                        "volume {}, block at byte {}: chunk {h} is not in the store: run `target-agent verify`",
-                        job.volume,
-                        start + pos as u64
-                    ),
-                }
+    /// Runs one job; returns (data bytes written, bytes covered).
+    fn restore_job(
+        &self,
+        job: &BatchJob,
+        j: Job,
+        buf: &mut Vec<u8>,
+        frame: &mut Vec<u8>,
+    ) -> Result<(u64, u64)> {
+        match j {
+            Job::Zeros(r) => {
+                buf.clear();
+                buf.resize((r.end - r.start) as usize, 0);
+                job.out.write_at(buf, r.start)?;
+                job.out.start_writeback(r.start, r.end - r.start);
+                Ok((0, r.end - r.start))
             }
-            job.write(&buf[run..], start + run as u64)?;
-            Ok(written)
-        })
-    }
-
-    /// Location of every data block of a map (`None` for holes and missing chunks).
-    fn locations_of(&self, map: &[BlockRef]) -> Result<Vec<Option<Location>>> {
-        let hashes: Vec<ChunkHash> = map
-            .iter()
-            .map(|b| match b {
-                BlockRef::Data(h) => *h,
-                BlockRef::Hole => ChunkHash([0; 32]),
-            })
-            .collect();
-        let mut locs = self.locate_all(&hashes)?;
-        for (l, b) in locs.iter_mut().zip(map) {
-            if *b == BlockRef::Hole {
-                *l = None;
+            Job::Data(r) => {
+                let (data, covered, start) = self.restore_batch(job, r, buf, frame)?;
+                job.out.start_writeback(start, covered);
+                Ok((data, covered))
             }
         }
-        Ok(locs)
     }
-}
 
-thread_local! {
-    /// Each restore worker's batch buffer and frame buffer, kept from one batch to the next.
-    static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Decodes a batch of data entries into `buf`, laid out as their blocks lie on the volume
+    /// (with zeros between them when holes must be written), and writes each run with one call.
+    /// Returns (data bytes written, bytes covered, first byte).
+    fn restore_batch(
+        &self,
+        job: &BatchJob,
+        entries: Range<usize>,
+        buf: &mut Vec<u8>,
+        frame: &mut Vec<u8>,
+    ) -> Result<(u64, u64, u64)> {
+        let bs = job.bs as u64;
+        let data = &job.map.data()[entries.clone()];
+        let first = data[0].0;
+        let last = data[data.len() - 1].0;
+        let start = first * bs;
+        let end = ((last + 1) * bs).min(job.size);
+        if job.zeros {
+            buf.clear(); // the gaps between blocks are written: they must be zeros
+        }
+        buf.resize((end - start) as usize, 0);
+        let mut written = 0;
+        // The run of adjacent blocks decoded into `buf` and not yet written: [run, pos).
+        let (mut run, mut pos) = (0usize, 0usize);
+        for (k, (index, hash)) in data.iter().enumerate() {
+            let at = (index * bs - start) as usize;
+            if at != pos && !job.zeros {
+                job.write(&buf[run..pos], start + run as u64)?;
+                run = at;
+            }
+            let len = block_len(job.size, job.bs, *index) as usize;
+            let offset = start + at as u64;
+            let loc = job.locations[entries.start + k].with_context(|| {
+                format!(
+                    "volume {}, block at byte {offset}: chunk {hash} is not in the store: run `target-agent verify`",
+                    job.volume
+                )
+            })?;
+            self.read_chunk_into(hash, loc, frame, &mut buf[at..at + len])
+                .with_context(|| format!("volume {}, block at byte {offset}", job.volume))?;
+            written += len as u64;
+            pos = at + len;
+        }
+        job.write(&buf[run..pos], start + run as u64)?;
+        Ok((written, end - start, start))
+    }
 }
 
 /// What every batch of one volume's restore shares.
 struct BatchJob<'a> {
     volume: &'a str,
-    map: &'a [BlockRef],
+    map: &'a BlockMap,
     locations: &'a [Option<Location>],
     size: u64,
     bs: u32,
@@ -236,30 +248,36 @@ impl BatchJob<'_> {
     }
 }
 
-/// Hashes what a volume actually holds, block by block, on all cores; holes of a sparse image are
-/// not read.
+/// Hashes what a volume actually holds, in block order on all cores, into its digest: only its
+/// data is read (SEEK_DATA on an image; a device is read whole), and all-zero blocks are holes,
+/// as the scan takes them.
 fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
-    let batches = parallel_batches(crate::hash::block_count(size, bs), |range| {
-        let start = range.start * bs as u64;
-        let has_data = !v
-            .data_extents(
-                start,
-                ((range.end - range.start) * bs as u64).min(size - start),
-            )
-            .is_empty();
-        let mut buf = vec![0u8; bs as usize];
-        range
-            .map(|i| {
-                if !has_data {
-                    return Ok(BlockRef::Hole);
-                }
-                let n = block_len(size, bs, i) as usize;
-                v.read_at(&mut buf[..n], i * bs as u64)?;
-                Ok(BlockRef::Data(ChunkHash::of(&buf[..n])))
-            })
-            .collect::<Result<Vec<_>>>()
-    })?;
+    use crate::change::ChangeSource;
+    let ranges = crate::change::HashDiff
+        .candidates("read-back", v, bs, false)?
+        .ranges;
     let mut digest = VolumeDigest::new(size, bs);
-    batches.into_iter().flatten().for_each(|b| digest.push(b));
+    crate::pool::ordered(
+        crate::change::batches(ranges, BATCH),
+        crate::pool::default_workers(),
+        crate::pool::default_workers() * 2,
+        || vec![0u8; bs as usize],
+        |buf, range| {
+            range
+                .filter_map(|i| {
+                    let n = block_len(size, bs, i) as usize;
+                    match v.read_at(&mut buf[..n], i * bs as u64) {
+                        Ok(_) if is_zero(&buf[..n]) => None,
+                        Ok(_) => Some(Ok((i, ChunkHash::of(&buf[..n])))),
+                        Err(e) => Some(Err(e)),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()
+        },
+        |blocks| {
+            blocks.iter().for_each(|(i, h)| digest.push(*i, h));
+            Ok(())
+        },
+    )?;
     Ok(digest.finish())
 }

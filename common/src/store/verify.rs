@@ -6,7 +6,7 @@ use super::Store;
 use super::catalog::*;
 use super::pack;
 use crate::chunk;
-use crate::hash::{BlockRef, ChunkHash, VolumeDigest};
+use crate::hash::{ChunkHash, VolumeDigest};
 use anyhow::Result;
 use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
@@ -126,9 +126,8 @@ impl Store {
                 for vol in &point.cut.volumes {
                     let map = self.block_map_among(&points, &group, point.seq, &vol.name)?;
                     let mut missing = 0u64;
-                    for (i, b) in map.iter().enumerate() {
-                        let BlockRef::Data(h) = b else { continue };
-                        let at = i as u64 * point.cut.block_size as u64;
+                    for (i, h) in map.data() {
+                        let at = i * point.cut.block_size as u64;
                         let place = format!(
                             "group {group} point {} volume {} at byte {at}",
                             point.seq, vol.name

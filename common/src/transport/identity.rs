@@ -93,8 +93,8 @@ impl Identity {
                 dir.join("identity").display()
             );
         }
-        std::fs::create_dir_all(dir.join("identity"))
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::files::private_dir(dir)?;
+        crate::files::private_dir(&dir.join("identity"))?;
         let ck = rcgen::generate_simple_self_signed(vec![name.to_string()])
             .context("cannot generate a key pair")?;
         let cert_pem = ck.cert.pem();

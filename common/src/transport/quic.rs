@@ -1,6 +1,6 @@
 //! quinn endpoint configuration: TLS 1.3 with pinned mutual authentication, windows sized for
-//! bulk transfer over WAN links (32 MiB per connection covers 1 Gbit/s at 250 ms RTT) while
-//! bounding memory, keep-alives so an idle control stream survives a long cut.
+//! bulk transfer over WAN links (a 16 MiB receive window per connection covers 1 Gbit/s at
+//! 125 ms RTT) while bounding memory, keep-alives so an idle control stream survives a long cut.
 
 use super::identity::{Fingerprint, Identity};
 use super::pinning::PinnedPeers;

@@ -180,8 +180,36 @@ fn markdown(run: &Run) -> String {
             out += &table(run, profile);
         }
     }
+    if run.rows.iter().any(|r| r.profile == "sparse-1tib") {
+        out += "\n### Cost against capacity: a 1 TiB sparse image holding 64 MiB\n\n";
+        out += &tib_table(run);
+    }
     out += "\n### Targets\n\n";
     out += &targets(run);
+    out
+}
+
+/// The 1 TiB sparse case: Understudy alone, with the figures its targets name.
+fn tib_table(run: &Run) -> String {
+    let mut out = String::from(
+        "| case | wall s | CPU s (source / target) | peak RSS MiB (source / target) | wire MB |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for (case, label) in [
+        ("initial", "first sync"),
+        ("incr1mib", "after 1 MiB changed"),
+    ] {
+        if let Some(r) = run.get("sparse-1tib", "understudy", case) {
+            out += &format!(
+                "| {label} | {:.2} | {:.2} / {:.2} | {:.0} / {:.0} | {:.1} |\n",
+                r.wall,
+                r.cpu_src,
+                r.cpu_tgt,
+                r.rss_src_kib / 1024.0,
+                r.rss_tgt_kib / 1024.0,
+                r.wire / 1e6
+            );
+        }
+    }
     out
 }
 
@@ -305,6 +333,37 @@ fn targets(run: &Run) -> String {
         "initial at 1 Gbit/s: at least 1.8x faster than rsync --inplace",
         speedup("1gbit", "rsync-inplace", "initial"),
         |x| x >= 1.8,
+    );
+    let tib = |case: &str| run.get("sparse-1tib", "understudy", case);
+    for case in ["initial", "incr1mib"] {
+        target(
+            &mut out,
+            &format!("1 TiB sparse, {case}: source peak RSS at most 128 MiB"),
+            tib(case).map(|r| {
+                (
+                    r.rss_src_kib / 1024.0,
+                    format!("{:.0} MiB", r.rss_src_kib / 1024.0),
+                )
+            }),
+            |x| x <= 128.0,
+        );
+        target(
+            &mut out,
+            &format!("1 TiB sparse, {case}: target peak RSS at most 256 MiB"),
+            tib(case).map(|r| {
+                (
+                    r.rss_tgt_kib / 1024.0,
+                    format!("{:.0} MiB", r.rss_tgt_kib / 1024.0),
+                )
+            }),
+            |x| x <= 256.0,
+        );
+    }
+    target(
+        &mut out,
+        "1 TiB sparse, 1 MiB changed: the cycle in under 2 s",
+        tib("incr1mib").map(|r| (r.wall, format!("{:.2} s", r.wall))),
+        |x| x < 2.0,
     );
     let write = run.limit_rate("dd_write_direct");
     target(

@@ -95,13 +95,14 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
     };
     let server = Server::bind(&cfg, Arc::new(Metrics::new()))?;
     let addr = server.local_addr()?;
-    let serving = tokio::spawn(server.run());
+    let serving = tokio::spawn(server.run(std::future::pending()));
     println!("   {addr}");
 
     step("4. three replication cycles, changing data in between");
     let source = SourceAgent::new(
         source_config(&sdir, addr, &db, &logs, &manifests),
         Arc::new(Metrics::new()),
+        source_agent::stop::Stop::new(),
     )?;
     for cycle in 1..=3u64 {
         if cycle > 1 {
@@ -175,7 +176,10 @@ fn source_config(
         bandwidth_limit_mbit: None,
         dir: dir.to_path_buf(),
         group: "shop".into(),
-        target,
+        target: source_agent::target::TargetAddr {
+            host: target.ip().to_string(),
+            port: target.port(),
+        },
         streams: 4,
         cut: CutConfig {
             volumes: vec![
