@@ -6,29 +6,26 @@
 //!
 //! Block maps ([`block_map`]) are sparse everywhere; the scan and the restore share one worker
 //! pool ([`pool`]). The source side's cut (its instant, the scan against the base, the spool)
-//! lives in [`source`]; application manifests in [`manifest`], their transforms in
-//! [`transform`], the Kubernetes side in [`cluster`]. The agent binaries only wire these
-//! together.
+//! lives in [`cut`]. This crate knows nothing of Kubernetes: a cut's manifests come through
+//! [`cut::ManifestSource`], which the `understudy-kube` crate implements for a directory of YAML
+//! and for a cluster. The agent binaries only wire these together.
 
 pub mod block_map;
 pub mod change;
 pub mod chunk;
 pub mod cli;
-pub mod cluster;
+pub mod cut;
 pub mod error;
 pub mod failpoint;
 pub mod files;
 pub mod hash;
 pub mod hooks;
-pub mod manifest;
 pub mod metrics;
 pub mod pool;
 pub mod progress;
 pub mod protocol;
-pub mod source;
 pub mod store;
 pub mod telemetry;
-pub mod transform;
 pub mod transport;
 pub mod volume;
 

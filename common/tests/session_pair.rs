@@ -1,17 +1,50 @@
 //! The source and target session state machines driven against each other in memory (no
-//! sockets), over a real store in a temporary directory: full sync, delta, dedupe, a session
-//! broken mid-transfer and resumed without resending durable chunks, base mismatch, idempotent
-//! re-commit, and bad input from the peer.
+//! sockets), the target over the in-memory store (with injected failures) and, for the full
+//! sync / delta / resume sequence, over a real store in a temporary directory too: full sync,
+//! delta, dedupe, a session broken mid-transfer and resumed without resending durable chunks,
+//! base mismatch, idempotent re-commit, bad input from the peer, store failures, and when
+//! received chunks become durable.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use understudy_common::block_map::BlockMap;
 use understudy_common::chunk;
 use understudy_common::hash::{BlockRef, ChunkHash, VolumeDigest};
+use understudy_common::protocol::session_store::{MemoryStore, StoreOp};
 use understudy_common::protocol::source_session::{Offer, SourceSession, SourceStep};
-use understudy_common::protocol::target_session::{TargetSession, TargetStep};
-use understudy_common::protocol::{Control, OfferKind};
+use understudy_common::protocol::target_session::{FlushPolicy, TargetSession, TargetStep};
+use understudy_common::protocol::{Control, OfferKind, RefuseCode, SessionStore};
 use understudy_common::store::{CutMeta, ManifestRef, Store, VolumeMeta};
+use understudy_common::transport::stream::StreamKind;
+
+/// A fixed clock: these tests do not depend on time unless they step [`NOW`].
+fn clock() -> i64 {
+    NOW.load(Ordering::SeqCst)
+}
+static NOW: AtomicI64 = AtomicI64::new(1_000);
+
+/// A target session over `store` with the default flush policy.
+fn target(store: &Arc<impl SessionStore + 'static>) -> TargetSession {
+    TargetSession::new(store.clone(), FlushPolicy::default(), clock)
+}
+
+/// What a test reads back from either store.
+trait Inspect: SessionStore + 'static {
+    fn map(&self, group: &str, seq: u64, volume: &str) -> BlockMap;
+}
+
+impl Inspect for Store {
+    fn map(&self, group: &str, seq: u64, volume: &str) -> BlockMap {
+        self.block_map(group, seq, volume).unwrap()
+    }
+}
+
+impl Inspect for MemoryStore {
+    fn map(&self, group: &str, seq: u64, volume: &str) -> BlockMap {
+        self.block_map(group, seq, volume).unwrap()
+    }
+}
 
 const BS: u32 = 4096;
 
@@ -79,28 +112,33 @@ enum Outcome {
 
 /// Runs a session; `break_after` stops delivering chunks after that many (the link broke).
 fn run(
-    store: &Arc<Store>,
+    store: &Arc<impl SessionStore + 'static>,
     offer: Offer,
     frames: &HashMap<ChunkHash, Vec<u8>>,
     break_after: Option<usize>,
 ) -> Outcome {
     let (mut src, hello) = SourceSession::new("app", offer);
-    let mut tgt = TargetSession::new(store.clone());
+    let mut tgt = target(store);
     let mut to_target = vec![hello];
+    let mut data_stream_done = false;
     loop {
         let mut to_source = Vec::new();
-        let mut commit_wanted = false;
-        for m in to_target.drain(..) {
-            match tgt
-                .on_message(m)
-                .expect("target accepts a well-formed session")
-            {
-                TargetStep::Reply(r) => to_source.extend(r),
-                TargetStep::CommitWhenDrained { .. } => commit_wanted = true,
-            }
+        let mut steps: Vec<TargetStep> = to_target
+            .drain(..)
+            .map(|m| {
+                tgt.on_message(m)
+                    .expect("target accepts a well-formed session")
+            })
+            .collect();
+        // The data stream ends after the Commit that announced it (either order is valid).
+        if std::mem::take(&mut data_stream_done) {
+            steps.push(tgt.on_stream_end(StreamKind::Data).expect("commit"));
         }
-        if commit_wanted {
-            to_source.push(tgt.commit().expect("commit"));
+        for step in steps {
+            match step {
+                TargetStep::Reply(r) => to_source.extend(r),
+                TargetStep::Committed(r) => to_source.push(r),
+            }
         }
         for m in to_source {
             match src
@@ -111,13 +149,14 @@ fn run(
                 SourceStep::SendChunks(hashes) => {
                     for (n, h) in hashes.iter().enumerate() {
                         if break_after == Some(n) {
-                            store.flush().unwrap();
+                            tgt.close().unwrap();
                             return Outcome::Broken { sent: n };
                         }
                         let v = chunk::verify(frames[h].clone()).unwrap();
                         tgt.on_chunk(&v).unwrap();
                     }
                     to_target.push(src.commit(1, hashes.len() as u64));
+                    data_stream_done = true;
                     SENT.with(|s| s.set(hashes.len()));
                 }
                 SourceStep::Committed { seq, .. } => {
@@ -147,27 +186,31 @@ fn fill(img: &mut Image, range: std::ops::Range<usize>, seed: u8) {
 #[test]
 fn full_then_delta_then_resume_without_resending() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    full_delta_resume(&Arc::new(Store::open(dir.path()).unwrap()));
+    full_delta_resume(&Arc::new(MemoryStore::new()));
+}
+
+fn full_delta_resume(store: &Arc<impl Inspect>) {
     let mut img = Image::new(64);
     fill(&mut img, 0..40, 1);
-    let o = run(&store, img.offer("c1", None), &img.frames(), None);
+    let o = run(store, img.offer("c1", None), &img.frames(), None);
     assert_eq!(o, Outcome::Committed { seq: 1, sent: 40 });
-    assert_eq!(store.block_map("app", 1, "data").unwrap(), img.map());
+    assert_eq!(store.map("app", 1, "data"), img.map());
 
     // Delta: 5 blocks change, one becomes a hole; only the 5 new chunks travel.
     let base = img.map();
     fill(&mut img, 10..15, 9);
     img.blocks[20] = vec![0; BS as usize];
     let o = run(
-        &store,
+        store,
         img.offer("c2", Some((1, &base))),
         &img.frames(),
         None,
     );
     assert_eq!(o, Outcome::Committed { seq: 2, sent: 5 });
-    assert_eq!(store.block_map("app", 2, "data").unwrap(), img.map());
+    assert_eq!(store.map("app", 2, "data"), img.map());
     assert_eq!(
-        store.block_map("app", 1, "data").unwrap(),
+        store.map("app", 1, "data"),
         base,
         "older point still restores"
     );
@@ -177,7 +220,7 @@ fn full_then_delta_then_resume_without_resending() {
     fill(&mut img, 30..60, 77);
     let offer = img.offer("c3", Some((2, &base2)));
     assert_eq!(
-        run(&store, offer.clone(), &img.frames(), Some(12)),
+        run(store, offer.clone(), &img.frames(), Some(12)),
         Outcome::Broken { sent: 12 }
     );
     assert_eq!(
@@ -186,16 +229,15 @@ fn full_then_delta_then_resume_without_resending() {
         "no half point is visible"
     );
     assert_eq!(
-        run(&store, offer, &img.frames(), None),
+        run(store, offer, &img.frames(), None),
         Outcome::Committed { seq: 3, sent: 18 }
     );
-    assert_eq!(store.block_map("app", 3, "data").unwrap(), img.map());
+    assert_eq!(store.map("app", 3, "data"), img.map());
 }
 
 #[test]
 fn stale_base_and_repeated_cut_are_recognised() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(MemoryStore::new());
     let mut img = Image::new(8);
     fill(&mut img, 0..8, 3);
     let offer = img.offer("c1", None);
@@ -213,8 +255,7 @@ fn stale_base_and_repeated_cut_are_recognised() {
 
 #[test]
 fn full_offer_turns_unlisted_blocks_into_holes() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(MemoryStore::new());
     let mut img = Image::new(16);
     fill(&mut img, 0..16, 5);
     run(&store, img.offer("c1", None), &img.frames(), None);
@@ -224,14 +265,13 @@ fn full_offer_turns_unlisted_blocks_into_holes() {
     // The source lost its base: a full offer, nothing new to send, 8 blocks now holes.
     let o = run(&store, img.offer("c2", None), &img.frames(), None);
     assert_eq!(o, Outcome::Committed { seq: 2, sent: 0 });
-    assert_eq!(store.block_map("app", 2, "data").unwrap(), img.map());
+    assert_eq!(store.map("app", 2, "data"), img.map());
 }
 
 #[test]
 fn target_refuses_bad_input() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let mut t = TargetSession::new(store.clone());
+    let store = Arc::new(MemoryStore::new());
+    let mut t = target(&store);
     assert!(
         t.on_message(Control::Commit {
             data_streams: 1,
@@ -240,7 +280,7 @@ fn target_refuses_bad_input() {
         .is_err(),
         "commit before hello"
     );
-    let mut t = TargetSession::new(store.clone());
+    let mut t = target(&store);
     assert!(
         t.on_message(Control::Hello {
             group: "../etc".into()
@@ -248,7 +288,7 @@ fn target_refuses_bad_input() {
         .is_err(),
         "bad group name"
     );
-    let mut t = TargetSession::new(store.clone());
+    let mut t = target(&store);
     t.on_message(Control::Hello {
         group: "app".into(),
     })
@@ -269,7 +309,7 @@ fn target_refuses_bad_input() {
         .unwrap_err();
     assert!(e.to_string().contains("past the end"), "{e}");
     // A chunk nobody asked for is refused and not stored.
-    let mut t = TargetSession::new(store.clone());
+    let mut t = target(&store);
     t.on_message(Control::Hello {
         group: "app".into(),
     })
@@ -288,7 +328,7 @@ fn target_refuses_bad_input() {
     t.on_message(Control::OfferEnd { entries: 1 }).unwrap();
     let stray = chunk::verify(chunk::encode(&[9u8; 100], 1)).unwrap();
     assert!(t.on_chunk(&stray).is_err());
-    store.flush().unwrap();
+    t.close().unwrap();
     assert_eq!(store.missing(&[stray.hash()]).unwrap(), vec![stray.hash()]);
 }
 
@@ -306,8 +346,7 @@ fn deliver(t: &mut TargetSession, msgs: Vec<Control>) -> Vec<Control> {
 
 #[test]
 fn pushed_chunks_are_held_and_not_asked_for_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(MemoryStore::new());
     let mut img = Image::new(48);
     fill(&mut img, 0..40, 4);
     let frames = img.frames();
@@ -322,7 +361,7 @@ fn pushed_chunks_are_held_and_not_asked_for_again() {
 
     // Hello and Welcome come before the cut exists.
     let (mut src, hello) = SourceSession::pushing("app");
-    let mut tgt = TargetSession::new(store.clone());
+    let mut tgt = target(&store);
     let welcome = deliver(&mut tgt, vec![hello]);
     for m in welcome {
         assert_eq!(src.on_message(m).unwrap(), SourceStep::Send(vec![]));
@@ -352,7 +391,7 @@ fn pushed_chunks_are_held_and_not_asked_for_again() {
     // The last pushed chunk arrives, then the stream ends: now the target answers.
     tgt.on_pushed(&chunk::verify(frames[&order[30]].clone()).unwrap())
         .unwrap();
-    let TargetStep::Reply(needs) = tgt.on_push_stream_end().unwrap() else {
+    let TargetStep::Reply(needs) = tgt.on_stream_end(StreamKind::Push).unwrap() else {
         panic!("needs")
     };
     assert_eq!(
@@ -371,19 +410,22 @@ fn pushed_chunks_are_held_and_not_asked_for_again() {
             }
             sent = hashes.len();
             let commit = src.commit(1, hashes.len() as u64);
-            assert!(matches!(
+            assert_eq!(
                 tgt.on_message(commit).unwrap(),
-                TargetStep::CommitWhenDrained { .. }
-            ));
+                TargetStep::Reply(vec![]),
+                "no commit before the data stream ended"
+            );
         }
     }
     assert_eq!(sent, 9, "only the chunks not pushed travel after the offer");
-    let committed = tgt.commit().unwrap();
+    let TargetStep::Committed(committed) = tgt.on_stream_end(StreamKind::Data).unwrap() else {
+        panic!("the end of the last data stream commits")
+    };
     assert!(matches!(
         src.on_message(committed).unwrap(),
         SourceStep::Committed { seq: 1, .. }
     ));
-    assert_eq!(store.block_map("app", 1, "data").unwrap(), img.map());
+    assert_eq!(store.map("app", 1, "data"), img.map());
     // A push once the offer was answered is a protocol violation.
     let late = chunk::verify(frames[&order[0]].clone()).unwrap();
     assert!(tgt.on_pushed(&late).is_err());
@@ -391,11 +433,10 @@ fn pushed_chunks_are_held_and_not_asked_for_again() {
 
 #[test]
 fn a_pushed_chunk_the_offer_does_not_reference_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(MemoryStore::new());
     let mut img = Image::new(4);
     fill(&mut img, 0..4, 6);
-    let mut tgt = TargetSession::new(store.clone());
+    let mut tgt = target(&store);
     deliver(
         &mut tgt,
         vec![Control::Hello {
@@ -431,12 +472,11 @@ fn a_pushed_chunk_the_offer_does_not_reference_is_refused() {
 
 #[test]
 fn after_a_broken_transfer_the_target_forbids_pushing_until_a_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(MemoryStore::new());
     let mut img = Image::new(16);
     fill(&mut img, 0..16, 8);
-    let welcome = |store: &Arc<Store>| {
-        let mut t = TargetSession::new(store.clone());
+    let welcome = |store: &Arc<MemoryStore>| {
+        let mut t = target(store);
         let reply = deliver(
             &mut t,
             vec![Control::Hello {
@@ -477,4 +517,188 @@ fn after_a_broken_transfer_the_target_forbids_pushing_until_a_commit() {
     );
     let (_, reply) = welcome(&store);
     assert!(matches!(reply[0], Control::Welcome { push: true, .. }));
+}
+
+/// Drives a session up to the answered offer; returns the target and the chunks it asked for.
+fn offered(
+    store: &Arc<MemoryStore>,
+    offer: Offer,
+    policy: FlushPolicy,
+) -> (TargetSession, SourceSession, Vec<ChunkHash>) {
+    let (mut src, hello) = SourceSession::new("app", offer);
+    let mut tgt = TargetSession::new(store.clone(), policy, clock);
+    let mut to_target = vec![hello];
+    loop {
+        let mut to_source = Vec::new();
+        for m in to_target.drain(..) {
+            match tgt.on_message(m).expect("target accepts the message") {
+                TargetStep::Reply(r) => to_source.extend(r),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for m in to_source {
+            match src.on_message(m).expect("source accepts the reply") {
+                SourceStep::Send(out) => to_target.extend(out),
+                SourceStep::SendChunks(hashes) => return (tgt, src, hashes),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+fn refused_code(e: &understudy_common::protocol::source_session::SessionError) -> RefuseCode {
+    match understudy_common::protocol::target_session::refusal(e) {
+        Control::Refused { code, .. } => code,
+        other => panic!("not a refusal: {other:?}"),
+    }
+}
+
+#[test]
+fn a_full_disk_on_append_refuses_the_session_and_the_retry_resends_only_what_was_lost() {
+    let store = Arc::new(MemoryStore::new());
+    let mut img = Image::new(32);
+    fill(&mut img, 0..20, 2);
+    let frames = img.frames();
+    let policy = FlushPolicy {
+        bytes: 1,
+        interval_ms: 1000,
+    };
+    let (mut tgt, _, asked) = offered(&store, img.offer("c1", None), policy);
+    assert_eq!(asked.len(), 20);
+    for h in &asked[..8] {
+        tgt.on_chunk(&chunk::verify(frames[h].clone()).unwrap())
+            .unwrap();
+    }
+    store.fail(StoreOp::Append, 1);
+    let e = tgt
+        .on_chunk(&chunk::verify(frames[&asked[8]].clone()).unwrap())
+        .unwrap_err();
+    assert_eq!(refused_code(&e), RefuseCode::StoreFailed);
+    assert!(e.to_string().contains("disk is full"), "{e}");
+    assert_eq!(
+        store.durable(),
+        8,
+        "each chunk was flushed as it came (policy: 1 byte)"
+    );
+    assert!(
+        store.latest("app").unwrap().is_none(),
+        "no point from a failed session"
+    );
+    assert_eq!(
+        run(&store, img.offer("c1", None), &frames, None),
+        Outcome::Committed { seq: 1, sent: 12 },
+        "the 8 durable chunks are not sent again"
+    );
+    assert_eq!(store.map("app", 1, "data"), img.map());
+}
+
+#[test]
+fn a_failed_flush_or_commit_refuses_with_store_failed_and_commits_nothing() {
+    for op in [StoreOp::Flush, StoreOp::Commit] {
+        let store = Arc::new(MemoryStore::new());
+        let mut img = Image::new(8);
+        fill(&mut img, 0..8, 3);
+        let frames = img.frames();
+        let (mut tgt, mut src, asked) =
+            offered(&store, img.offer("c1", None), FlushPolicy::default());
+        for h in &asked {
+            tgt.on_chunk(&chunk::verify(frames[h].clone()).unwrap())
+                .unwrap();
+        }
+        store.fail(op, 1);
+        assert_eq!(
+            tgt.on_message(src.commit(1, asked.len() as u64)).unwrap(),
+            TargetStep::Reply(vec![])
+        );
+        let e = tgt.on_stream_end(StreamKind::Data).unwrap_err();
+        assert_eq!(refused_code(&e), RefuseCode::StoreFailed, "{op:?}");
+        assert!(
+            store.latest("app").unwrap().is_none(),
+            "{op:?}: nothing committed"
+        );
+        assert_eq!(
+            run(&store, img.offer("c1", None), &frames, None),
+            Outcome::Committed {
+                seq: 1,
+                sent: if op == StoreOp::Flush { 8 } else { 0 }
+            },
+            "{op:?}: a failed flush loses the unrecorded chunks; a failed commit keeps them"
+        );
+    }
+}
+
+#[test]
+fn received_chunks_become_durable_by_bytes_by_time_and_at_close() {
+    let store = Arc::new(MemoryStore::new());
+    let mut img = Image::new(16);
+    fill(&mut img, 0..12, 4);
+    let frames = img.frames();
+    let frame_len = frames.values().next().unwrap().len() as u64;
+    let policy = FlushPolicy {
+        bytes: 4 * frame_len,
+        interval_ms: 1000,
+    };
+    let (mut tgt, _, asked) = offered(&store, img.offer("c1", None), policy);
+    let give = |tgt: &mut TargetSession, hs: &[ChunkHash]| {
+        for h in hs {
+            tgt.on_chunk(&chunk::verify(frames[h].clone()).unwrap())
+                .unwrap();
+        }
+    };
+    give(&mut tgt, &asked[..5]);
+    assert_eq!(
+        store.durable(),
+        4,
+        "the fourth chunk reached the byte limit"
+    );
+    tgt.on_tick().unwrap();
+    assert_eq!(
+        store.durable(),
+        4,
+        "a tick before the interval flushes nothing"
+    );
+    NOW.fetch_add(1000, Ordering::SeqCst);
+    tgt.on_tick().unwrap();
+    assert_eq!(
+        store.durable(),
+        5,
+        "a tick after the interval flushes the rest"
+    );
+    give(&mut tgt, &asked[5..7]);
+    tgt.close().unwrap();
+    assert_eq!(
+        store.durable(),
+        7,
+        "closing makes everything received durable"
+    );
+    store.crash();
+    assert_eq!(store.missing(&asked).unwrap().len(), 5);
+}
+
+#[test]
+fn the_commit_waits_for_every_announced_data_stream_in_either_order() {
+    let store = Arc::new(MemoryStore::new());
+    let mut img = Image::new(8);
+    fill(&mut img, 0..8, 5);
+    let frames = img.frames();
+    let (mut tgt, mut src, asked) = offered(&store, img.offer("c1", None), FlushPolicy::default());
+    for h in &asked {
+        tgt.on_chunk(&chunk::verify(frames[h].clone()).unwrap())
+            .unwrap();
+    }
+    // Two data streams: one ends before Commit arrives, one after.
+    assert_eq!(
+        tgt.on_stream_end(StreamKind::Data).unwrap(),
+        TargetStep::Reply(vec![])
+    );
+    assert_eq!(
+        tgt.on_message(src.commit(2, asked.len() as u64)).unwrap(),
+        TargetStep::Reply(vec![])
+    );
+    assert!(store.latest("app").unwrap().is_none());
+    let TargetStep::Committed(reply) = tgt.on_stream_end(StreamKind::Data).unwrap() else {
+        panic!("the second data stream's end commits")
+    };
+    assert!(matches!(reply, Control::Committed { seq: 1, .. }));
+    assert_eq!(store.map("app", 1, "data"), img.map());
 }

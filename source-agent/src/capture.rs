@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 use std::path::PathBuf;
-use understudy_common::cluster::capture::{CaptureSpec, capture};
+use understudy_kube::capture::{CaptureSpec, capture};
 
 /// `capture` arguments.
 #[derive(clap::Args, Debug)]
@@ -40,7 +40,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
         label_selector: a.selector.clone(),
     };
     let captured = tokio::runtime::Runtime::new()?.block_on(async {
-        let client = understudy_common::cluster::connect(a.kubeconfig.as_deref()).await?;
+        let client = understudy_kube::connect(a.kubeconfig.as_deref()).await?;
         capture(&client, &spec).await
     })?;
     if let Some(out) = &a.out {

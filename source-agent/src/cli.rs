@@ -12,11 +12,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use understudy_common::cli::{GlobalArgs, IdentityCommand};
-use understudy_common::cluster::capture::CaptureSpec;
+use understudy_common::cut::{CutConfig, ManifestSource, NoManifests};
 use understudy_common::hooks::{Hook, OnError};
 use understudy_common::metrics::Metrics;
-use understudy_common::source::{CutConfig, ManifestSource};
 use understudy_common::volume::VolumeSpec;
+use understudy_kube::capture::CaptureSpec;
+use understudy_kube::{ClusterManifests, DirectoryManifests};
 
 /// Understudy source agent: replicates a group of volumes and its manifests to a target agent.
 #[derive(Parser, Debug)]
@@ -128,20 +129,20 @@ pub fn main() -> ExitCode {
 }
 
 impl RunArgs {
-    fn manifest_source(&self) -> ManifestSource {
+    fn manifest_source(&self) -> Arc<dyn ManifestSource> {
         if let Some(dir) = &self.manifests {
-            return ManifestSource::Directory(dir.clone());
+            return Arc::new(DirectoryManifests(dir.clone()));
         }
         if self.kube_namespaces.is_empty() {
-            return ManifestSource::None;
+            return Arc::new(NoManifests);
         }
-        ManifestSource::Cluster {
+        Arc::new(ClusterManifests {
             kubeconfig: self.kubeconfig.clone(),
             spec: CaptureSpec {
                 namespaces: self.kube_namespaces.clone(),
                 label_selector: self.kube_selector.clone(),
             },
-        }
+        })
     }
 
     fn hook(&self, cmd: &Option<String>) -> Option<Hook> {

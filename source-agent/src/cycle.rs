@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use understudy_common::change::{ChangeSource, HashDiff};
+use understudy_common::cut::spool::SpoolReader;
+use understudy_common::cut::{CutConfig, CutObserver, GroupState, PendingCut, make_cut};
 use understudy_common::metrics::Metrics;
 use understudy_common::protocol::Control;
 use understudy_common::protocol::source_session::{SourceSession, SourceStep};
-use understudy_common::source::spool::SpoolReader;
-use understudy_common::source::{CutConfig, CutObserver, GroupState, PendingCut, make_cut};
 use understudy_common::transport::{Fingerprint, Identity, quic, stream};
 
 /// How long the QUIC and TLS handshake with the target may take.
@@ -112,10 +112,7 @@ impl SourceAgent {
             understudy_common::volume::Volume::open(&v.path)
                 .with_context(|| format!("volume {} is not usable", v.name))?;
         }
-        if let understudy_common::source::ManifestSource::Directory(_) = &self.cfg.cut.manifests {
-            self.cfg.cut.manifests.capture()?;
-        }
-        Ok(())
+        self.cfg.cut.manifests.preflight()
     }
 
     /// The group.
@@ -223,7 +220,7 @@ impl SourceAgent {
     async fn make_cut(
         &self,
         state: &Arc<GroupState>,
-        feed: Option<understudy_common::source::spool::Feed>,
+        feed: Option<understudy_common::cut::spool::Feed>,
     ) -> Result<PendingCut> {
         let (state, cfg, change) = (state.clone(), self.cfg.cut.clone(), self.change.clone());
         let total: u64 = cfg

@@ -3,10 +3,9 @@
 use anyhow::{Context, Result};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use understudy_common::chunk;
+use understudy_common::cut::spool::SpoolReader;
 use understudy_common::hash::ChunkHash;
-use understudy_common::protocol::{DATA_STREAM_KIND, PUSH_STREAM_KIND};
-use understudy_common::source::spool::SpoolReader;
+use understudy_common::transport::stream::{self, StreamKind};
 
 /// A shared cap on the bytes all data streams send (a token bucket counted in KiB).
 #[derive(Clone)]
@@ -101,9 +100,7 @@ async fn send_frame(
     if let Some(l) = limit {
         l.take(frame.len()).await;
     }
-    s.write_all(frame)
-        .await
-        .context("the connection broke while sending chunks")?;
+    stream::write_frame(s, frame).await?;
     on_bytes(frame.len() as u64);
     Ok(())
 }
@@ -115,11 +112,7 @@ async fn send_stream(
     limit: Option<&Limiter>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(u64, u64)> {
-    let mut s = conn
-        .open_uni()
-        .await
-        .context("cannot open a data stream: the connection broke")?;
-    s.write_all(&[DATA_STREAM_KIND]).await?;
+    let mut s = stream::open_data(conn, StreamKind::Data).await?;
     let mut bytes = 0;
     let mut frame = Vec::new();
     for h in hashes {
@@ -152,11 +145,7 @@ pub async fn push(
     let mut lanes = Vec::with_capacity(n);
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut s = conn
-            .open_uni()
-            .await
-            .context("cannot open a push stream: the connection broke")?;
-        s.write_all(&[PUSH_STREAM_KIND]).await?;
+        let s = stream::open_data(&conn, StreamKind::Push).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(PUSH_STREAM_QUEUE);
         lanes.push(tx);
         let (spool, limit, on_bytes) = (spool.clone(), limit.clone(), on_bytes.clone());
@@ -184,18 +173,17 @@ async fn push_stream(
     limit: Option<&Limiter>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(u64, u64)> {
-    let mut file: Option<std::fs::File> = None;
+    let mut reader: Option<SpoolReader> = None;
     let (mut chunks, mut bytes) = (0u64, 0u64);
     let mut frame = Vec::new();
     while let Some((offset, len)) = frames.recv().await {
-        let f = match &file {
-            Some(f) => f,
-            None => file.insert(std::fs::File::open(spool).with_context(|| {
+        let r = match &reader {
+            Some(r) => r,
+            None => reader.insert(SpoolReader::growing(spool).with_context(|| {
                 format!("cannot open the spool {} to push from it", spool.display())
             })?),
         };
-        tokio::task::block_in_place(|| chunk::read_stored(f, offset, len as usize, &mut frame))
-            .context("read from spool failed")?;
+        tokio::task::block_in_place(|| r.frame_at(offset, len, &mut frame))?;
         send_frame(&mut s, &frame, limit, on_bytes).await?;
         chunks += 1;
         bytes += frame.len() as u64;

@@ -6,9 +6,9 @@ use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use understudy_common::cluster::apply::{ApplyOptions, IfExists, apply, apply_order};
-use understudy_common::manifest::Bundle;
-use understudy_common::transform::render_diff;
+use understudy_kube::apply::{ApplyOptions, IfExists, apply, apply_order};
+use understudy_kube::bundle::Bundle;
+use understudy_kube::transform::render_diff;
 
 /// `apply` arguments.
 #[derive(clap::Args, Debug)]
@@ -61,7 +61,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
         crd_timeout: a.crd_timeout,
     };
     let report = tokio::runtime::Runtime::new()?.block_on(async {
-        let client = understudy_common::cluster::connect(a.kubeconfig.as_deref()).await?;
+        let client = understudy_kube::connect(a.kubeconfig.as_deref()).await?;
         anyhow::Ok(apply(&client, transformed.objects, &opts).await)
     })?;
     if a.json {

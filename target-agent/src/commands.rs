@@ -7,10 +7,10 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use understudy_common::manifest::parse_map;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
-use understudy_common::transform::Rules;
+use understudy_kube::bundle::parse_map;
+use understudy_kube::transform::Rules;
 
 /// A store directory.
 #[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]

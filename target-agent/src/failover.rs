@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use understudy_common::files::{remove_if_present, sync_dir};
-use understudy_common::manifest::Bundle;
 use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
-use understudy_common::transform::Rules;
 use understudy_common::volume::VolumeWriter;
+use understudy_kube::bundle::Bundle;
+use understudy_kube::transform::Rules;
 
 /// Which point to fail over to. Written `latest`, a point number, or an RFC 3339 time.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

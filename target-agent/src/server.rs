@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use understudy_common::metrics::Metrics;
+use understudy_common::protocol::target_session::FlushPolicy;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
 use understudy_common::transport::{Identity, quic};
@@ -37,15 +38,18 @@ impl Server {
     pub fn bind(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Result<Self> {
         let identity = Identity::load(&cfg.dir)?;
         let peers = understudy_common::cli::require_peers(&cfg.dir)?;
-        let mut store = Store::open(&cfg.dir.join("store"))?;
-        store.set_flush_bytes(cfg.flush_bytes);
-        let store = Arc::new(store);
+        let store = Arc::new(Store::open(&cfg.dir.join("store"))?);
         let endpoint = quic::server_endpoint(&identity, peers, cfg.listen)?;
         let ctx = Arc::new(SessionContext {
             store,
             busy: Mutex::new(HashMap::new()),
             gc_gate: tokio::sync::RwLock::new(()),
             retention: cfg.retention,
+            flush: FlushPolicy {
+                // At least 64 KiB: smaller only adds fsyncs.
+                bytes: cfg.flush_bytes.max(64 << 10),
+                ..FlushPolicy::default()
+            },
             metrics,
         });
         Ok(Server {

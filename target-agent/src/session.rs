@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use understudy_common::chunk::{self, Verified};
 use understudy_common::metrics::Metrics;
-use understudy_common::protocol::target_session::{TargetSession, TargetStep, refusal};
+use understudy_common::protocol::target_session::{
+    FlushPolicy, TargetSession, TargetStep, refusal,
+};
 use understudy_common::protocol::{Control, REFUSAL_GRACE, RefuseCode};
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
@@ -25,6 +27,8 @@ pub struct SessionContext {
     pub gc_gate: tokio::sync::RwLock<()>,
     /// Retention after each commit.
     pub retention: RetentionPolicy,
+    /// When sessions make received chunks durable.
+    pub flush: FlushPolicy,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -73,18 +77,12 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         ctx: &ctx,
         group: None,
     };
-    let result = drive(&ctx, &conn, &mut send, rx, &mut guard).await;
-    let store = ctx.store.clone();
+    let mut session = TargetSession::new(ctx.store.clone(), ctx.flush, understudy_common::now_ms);
+    let result = drive(&ctx, &conn, &mut send, rx, &mut guard, &mut session).await;
     // Make what arrived durable for the next session; a failure here is logged, never allowed to
     // replace the session's own outcome (which says what went wrong first).
-    match tokio::task::spawn_blocking(move || store.flush()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = %format!("{e:#}"), "could not make received chunks durable; the next session resends them")
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "flush task failed; the next session resends unflushed chunks")
-        }
+    if let Err(e) = tokio::task::block_in_place(|| session.close()) {
+        tracing::error!(error = %e, "could not make received chunks durable; the next session resends them");
     }
     drop(gate);
     drop(guard);
@@ -113,19 +111,16 @@ async fn drive(
     send: &mut quinn::SendStream,
     mut rx: mpsc::Receiver<Event>,
     guard: &mut GroupGuard<'_>,
+    session: &mut TargetSession,
 ) -> Result<Option<String>> {
-    let mut session = TargetSession::new(ctx.store.clone());
-    let mut commit_after: Option<u32> = None;
-    let mut ended = 0u32;
-    let mut last_flush = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         let event = tokio::select! {
             e = rx.recv() => e,
             _ = tick.tick() => {
-                if last_flush.elapsed() >= Duration::from_secs(1) {
-                    tokio::task::block_in_place(|| ctx.store.flush())?;
-                    last_flush = Instant::now();
+                if let Err(e) = tokio::task::block_in_place(|| session.on_tick()) {
+                    let _ = stream::send(send, &refusal(&e)).await;
+                    return Err(e.into());
                 }
                 continue;
             }
@@ -149,13 +144,7 @@ async fn drive(
                 tokio::task::block_in_place(|| session.on_pushed(&v))
                     .map(|_| TargetStep::Reply(vec![]))
             }
-            Event::StreamEnd(StreamKind::Data) => {
-                ended += 1;
-                Ok(TargetStep::Reply(vec![]))
-            }
-            Event::StreamEnd(StreamKind::Push) => {
-                tokio::task::block_in_place(|| session.on_push_stream_end())
-            }
+            Event::StreamEnd(kind) => tokio::task::block_in_place(|| session.on_stream_end(kind)),
             Event::StreamFailed(e) => return Err(e.context("a data stream failed")),
         };
         match step {
@@ -164,42 +153,37 @@ async fn drive(
                     stream::send(send, &m).await?;
                 }
             }
-            Ok(TargetStep::CommitWhenDrained { data_streams }) => commit_after = Some(data_streams),
+            Ok(TargetStep::Committed(reply)) => {
+                stream::send(send, &reply).await?;
+                log_commit(session, &reply);
+                return Ok(Some(session.group().to_string()));
+            }
             Err(e) => {
                 let _ = stream::send(send, &refusal(&e)).await;
                 return Err(e.into());
             }
         }
-        if commit_after.is_some_and(|n| ended >= n) {
-            let reply = tokio::task::block_in_place(|| session.commit());
-            let reply = match reply {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = stream::send(send, &refusal(&e)).await;
-                    return Err(e.into());
-                }
-            };
-            stream::send(send, &reply).await?;
-            if let Control::Committed {
-                seq,
-                blocks_changed,
-            } = reply
-            {
-                let (chunks, bytes) = session.received();
-                let (pushed_chunks, pushed_bytes) = session.pushed();
-                tracing::info!(
-                    group = session.group(),
-                    seq,
-                    blocks_changed,
-                    chunks,
-                    bytes,
-                    pushed_chunks,
-                    pushed_bytes,
-                    "recovery point committed"
-                );
-                return Ok(Some(session.group().to_string()));
-            }
-        }
+    }
+}
+
+fn log_commit(session: &TargetSession, reply: &Control) {
+    if let Control::Committed {
+        seq,
+        blocks_changed,
+    } = reply
+    {
+        let (chunks, bytes) = session.received();
+        let (pushed_chunks, pushed_bytes) = session.pushed();
+        tracing::info!(
+            group = session.group(),
+            seq,
+            blocks_changed,
+            chunks,
+            bytes,
+            pushed_chunks,
+            pushed_bytes,
+            "recovery point committed"
+        );
     }
 }
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use understudy_common::cluster::apply::{ApplyOptions, apply};
-use understudy_common::manifest::{Bundle, ObjectId};
+use understudy_kube::apply::{ApplyOptions, apply};
+use understudy_kube::bundle::{Bundle, ObjectId};
 
 /// Where tests/kube-testbed/build.sh put the binaries, building them on first use; `None` (with
 /// one line printed) when this machine cannot build them and this is not CI.
@@ -262,7 +262,7 @@ impl TestCluster {
 
     /// A client for this API server.
     pub async fn client(&self) -> Result<kube::Client> {
-        understudy_common::cluster::connect(Some(&self.kubeconfig)).await
+        understudy_kube::connect(Some(&self.kubeconfig)).await
     }
 
     async fn install_crds(&self, client: &kube::Client, dir: &Path) -> Result<()> {
@@ -297,8 +297,8 @@ impl TestCluster {
     /// Creates every object of a YAML stream (plain POST, as `kubectl create` does).
     pub async fn create_yaml(&self, yaml: &str) -> Result<()> {
         let client = self.client().await?;
-        let mut resolver = understudy_common::cluster::Resolver::new(client.clone());
-        for obj in understudy_common::manifest::parse_documents(yaml.as_bytes())? {
+        let mut resolver = understudy_kube::Resolver::new(client.clone());
+        for obj in understudy_kube::bundle::parse_documents(yaml.as_bytes())? {
             let id = ObjectId::of(&obj)?;
             let api = api_for(&client, &mut resolver, &obj, &id.namespace).await?;
             let obj: kube::api::DynamicObject = serde_json::from_value(obj)?;
@@ -318,7 +318,7 @@ impl TestCluster {
         name: &str,
     ) -> Result<Option<serde_json::Value>> {
         let client = self.client().await?;
-        let mut resolver = understudy_common::cluster::Resolver::new(client.clone());
+        let mut resolver = understudy_kube::Resolver::new(client.clone());
         let probe = serde_json::json!({"apiVersion": api_version, "kind": kind});
         let api = api_for(&client, &mut resolver, &probe, namespace).await?;
         Ok(api
@@ -335,7 +335,7 @@ impl TestCluster {
         namespace: &str,
     ) -> Result<Vec<String>> {
         let client = self.client().await?;
-        let mut resolver = understudy_common::cluster::Resolver::new(client.clone());
+        let mut resolver = understudy_kube::Resolver::new(client.clone());
         let probe = serde_json::json!({"apiVersion": api_version, "kind": kind});
         let api = api_for(&client, &mut resolver, &probe, namespace).await?;
         let list = api.list(&Default::default()).await?;
@@ -349,14 +349,14 @@ impl TestCluster {
 
 async fn api_for(
     client: &kube::Client,
-    resolver: &mut understudy_common::cluster::Resolver,
+    resolver: &mut understudy_kube::Resolver,
     obj: &serde_json::Value,
     namespace: &str,
 ) -> Result<kube::Api<kube::api::DynamicObject>> {
     let api_version = obj["apiVersion"].as_str().unwrap_or("");
     let kind = obj["kind"].as_str().unwrap_or("");
     let (ar, caps) = resolver.resolve(api_version, kind).await?;
-    Ok(if understudy_common::cluster::is_namespaced(&caps) {
+    Ok(if understudy_kube::is_namespaced(&caps) {
         kube::Api::namespaced_with(client.clone(), namespace, &ar)
     } else {
         kube::Api::all_with(client.clone(), &ar)

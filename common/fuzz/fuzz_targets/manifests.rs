@@ -2,7 +2,7 @@
 //! directory or `apply --bundle` file.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use understudy_common::manifest::{Bundle, parse_documents};
+use understudy_kube::bundle::{Bundle, parse_documents};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(b) = Bundle::decode(data) {

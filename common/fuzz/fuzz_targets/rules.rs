@@ -1,8 +1,8 @@
 //! Transform rules files, then the parsed rules applied to a small bundle.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use understudy_common::manifest::{Bundle, parse_documents};
-use understudy_common::transform::Rules;
+use understudy_kube::bundle::{Bundle, parse_documents};
+use understudy_kube::transform::Rules;
 
 const APP: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec:\n  replicas: 3\n  template:\n    spec:\n      containers: [{name: web, image: docker.io/library/nginx:1.27}]\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data, namespace: shop}\nspec: {storageClassName: fast, volumeName: pv-1}\n";
 

@@ -3,7 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use understudy_common::hash::BlockRef;
-use understudy_common::source::{BaseInfo, PendingCut};
+use understudy_common::cut::{BaseInfo, PendingCut};
 use understudy_common::store::PointRecord;
 use understudy_common::store::pack::check_header_bytes;
 

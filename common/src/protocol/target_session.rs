@@ -1,23 +1,52 @@
-//! The target side of a session, as a state machine over a [`Store`]: it validates the offer,
-//! answers what it lacks, takes verified chunks and commits the point atomically.
+//! The target side of a session, as a state machine over a [`SessionStore`]: it validates the
+//! offer, answers what it lacks, takes verified chunks, decides when they become durable, and
+//! commits the point atomically once every data stream has ended. It does no I/O of its own and
+//! reads time only through the [`Clock`] it is given.
 
 use super::messages::*;
+use super::session_store::SessionStore;
 use super::source_session::SessionError;
 use crate::chunk::Verified;
 use crate::hash::{BlockRef, ChunkHash, block_count};
-use crate::store::{CommitError, CutMeta, Store, VolumeEntries};
+use crate::store::{CommitError, CutMeta, VolumeEntries};
+use crate::transport::stream::StreamKind;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// What the caller should do after a message.
+/// What the caller should do after an event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TargetStep {
     /// Send these (possibly none) and keep reading.
     Reply(Vec<Control>),
-    /// The source asked to commit: wait until `data_streams` data streams have ended and their
-    /// chunks were handed to [`TargetSession::on_chunk`], then call [`TargetSession::commit`].
-    CommitWhenDrained { data_streams: u32 },
+    /// The point is committed: send this reply (`Committed`); the session is over.
+    Committed(Control),
 }
+
+/// Milliseconds since the Unix epoch, as the session reads them ([`crate::now_ms`] in the agent,
+/// a fixed or stepped clock in tests).
+pub type Clock = fn() -> i64;
+
+/// When received chunks are made durable (fsynced and recorded). The session is the one place
+/// that decides; a crash loses at most what arrived since, and the source sends it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushPolicy {
+    /// Chunk bytes appended since the last flush after which the next append flushes.
+    pub bytes: u64,
+    /// Milliseconds since the last flush after which a tick flushes.
+    pub interval_ms: i64,
+}
+
+impl Default for FlushPolicy {
+    fn default() -> Self {
+        FlushPolicy {
+            bytes: FLUSH_BYTES,
+            interval_ms: 1000,
+        }
+    }
+}
+
+/// Default of [`FlushPolicy::bytes`]: 64 MiB.
+pub const FLUSH_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -41,30 +70,42 @@ struct Pending {
 
 /// Target session state.
 pub struct TargetSession {
-    store: Arc<Store>,
+    store: Arc<dyn SessionStore>,
+    clock: Clock,
+    flush: FlushPolicy,
     state: State,
     group: String,
     pending: Option<Pending>,
     expected: HashSet<ChunkHash>,
     received: (u64, u64),
     push: PushState,
+    data: Streams,
     marked: bool,
+    unflushed: u64,
+    last_flush_ms: i64,
 }
 
-/// Chunks pushed during the cut, and the push streams announced and ended.
+/// Streams of one kind: how many the source announced, and how many ended.
+#[derive(Default)]
+struct Streams {
+    announced: Option<u32>,
+    ended: u32,
+}
+
+impl Streams {
+    /// True when every announced stream ended (or none was announced).
+    fn drained(&self) -> bool {
+        self.announced.is_none_or(|n| self.ended >= n)
+    }
+}
+
+/// Chunks pushed during the cut, and the push streams.
 #[derive(Default)]
 struct PushState {
     allowed: bool,
     hashes: HashSet<ChunkHash>,
-    announced: Option<u32>,
-    ended: u32,
+    streams: Streams,
     bytes: u64,
-}
-
-impl PushState {
-    fn drained(&self) -> bool {
-        self.announced.is_none_or(|n| self.ended >= n)
-    }
 }
 
 /// Reply for a failed session: the message to send, and the error to log.
@@ -97,17 +138,22 @@ fn store_failed(e: anyhow::Error) -> SessionError {
 }
 
 impl TargetSession {
-    /// A new session writing into `store`.
-    pub fn new(store: Arc<Store>) -> Self {
+    /// A new session writing into `store`, flushing as `flush` says, reading time from `clock`.
+    pub fn new(store: Arc<dyn SessionStore>, flush: FlushPolicy, clock: Clock) -> Self {
         TargetSession {
             store,
+            clock,
+            flush,
             state: State::AwaitHello,
             group: String::new(),
             pending: None,
             expected: HashSet::new(),
             received: (0, 0),
             push: PushState::default(),
+            data: Streams::default(),
             marked: false,
+            unflushed: 0,
+            last_flush_ms: clock(),
         }
     }
 
@@ -138,14 +184,15 @@ impl TargetSession {
                 self.on_offer_end(entries)?
             }
             (State::AwaitOffer, Control::PushEnd { streams, .. })
-                if self.push.announced.is_none() =>
+                if self.push.streams.announced.is_none() =>
             {
-                self.push.announced = Some(streams);
+                self.push.streams.announced = Some(streams);
                 TargetStep::Reply(vec![])
             }
             (State::ReceivingChunks, Control::Commit { data_streams, .. }) => {
                 self.state = State::Committing;
-                TargetStep::CommitWhenDrained { data_streams }
+                self.data.announced = Some(data_streams);
+                self.commit_if_drained()?
             }
             (_, Control::Refused { code, message }) => {
                 return Err(SessionError::Refused { code, message });
@@ -255,7 +302,7 @@ impl TargetSession {
                 p.count
             )));
         }
-        if !self.push.drained() {
+        if !self.push.streams.drained() {
             self.state = State::AwaitPushes;
             return Ok(TargetStep::Reply(vec![]));
         }
@@ -289,7 +336,7 @@ impl TargetSession {
                     "chunk {h} was pushed but the offer does not reference it"
                 )));
             }
-            self.store.flush().map_err(store_failed)?;
+            self.flush_now()?;
         }
         let missing = self.store.missing(&referenced).map_err(store_failed)?;
         let held = (referenced.len() - missing.len()) as u64;
@@ -339,26 +386,63 @@ impl TargetSession {
         Ok(())
     }
 
-    /// Appends a chunk to the store, marking the group as receiving before the first one.
+    /// Appends a chunk to the store, marking the group as receiving before the first one, and
+    /// flushes once [`FlushPolicy::bytes`] arrived since the last flush.
     fn append(&mut self, chunk: &Verified) -> Result<(), SessionError> {
         if !self.marked {
             self.store
-                .mark_receiving(&self.group)
+                .mark_receiving(&self.group, (self.clock)())
                 .map_err(store_failed)?;
             self.marked = true;
         }
         self.store
             .append(chunk.hash(), chunk.frame())
-            .map_err(store_failed)
+            .map_err(store_failed)?;
+        self.unflushed += chunk.frame().len() as u64;
+        if self.unflushed >= self.flush.bytes {
+            self.flush_now()?;
+        }
+        Ok(())
     }
 
-    /// A push stream ended. Once the last announced one has, a deferred offer is answered.
-    pub fn on_push_stream_end(&mut self) -> Result<TargetStep, SessionError> {
-        self.push.ended += 1;
-        if self.state == State::AwaitPushes && self.push.drained() {
-            return self.answer_offer();
+    fn flush_now(&mut self) -> Result<usize, SessionError> {
+        self.unflushed = 0;
+        self.last_flush_ms = (self.clock)();
+        self.store.flush().map_err(store_failed)
+    }
+
+    /// Time passed: flushes what arrived once [`FlushPolicy::interval_ms`] went by since the
+    /// last flush, so an idle link does not keep received chunks at risk.
+    pub fn on_tick(&mut self) -> Result<(), SessionError> {
+        if self.unflushed > 0 && (self.clock)() - self.last_flush_ms >= self.flush.interval_ms {
+            self.flush_now()?;
         }
-        Ok(TargetStep::Reply(vec![]))
+        Ok(())
+    }
+
+    /// The session is over, however it ended: makes what arrived durable for the next session
+    /// (the chunks are kept even when no point references them yet). Returns how many chunks
+    /// became durable.
+    pub fn close(&mut self) -> Result<usize, SessionError> {
+        self.flush_now()
+    }
+
+    /// A data or push stream ended. Once the last announced push stream has, a deferred offer
+    /// is answered; once the last data stream has after Commit, the point is committed.
+    pub fn on_stream_end(&mut self, kind: StreamKind) -> Result<TargetStep, SessionError> {
+        match kind {
+            StreamKind::Push => {
+                self.push.streams.ended += 1;
+                if self.state == State::AwaitPushes && self.push.streams.drained() {
+                    return self.answer_offer();
+                }
+                Ok(TargetStep::Reply(vec![]))
+            }
+            StreamKind::Data => {
+                self.data.ended += 1;
+                self.commit_if_drained()
+            }
+        }
     }
 
     /// Takes a verified chunk from a data stream. Chunks not asked for are refused (a peer cannot
@@ -382,23 +466,26 @@ impl TargetSession {
         Ok(())
     }
 
-    /// Commits the point once the data streams drained; returns the reply to send.
-    pub fn commit(&mut self) -> Result<Control, SessionError> {
-        if self.state != State::Committing {
-            return Err(SessionError::Unexpected {
-                got: "Commit",
-                state: describe(self.state),
-            });
+    /// Commits the point once Commit arrived and every data stream it announced has ended.
+    fn commit_if_drained(&mut self) -> Result<TargetStep, SessionError> {
+        if self.state != State::Committing || !self.data.drained() {
+            return Ok(TargetStep::Reply(vec![]));
         }
+        self.commit().map(TargetStep::Committed)
+    }
+
+    fn commit(&mut self) -> Result<Control, SessionError> {
         self.state = State::Done;
         let p = self.pending.take().expect("pending offer in this state");
         let base = match p.kind {
             OfferKind::Delta { base } => Some(base),
             OfferKind::Full => None,
         };
+        let now = (self.clock)();
+        self.unflushed = 0;
         match self
             .store
-            .commit_point(&self.group, p.cut, base, &p.entries, self.received)
+            .commit_point(&self.group, p.cut, base, &p.entries, self.received, now)
         {
             Ok(rec) => Ok(Control::Committed {
                 seq: rec.seq,

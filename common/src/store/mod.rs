@@ -60,7 +60,6 @@ pub enum CommitError {
 struct Pending {
     writer: Option<PackWriter>,
     chunks: Vec<([u8; 32], Location)>,
-    bytes: u64,
 }
 
 /// An open store. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -69,7 +68,6 @@ pub struct Store {
     db: Database,
     pending: Mutex<Pending>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
-    flush_bytes: u64,
 }
 
 /// Runs `f`, turning a panic inside it into an error message instead of unwinding (and without
@@ -110,15 +108,11 @@ fn abandon(p: &mut Pending, e: anyhow::Error) -> anyhow::Error {
         tracing::warn!(pack = w.id(), chunks = p.chunks.len(), error = %format!("{e:#}"), "store write failed; the pack is closed and its unrecorded chunks will be received again");
     }
     p.chunks.clear();
-    p.bytes = 0;
     e
 }
 
 /// Catalog page cache: the catalog of a multi-TiB store fits, and RSS stays bounded.
 const CATALOG_CACHE: usize = 64 << 20;
-
-/// Pending chunk bytes past which an append flushes on its own (see [`Store::set_flush_bytes`]).
-pub const FLUSH_BYTES: u64 = 64 << 20;
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, truncating torn pack tails and removing
@@ -172,20 +166,12 @@ impl Store {
             pending: Mutex::new(Pending {
                 writer: None,
                 chunks: Vec::new(),
-                bytes: 0,
             }),
             readers: Mutex::new(HashMap::new()),
-            flush_bytes: FLUSH_BYTES,
         };
         store.init_tables()?;
         store.repair_packs()?;
         Ok(store)
-    }
-
-    /// Makes appended chunks durable every `bytes` (at least 64 KiB) instead of every
-    /// [`FLUSH_BYTES`]: less to resend after a crash, more fsyncs.
-    pub fn set_flush_bytes(&mut self, bytes: u64) {
-        self.flush_bytes = bytes.max(64 << 10);
     }
 
     /// Root directory.
@@ -362,7 +348,8 @@ impl Store {
     }
 
     /// Appends a verified chunk frame. It becomes durable (and visible to [`Store::missing`]) at the
-    /// next [`Store::flush`], which happens on its own every 64 MiB.
+    /// next [`Store::flush`]; the caller decides when (the target session, by its
+    /// [`crate::protocol::target_session::FlushPolicy`]). A full pack is flushed and sealed here.
     pub fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
         let mut p = self.pending.lock().expect("store lock");
         if p.writer
@@ -377,10 +364,6 @@ impl Store {
             Err(e) => return Err(abandon(&mut p, e)),
         };
         p.chunks.push((hash.0, loc));
-        p.bytes += frame.len() as u64;
-        if p.bytes >= self.flush_bytes {
-            self.flush_locked(&mut p)?;
-        }
         Ok(())
     }
 
@@ -438,7 +421,6 @@ impl Store {
             .context("catalog commit failed: the store's disk may be full")?;
         let n = p.chunks.len();
         p.chunks.clear();
-        p.bytes = 0;
         Ok(n)
     }
 
@@ -566,6 +548,7 @@ impl Store {
         base: Option<u64>,
         entries: &[VolumeEntries],
         received: (u64, u64),
+        committed_ms: i64,
     ) -> Result<PointRecord, CommitError> {
         self.flush()?;
         let txn = self.db.begin_write().map_err(anyhow::Error::from)?;
@@ -591,7 +574,7 @@ impl Store {
                 group: group.to_string(),
                 seq: latest_seq.unwrap_or(0) + 1,
                 cut,
-                committed_ms: crate::now_ms(),
+                committed_ms,
                 stats: PointStats {
                     blocks_changed: changed,
                     chunks_received: received.0,
@@ -620,10 +603,10 @@ impl Store {
     /// broke (or is under way), and chunks it stored may be held without a point referencing
     /// them. The target then tells the next session not to push blindly, so that nothing
     /// durable is sent twice.
-    pub fn mark_receiving(&self, group: &str) -> Result<()> {
+    pub fn mark_receiving(&self, group: &str, now_ms: i64) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(META)?
-            .insert(receiving_key(group).as_str(), crate::now_ms().max(0) as u64)?;
+            .insert(receiving_key(group).as_str(), now_ms.max(0) as u64)?;
         txn.commit()
             .context("catalog commit failed: the store's disk may be full")?;
         Ok(())

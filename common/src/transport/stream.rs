@@ -45,6 +45,33 @@ pub async fn recv(r: &mut RecvStream) -> Result<Control> {
     Ok(codec::decode(&body)?)
 }
 
+/// Opens a unidirectional stream of `kind` (its kind byte written), for chunk frames.
+pub async fn open_data(conn: &quinn::Connection, kind: StreamKind) -> Result<SendStream> {
+    let what = match kind {
+        StreamKind::Data => "data",
+        StreamKind::Push => "push",
+    };
+    let mut s = conn
+        .open_uni()
+        .await
+        .with_context(|| format!("cannot open a {what} stream: the connection broke"))?;
+    let byte = match kind {
+        StreamKind::Data => DATA_STREAM_KIND,
+        StreamKind::Push => PUSH_STREAM_KIND,
+    };
+    s.write_all(&[byte])
+        .await
+        .with_context(|| format!("cannot start a {what} stream: the connection broke"))?;
+    Ok(s)
+}
+
+/// Writes one chunk frame (as [`crate::chunk`] encodes it: the frame carries its own length).
+pub async fn write_frame(s: &mut SendStream, frame: &[u8]) -> Result<()> {
+    s.write_all(frame)
+        .await
+        .context("the connection broke while sending chunks")
+}
+
 /// Reads the kind byte that opens a data stream.
 pub async fn read_data_kind(r: &mut RecvStream) -> Result<StreamKind> {
     let mut k = [0u8; 1];

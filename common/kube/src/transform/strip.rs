@@ -123,7 +123,7 @@ fn explicit_node_ports(obj: &Value) -> Vec<i64> {
 }
 
 /// Removes `path` (map keys) from `obj` if present.
-pub fn remove(obj: &mut Value, path: &[&str]) {
+pub(super) fn remove(obj: &mut Value, path: &[&str]) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
@@ -140,7 +140,7 @@ pub fn remove(obj: &mut Value, path: &[&str]) {
 }
 
 /// Stripping can leave `annotations: {}` or `labels: {}` behind; drop them.
-pub fn drop_empty_metadata_maps(obj: &mut Value) {
+pub(super) fn drop_empty_metadata_maps(obj: &mut Value) {
     if let Some(Value::Object(m)) = obj.get_mut("metadata") {
         m.retain(|k, v| {
             !(matches!(k.as_str(), "annotations" | "labels")

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use target_agent::failover::{FailoverRequest, PointSelector, failover};
 use target_agent::server::{Server, ServerConfig};
+use understudy_common::cut::CutConfig;
 use understudy_common::metrics::Metrics;
-use understudy_common::source::{CutConfig, ManifestSource};
 use understudy_common::store::retention::RetentionPolicy;
-use understudy_common::transform::Rules;
 use understudy_common::transport::{Identity, Peers};
 use understudy_common::volume::VolumeSpec;
-use understudy_e2e::{write_random, write_text};
+use understudy_demo::sample::{digest, write_random, write_text};
+use understudy_kube::DirectoryManifests;
+use understudy_kube::transform::Rules;
 
 /// Understudy demo: replicate two volumes and their manifests, then fail over.
 #[derive(Parser)]
@@ -91,7 +92,7 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
         dir: tdir.clone(),
         listen: "127.0.0.1:0".parse()?,
         retention: RetentionPolicy::default(),
-        flush_bytes: understudy_common::store::FLUSH_BYTES,
+        flush_bytes: understudy_common::protocol::target_session::FLUSH_BYTES,
     };
     let server = Server::bind(&cfg, Arc::new(Metrics::new()))?;
     let addr = server.local_addr()?;
@@ -149,8 +150,8 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
     };
     let report = tokio::task::block_in_place(|| failover(&store, &req, &|_, _, _| {}))?;
     print!("{}", report.render());
-    let same = understudy_e2e::digest(&db) == understudy_e2e::digest(&out.join("volumes/db.img"))
-        && understudy_e2e::digest(&logs) == understudy_e2e::digest(&out.join("volumes/logs.img"));
+    let same = digest(&db) == digest(&out.join("volumes/db.img"))
+        && digest(&logs) == digest(&out.join("volumes/logs.img"));
     println!(
         "   byte-for-byte comparison with the source volumes: {}",
         if same { "identical" } else { "DIFFERENT" }
@@ -192,7 +193,7 @@ fn source_config(
                     path: logs.to_path_buf(),
                 },
             ],
-            manifests: ManifestSource::Directory(manifests.to_path_buf()),
+            manifests: std::sync::Arc::new(DirectoryManifests(manifests.to_path_buf())),
             block_size: understudy_common::DEFAULT_BLOCK_SIZE,
             zstd_level: 1,
             workers: 2,

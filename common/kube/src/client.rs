@@ -1,9 +1,6 @@
 //! Kubernetes: connecting to a cluster, capturing an application's objects into a
-//! [`crate::manifest::Bundle`], and applying a transformed bundle to the standby in dependency
+//! [`crate::bundle::Bundle`], and applying a transformed bundle to the standby in dependency
 //! order. Tested against a real kube-apiserver (tests/kube-testbed).
-
-pub mod apply;
-pub mod capture;
 
 use anyhow::{Context, Result};
 use kube::core::GroupVersionKind;

@@ -112,18 +112,24 @@ impl SpoolWriter {
     }
 }
 
-/// Reads frames back from a finished spool.
+/// Reads frames back from a spool: a finished one by hash (with its index), or one still being
+/// written by the location its [`Feed`] announced. The one reader of spool files.
 pub struct SpoolReader {
     file: File,
     index: SpoolIndex,
 }
 
 impl SpoolReader {
-    /// Opens a spool with its index.
+    /// Opens a finished spool with its index.
     pub fn open(path: &Path, index: SpoolIndex) -> Result<Self> {
         let file =
             File::open(path).with_context(|| format!("spool {} is missing", path.display()))?;
         Ok(SpoolReader { file, index })
+    }
+
+    /// Opens a spool the cut is still writing, to read the frames its feed announces.
+    pub fn growing(path: &Path) -> Result<Self> {
+        Self::open(path, SpoolIndex::new())
     }
 
     /// Frame length of a chunk, if spooled.
@@ -137,7 +143,12 @@ impl SpoolReader {
             .index
             .get(h)
             .with_context(|| format!("chunk {h} is not in this cut's spool"))?;
-        crate::chunk::read_stored(&self.file, off, len as usize, buf)
+        self.frame_at(off, len, buf)
+    }
+
+    /// The frame at `offset` of `len` bytes (as a [`Feed`] announced it), read into `buf`.
+    pub fn frame_at(&self, offset: u64, len: u32, buf: &mut Vec<u8>) -> Result<()> {
+        crate::chunk::read_stored(&self.file, offset, len as usize, buf)
             .context("read from spool failed")
     }
 }

@@ -5,7 +5,7 @@
 //! of a group from running at once.
 
 use super::base::{BaseInfo, BaseReader, SourceBase, VolumeChanges};
-use super::cut::PendingCut;
+use super::make::PendingCut;
 use crate::files::{remove_if_present, write_atomic};
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;

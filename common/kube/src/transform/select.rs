@@ -1,6 +1,6 @@
 //! Match conditions of a transform rule: which objects a rule applies to.
 
-use crate::manifest::ObjectId;
+use crate::bundle::ObjectId;
 use anyhow::{Context, Result};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};

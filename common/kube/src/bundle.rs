@@ -1,5 +1,5 @@
 //! Application manifests: the bundle a recovery point stores, captured from a directory of YAML
-//! (standalone mode) or from a cluster ([`crate::cluster::capture`]), and the identity of the
+//! (standalone mode) or from a cluster ([`crate::capture`]), and the identity of the
 //! Kubernetes objects in it. Failover changes them with [`crate::transform::Rules`].
 
 use anyhow::{Context, Result, bail};
@@ -84,9 +84,9 @@ impl Bundle {
         for (path, data) in &self.files {
             let p = dir.join(path);
             if let Some(parent) = p.parent() {
-                crate::files::private_dir(parent)?;
+                understudy_common::files::private_dir(parent)?;
             }
-            crate::files::write_private(&p, data)?;
+            understudy_common::files::write_private(&p, data)?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Dry-run output: a readable unified diff of what the rules change, object by object.
 
 use super::{Rules, Verdict};
-use crate::manifest::{Bundle, ObjectId, to_canonical_yaml};
+use crate::bundle::{Bundle, ObjectId, to_canonical_yaml};
 use anyhow::Result;
 use std::fmt::Write;
 

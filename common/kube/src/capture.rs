@@ -1,8 +1,8 @@
 //! Capture: every object of an application (its namespaces, optionally narrowed by a label
 //! selector) plus the cluster-scoped objects it depends on, as a deterministic bundle.
 
-use super::{Resolver, api_code, api_message, is_namespaced};
-use crate::manifest::{Bundle, ObjectId};
+use crate::bundle::{Bundle, ObjectId};
+use crate::client::{Resolver, api_code, api_message, is_namespaced};
 use crate::transform::SKIPPED_KINDS;
 use anyhow::{Context, Result, bail};
 use kube::Client;

@@ -4,23 +4,22 @@
 
 use super::base::BaseInfo;
 use super::instant::{CutInstant, FrozenLive, TakenInstant};
+use super::manifests::{CapturedManifests, ManifestSource};
 use super::scan::{BaseStream, ScanObserver, ScanSettings, scan_volume};
 use super::spool::{Feed, SpoolIndex, SpoolWriter};
 use super::state::GroupState;
 use crate::block_map::BlockChange;
 use crate::change::ChangeSource;
-use crate::cluster::capture::CaptureSpec;
 use crate::error::Interrupted;
 use crate::hash::ChunkHash;
 use crate::hooks::Hook;
-use crate::manifest::Bundle;
 use crate::protocol::OfferKind;
 use crate::protocol::source_session::Offer;
 use crate::store::{CutMeta, ManifestRef, VolumeMeta};
 use crate::volume::VolumeSpec;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::sync::Arc;
 
 /// How the source cuts a group.
 #[derive(Clone, Debug)]
@@ -28,7 +27,7 @@ pub struct CutConfig {
     /// Volumes, in order.
     pub volumes: Vec<VolumeSpec>,
     /// Where the application's manifests come from.
-    pub manifests: ManifestSource,
+    pub manifests: Arc<dyn ManifestSource>,
     /// Block size.
     pub block_size: u32,
     /// zstd level.
@@ -50,53 +49,6 @@ impl CutConfig {
             volumes: &self.volumes,
             pre_hook: self.pre_hook.as_ref(),
             post_hook: self.post_hook.as_ref(),
-        }
-    }
-}
-
-/// Where a cut's manifests come from; they are captured at the cut, after the pre hook.
-#[derive(Clone, Debug, Default)]
-pub enum ManifestSource {
-    /// No manifests (volumes only).
-    #[default]
-    None,
-    /// A directory of YAML files (standalone mode).
-    Directory(PathBuf),
-    /// The application's objects on a cluster.
-    Cluster {
-        /// Kubeconfig (default: the usual inference).
-        kubeconfig: Option<PathBuf>,
-        /// Namespaces and selector.
-        spec: CaptureSpec,
-    },
-}
-
-impl ManifestSource {
-    /// Captures the manifests now. Call from a blocking thread: a cluster capture runs on the
-    /// current Tokio runtime (or a private one when there is none).
-    pub fn capture(&self) -> Result<Bundle> {
-        match self {
-            ManifestSource::None => Ok(Bundle::default()),
-            // A missing directory or a file that does not parse waits for the user, not a retry.
-            ManifestSource::Directory(dir) => Bundle::capture(dir).map_err(crate::error::permanent),
-            ManifestSource::Cluster { kubeconfig, spec } => {
-                let work = async {
-                    let client = crate::cluster::connect(kubeconfig.as_deref()).await?;
-                    let c = crate::cluster::capture::capture(&client, spec).await?;
-                    for w in &c.warnings {
-                        tracing::warn!(warning = %w, "capture");
-                    }
-                    Ok::<_, anyhow::Error>(c.bundle)
-                };
-                let bundle = match tokio::runtime::Handle::try_current() {
-                    Ok(h) => h.block_on(work),
-                    Err(_) => tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?
-                        .block_on(work),
-                };
-                bundle.context("capturing the application's objects from the cluster failed")
-            }
         }
     }
 }
@@ -251,12 +203,13 @@ fn scan_all(
     }
     Ok(out)
 }
+
 fn spool_manifests(
-    bundle: &Bundle,
+    captured: &CapturedManifests,
     cfg: &CutConfig,
     spool: &mut SpoolWriter,
 ) -> Result<ManifestRef> {
-    let bytes = bundle.encode();
+    let bytes = &captured.encoded;
     let mut chunks = Vec::new();
     for piece in bytes.chunks(cfg.block_size as usize) {
         let h = ChunkHash::of(piece);
@@ -267,8 +220,8 @@ fn spool_manifests(
     }
     Ok(ManifestRef {
         len: bytes.len() as u64,
-        digest: blake3::hash(&bytes).to_hex().to_string(),
-        files: bundle.files.len() as u32,
+        digest: blake3::hash(bytes).to_hex().to_string(),
+        files: captured.files,
         chunks,
     })
 }

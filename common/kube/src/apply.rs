@@ -1,8 +1,8 @@
 //! Apply: puts a transformed bundle on the standby cluster in dependency order, with server-side
 //! apply, and reports what happened to each object.
 
-use super::{Resolver, api_message, is_namespaced};
-use crate::manifest::ObjectId;
+use crate::bundle::ObjectId;
+use crate::client::{Resolver, api_message, is_namespaced};
 use anyhow::Result;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;

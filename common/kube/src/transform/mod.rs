@@ -15,7 +15,7 @@ pub use rules::{ImageRule, MetadataRule, PatchRule, ReplicaRule, RulesFile, Scop
 pub use select::{Match, MatchSpec, labels_of};
 pub use strip::{SKIPPED_KINDS, strip_defaults};
 
-use crate::manifest::{Bundle, ObjectId};
+use crate::bundle::{Bundle, ObjectId};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;

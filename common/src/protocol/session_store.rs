@@ -1,0 +1,333 @@
+//! What a target session needs of the store, behind a small trait: the session machine does no
+//! I/O of its own. [`Store`] implements it on disk; [`MemoryStore`] in memory, with failures a
+//! test can inject (a full disk on append, a failed flush or commit).
+
+use crate::block_map::BlockMap;
+use crate::hash::{BlockRef, ChunkHash};
+use crate::store::{CommitError, CutMeta, PointRecord, PointStats, Store, VolumeEntries};
+use anyhow::Result;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+
+/// The store operations of a target session.
+pub trait SessionStore: Send + Sync {
+    /// The group's latest committed point.
+    fn latest(&self, group: &str) -> Result<Option<PointRecord>>;
+    /// True while a transfer of the group stored chunks and no point committed since.
+    fn was_receiving(&self, group: &str) -> Result<bool>;
+    /// Records durably, at `now_ms`, that a session of the group is storing chunks.
+    fn mark_receiving(&self, group: &str, now_ms: i64) -> Result<()>;
+    /// The hashes (of `hashes`) whose chunks are not durable in the store.
+    fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>>;
+    /// Appends a verified chunk frame; durable at the next [`SessionStore::flush`].
+    fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()>;
+    /// Makes every appended chunk durable; returns how many became durable.
+    fn flush(&self) -> Result<usize>;
+    /// Commits a recovery point atomically (see [`Store::commit_point`]).
+    fn commit_point(
+        &self,
+        group: &str,
+        cut: CutMeta,
+        base: Option<u64>,
+        entries: &[VolumeEntries],
+        received: (u64, u64),
+        now_ms: i64,
+    ) -> Result<PointRecord, CommitError>;
+}
+
+impl SessionStore for Store {
+    fn latest(&self, group: &str) -> Result<Option<PointRecord>> {
+        Store::latest(self, group)
+    }
+    fn was_receiving(&self, group: &str) -> Result<bool> {
+        Store::was_receiving(self, group)
+    }
+    fn mark_receiving(&self, group: &str, now_ms: i64) -> Result<()> {
+        Store::mark_receiving(self, group, now_ms)
+    }
+    fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
+        Store::missing(self, hashes)
+    }
+    fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
+        Store::append(self, hash, frame)
+    }
+    fn flush(&self) -> Result<usize> {
+        Store::flush(self)
+    }
+    fn commit_point(
+        &self,
+        group: &str,
+        cut: CutMeta,
+        base: Option<u64>,
+        entries: &[VolumeEntries],
+        received: (u64, u64),
+        now_ms: i64,
+    ) -> Result<PointRecord, CommitError> {
+        Store::commit_point(self, group, cut, base, entries, received, now_ms)
+    }
+}
+
+/// A store operation a [`MemoryStore`] can be told to fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    /// [`SessionStore::append`]
+    Append,
+    /// [`SessionStore::flush`]
+    Flush,
+    /// [`SessionStore::commit_point`]
+    Commit,
+    /// [`SessionStore::mark_receiving`]
+    MarkReceiving,
+}
+
+/// A store in memory for session tests: chunks are durable once flushed, points keep their
+/// block maps, and [`MemoryStore::fail`] makes an operation fail with a full disk.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Memory>,
+}
+
+#[derive(Default)]
+struct Memory {
+    durable: HashSet<ChunkHash>,
+    appended: Vec<ChunkHash>,
+    points: HashMap<String, Vec<(PointRecord, Vec<Map>)>>,
+    receiving: HashSet<String>,
+    failing: HashMap<StoreOp, u32>,
+    appends: u64,
+    flushes: u64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the next `times` calls of `op` fail as a full disk would (ENOSPC).
+    pub fn fail(&self, op: StoreOp, times: u32) {
+        self.lock().failing.insert(op, times);
+    }
+
+    /// Chunks made durable so far.
+    pub fn durable(&self) -> usize {
+        self.lock().durable.len()
+    }
+
+    /// Calls of append and of flush so far.
+    pub fn calls(&self) -> (u64, u64) {
+        let m = self.lock();
+        (m.appends, m.flushes)
+    }
+
+    /// Forgets what was appended and not flushed, as a crash of the target would.
+    pub fn crash(&self) {
+        self.lock().appended.clear();
+    }
+
+    /// The block map of `volume` at point `seq` of `group`.
+    pub fn block_map(&self, group: &str, seq: u64, volume: &str) -> Result<BlockMap> {
+        let m = self.lock();
+        let (rec, maps) = m
+            .points
+            .get(group)
+            .and_then(|p| p.iter().find(|(r, _)| r.seq == seq))
+            .ok_or_else(|| anyhow::anyhow!("no point {seq} in group {group}"))?;
+        let i = rec
+            .cut
+            .volumes
+            .iter()
+            .position(|v| v.name == volume)
+            .ok_or_else(|| anyhow::anyhow!("point {seq} has no volume {volume}"))?;
+        BlockMap::from_sorted(maps[i].iter().map(|(k, h)| (*k, *h)).collect())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.inner.lock().expect("memory store lock")
+    }
+
+    fn check(m: &mut Memory, op: StoreOp) -> Result<()> {
+        if let Some(n) = m.failing.get_mut(&op)
+            && *n > 0
+        {
+            *n -= 1;
+            return Err(
+                anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::StorageFull))
+                    .context(format!("injected failure of {op:?}")),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl SessionStore for MemoryStore {
+    fn latest(&self, group: &str) -> Result<Option<PointRecord>> {
+        let m = self.lock();
+        Ok(m.points
+            .get(group)
+            .and_then(|p| p.last())
+            .map(|(r, _)| r.clone()))
+    }
+
+    fn was_receiving(&self, group: &str) -> Result<bool> {
+        Ok(self.lock().receiving.contains(group))
+    }
+
+    fn mark_receiving(&self, group: &str, _now_ms: i64) -> Result<()> {
+        let mut m = self.lock();
+        Self::check(&mut m, StoreOp::MarkReceiving)?;
+        m.receiving.insert(group.to_string());
+        Ok(())
+    }
+
+    fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
+        let m = self.lock();
+        Ok(hashes
+            .iter()
+            .filter(|h| !m.durable.contains(h))
+            .copied()
+            .collect())
+    }
+
+    fn append(&self, hash: ChunkHash, _frame: &[u8]) -> Result<()> {
+        let mut m = self.lock();
+        m.appends += 1;
+        Self::check(&mut m, StoreOp::Append)?;
+        m.appended.push(hash);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<usize> {
+        let mut m = self.lock();
+        m.flushes += 1;
+        if let Err(e) = Self::check(&mut m, StoreOp::Flush) {
+            // Like the disk store: what was not recorded is given up and received again.
+            m.appended.clear();
+            return Err(e);
+        }
+        let new: Vec<ChunkHash> = std::mem::take(&mut m.appended);
+        let n = new.len();
+        m.durable.extend(new);
+        Ok(n)
+    }
+
+    fn commit_point(
+        &self,
+        group: &str,
+        cut: CutMeta,
+        base: Option<u64>,
+        entries: &[VolumeEntries],
+        received: (u64, u64),
+        now_ms: i64,
+    ) -> Result<PointRecord, CommitError> {
+        self.flush()?;
+        let mut m = self.lock();
+        Self::check(&mut m, StoreOp::Commit)?;
+        let latest = m.points.get(group).and_then(|p| p.last()).cloned();
+        if let Some((l, _)) = &latest
+            && l.cut.cut_id == cut.cut_id
+        {
+            return Ok(l.clone());
+        }
+        let latest_seq = latest.as_ref().map(|(l, _)| l.seq);
+        if base.is_some() && base != latest_seq {
+            return Err(CommitError::BaseMismatch {
+                offered: base,
+                latest: latest_seq,
+            });
+        }
+        let (maps, blocks_changed) =
+            memory_maps(&m, &cut, latest.as_ref(), entries, base.is_none())?;
+        let record = PointRecord {
+            group: group.to_string(),
+            seq: latest_seq.unwrap_or(0) + 1,
+            cut,
+            committed_ms: now_ms,
+            stats: PointStats {
+                blocks_changed,
+                chunks_received: received.0,
+                bytes_received: received.1,
+            },
+        };
+        m.points
+            .entry(group.to_string())
+            .or_default()
+            .push((record.clone(), maps));
+        m.receiving.remove(group);
+        Ok(record)
+    }
+}
+
+type Map = BTreeMap<u64, ChunkHash>;
+
+/// The block map volume `name` had at point `latest` (empty when it had none).
+fn previous(latest: Option<&(PointRecord, Vec<Map>)>, name: &str) -> Map {
+    latest
+        .and_then(|(rec, maps)| {
+            let i = rec.cut.volumes.iter().position(|o| o.name == name)?;
+            maps.get(i).cloned()
+        })
+        .unwrap_or_default()
+}
+
+/// The new point's block maps (the latest point's with the entries applied, or the entries
+/// alone for a full offer) and how many blocks differ from the latest point. Refuses entries
+/// past a volume's end or naming chunks that are not durable, as the disk store does.
+fn memory_maps(
+    m: &Memory,
+    cut: &CutMeta,
+    latest: Option<&(PointRecord, Vec<Map>)>,
+    entries: &[VolumeEntries],
+    full: bool,
+) -> Result<(Vec<Map>, u64), CommitError> {
+    if let Some((name, _)) = entries.iter().find(|(n, _)| cut.volume(n).is_none()) {
+        return Err(CommitError::Store(anyhow::anyhow!(
+            "entries name volume {name}, which the cut does not declare"
+        )));
+    }
+    let mut missing: Vec<ChunkHash> = Vec::new();
+    let mut maps = Vec::new();
+    let mut changed = 0u64;
+    for meta in &cut.volumes {
+        let blocks = crate::hash::block_count(meta.size, cut.block_size);
+        let before = previous(latest, &meta.name);
+        let mut map = if full { Map::new() } else { before.clone() };
+        map.retain(|i, _| *i < blocks);
+        let listed = entries.iter().filter(|(n, _)| *n == meta.name);
+        for (index, r) in listed.flat_map(|(_, l)| l) {
+            if *index >= blocks {
+                return Err(CommitError::EntryOutOfRange {
+                    volume: meta.name.clone(),
+                    index: *index,
+                    blocks,
+                });
+            }
+            match r {
+                BlockRef::Data(h) => {
+                    map.insert(*index, *h);
+                }
+                BlockRef::Hole => {
+                    map.remove(index);
+                }
+            }
+        }
+        missing.extend(map.values().filter(|h| !m.durable.contains(h)));
+        let gone = before.keys().filter(|k| !map.contains_key(k)).count();
+        let new = map.iter().filter(|(k, h)| before.get(k) != Some(h)).count();
+        changed += (gone + new) as u64;
+        maps.push(map);
+    }
+    missing.extend(
+        cut.manifests
+            .chunks
+            .iter()
+            .filter(|h| !m.durable.contains(h)),
+    );
+    if let Some(first) = missing.first() {
+        return Err(CommitError::MissingChunks {
+            count: missing.len(),
+            first: *first,
+        });
+    }
+    Ok((maps, changed))
+}
