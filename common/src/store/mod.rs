@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod pack;
+mod packs;
 pub mod recovery_point;
 pub mod restore;
 pub mod retention;
@@ -11,15 +12,14 @@ pub mod verify;
 use crate::block_map::BlockMap;
 use crate::chunk;
 use crate::hash::{BlockRef, ChunkHash, block_count};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use catalog::*;
 use pack::{Location, PackWriter};
+use packs::{Packs, Writing};
 pub use recovery_point::{CutMeta, ManifestRef, PointRecord, PointStats, VolumeMeta};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 /// Block-map entries declared for one volume of a cut: (block index, new ref).
 pub type VolumeEntries = (String, Vec<(u64, BlockRef)>);
@@ -56,34 +56,12 @@ pub enum CommitError {
     Store(#[from] anyhow::Error),
 }
 
-/// Chunks appended but not yet recorded in the catalog.
-struct Pending {
-    writer: Option<PackWriter>,
-    chunks: Vec<([u8; 32], Location)>,
-}
-
-/// An open store. Cheap to share behind an `Arc`; every method takes `&self`.
+/// An open store: its catalog and its packs. Cheap to share behind an `Arc`; every method takes
+/// `&self`.
 pub struct Store {
     root: PathBuf,
-    db: Database,
-    pending: Mutex<Pending>,
-    readers: Mutex<HashMap<u32, Arc<File>>>,
-}
-
-/// Runs `f`, turning a panic inside it into an error message instead of unwinding (and without
-/// the panic hook's report). For library code that asserts on the contents of a file it reads:
-/// a damaged file must give a clear error, never a crash.
-fn contain_panic<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(f);
-    std::panic::set_hook(hook);
-    r.map_err(|p| {
-        p.downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "an internal check failed".into())
-    })
+    catalog: Catalog,
+    packs: Packs,
 }
 
 /// True when `e` comes from a full disk (ENOSPC or a quota), wherever it sits in the chain.
@@ -98,80 +76,19 @@ pub fn is_disk_full(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Gives up the pack being written and the chunks not yet recorded after a write, fsync or
-/// catalog failure (a full disk, say). After a failed fsync the kernel may have dropped dirty
-/// pages while a later fsync reports success, so nothing unrecorded in that pack is trusted:
-/// the pack keeps the length the catalog recorded (its tail is cut at the next open), later
-/// chunks go to a new pack, and the lost ones are simply missing, so the source sends them again.
-fn abandon(p: &mut Pending, e: anyhow::Error) -> anyhow::Error {
-    if let Some(w) = p.writer.take() {
-        tracing::warn!(pack = w.id(), chunks = p.chunks.len(), error = %format!("{e:#}"), "store write failed; the pack is closed and its unrecorded chunks will be received again");
-    }
-    p.chunks.clear();
-    e
-}
-
-/// Catalog page cache: the catalog of a multi-TiB store fits, and RSS stays bounded.
-const CATALOG_CACHE: usize = 64 << 20;
-
 impl Store {
     /// Opens (creating if needed) the store at `root`, truncating torn pack tails and removing
     /// packs no committed catalog entry refers to (both are left by a crash).
     pub fn open(root: &Path) -> Result<Self> {
         crate::files::private_dir(root)?;
-        crate::files::private_dir(&root.join("packs"))?;
-        let db_path = root.join("catalog.redb");
-        // Created owner-only before redb opens it (redb takes an empty file as a new catalog).
-        let catalog = crate::files::private_file()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&db_path)
-            .with_context(|| {
-                format!(
-                    "cannot create catalog {}: check permissions",
-                    db_path.display()
-                )
-            })?;
-        crate::files::restrict(&catalog, &db_path)?;
-        drop(catalog);
-        let opened = contain_panic(|| {
-            redb::Builder::new()
-                .set_cache_size(CATALOG_CACHE)
-                .create(&db_path)
-        })
-        .map_err(|why| {
-            anyhow::anyhow!(
-                "catalog {} is damaged and cannot be opened ({why}). The packs are intact: restore the catalog from a backup or the S3 archive, or move the store away and resync",
-                db_path.display()
-            )
-        })?;
-        let db = match opened {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreInUse(root.to_path_buf()).into());
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "cannot open catalog {}: if it is damaged, restore it from a backup or the S3 archive (the packs are intact), or move the store away and resync",
-                        db_path.display()
-                    )
-                });
-            }
-        };
-        let store = Store {
+        let packs = Packs::open(root.join("packs"))?;
+        let catalog = Catalog::open(root)?;
+        packs.truncate_torn_tails(&catalog.committed_packs()?)?;
+        Ok(Store {
             root: root.to_path_buf(),
-            db,
-            pending: Mutex::new(Pending {
-                writer: None,
-                chunks: Vec::new(),
-            }),
-            readers: Mutex::new(HashMap::new()),
-        };
-        store.init_tables()?;
-        store.repair_packs()?;
-        Ok(store)
+            catalog,
+            packs,
+        })
     }
 
     /// Root directory.
@@ -179,93 +96,19 @@ impl Store {
         &self.root
     }
 
-    fn packs_dir(&self) -> PathBuf {
-        self.root.join("packs")
-    }
-
-    fn init_tables(&self) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let version = meta.get("format")?.map(|v| v.value());
-            match version {
-                None => {
-                    meta.insert("format", FORMAT_VERSION)?;
-                }
-                Some(FORMAT_VERSION) => {}
-                Some(v) => bail!(
-                    "store {} has catalog format {v}, this agent reads format {FORMAT_VERSION}: use a matching target-agent, or move the store away and let the source resync (format 1 stores hold v1 volume digests, which this agent cannot check)",
-                    self.root.display()
-                ),
-            }
-            txn.open_table(CHUNKS)?;
-            txn.open_table(PACKS)?;
-            txn.open_table(POINTS)?;
-            txn.open_table(HEADS)?;
-            txn.open_table(UNDO)?;
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
     /// Pack ids and committed lengths from the catalog.
     pub fn committed_packs(&self) -> Result<Vec<(u32, u64)>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(PACKS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push((k.value(), v.value()));
-        }
-        Ok(out)
-    }
-
-    fn pack_files(&self) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        for e in std::fs::read_dir(self.packs_dir())? {
-            if let Some(id) = e?.file_name().to_str().and_then(pack::pack_id_of) {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Truncates the torn tail of every committed pack (bytes past the committed length were never
-    /// referenced). Packs the catalog does not know are never deleted here: after a lost catalog
-    /// they would be the only copy of the data. `gc` removes them, and refuses to when the
-    /// catalog looks lost.
-    fn repair_packs(&self) -> Result<()> {
-        for (id, len) in self.committed_packs()? {
-            let path = pack::pack_path(&self.packs_dir(), id);
-            let f = match std::fs::OpenOptions::new().write(true).open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(pack = %path.display(), error = %e, "a committed pack is missing: run `target-agent verify`");
-                    continue;
-                }
-            };
-            if f.metadata()?.len() > len {
-                tracing::info!(pack = %path.display(), len, "truncating torn tail of pack");
-                f.set_len(len)?;
-                f.sync_all()?;
-            }
-        }
-        Ok(())
+        self.catalog.committed_packs()
     }
 
     /// Pack files on disk the catalog does not record (left by a crash before their first flush,
     /// or by a crash during compaction).
     pub(crate) fn orphan_packs(&self) -> Result<Vec<u32>> {
         let committed: HashMap<u32, u64> = self.committed_packs()?.into_iter().collect();
-        let current = self
-            .pending
-            .lock()
-            .expect("store lock")
-            .writer
-            .as_ref()
-            .map(|w| w.id());
+        let current = self.packs.writing().current();
         Ok(self
-            .pack_files()?
+            .packs
+            .files()?
             .into_iter()
             .filter(|id| !committed.contains_key(id) && Some(*id) != current)
             .collect())
@@ -275,32 +118,17 @@ impl Store {
 
     /// The hashes among `hashes` the store does not hold durably.
     pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(CHUNKS)?;
-        let mut out = Vec::new();
-        for h in hashes {
-            if t.get(h.0)?.is_none() {
-                out.push(*h);
-            }
-        }
-        Ok(out)
+        self.catalog.missing(hashes)
     }
 
     /// Location of a chunk, if held.
     pub fn locate(&self, hash: &ChunkHash) -> Result<Option<Location>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(CHUNKS)?;
-        Ok(t.get(hash.0)?.map(|v| location(v.value())))
+        Ok(self.catalog.locate_all(std::slice::from_ref(hash))?[0])
     }
 
     /// Locations of many chunks, read in one transaction (`None` where a chunk is missing).
     pub fn locate_all(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<Location>>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(CHUNKS)?;
-        hashes
-            .iter()
-            .map(|h| Ok(t.get(h.0)?.map(|v| location(v.value()))))
-            .collect()
+        self.catalog.locate_all(hashes)
     }
 
     /// Reads the chunk at `loc` into `out`, which must be the block's exact length, and checks
@@ -325,11 +153,7 @@ impl Store {
         frame: &[u8],
         out: &mut [u8],
     ) -> Result<()> {
-        let pack = || {
-            pack::pack_path(&self.packs_dir(), loc.pack)
-                .display()
-                .to_string()
-        };
+        let pack = || self.packs.path(loc.pack).display().to_string();
         let header = chunk::decode_into(frame, out).with_context(|| {
             format!(
                 "chunk {hash} at offset {} of pack {} is damaged",
@@ -349,108 +173,77 @@ impl Store {
 
     /// Appends a verified chunk frame. It becomes durable (and visible to [`Store::missing`]) at the
     /// next [`Store::flush`]; the caller decides when (the target session, by its
-    /// [`crate::protocol::target_session::FlushPolicy`]). A full pack is flushed and sealed here.
+    /// [`crate::protocol::target_session::FlushPolicy`]). A full pack is flushed and a new one
+    /// started here.
     pub fn append(&self, hash: ChunkHash, frame: &[u8]) -> Result<()> {
-        let mut p = self.pending.lock().expect("store lock");
-        if p.writer
+        let mut w = self.packs.writing();
+        if w.writer
             .as_ref()
-            .is_none_or(|w| w.len() >= pack::PACK_TARGET_SIZE)
+            .is_none_or(|p| p.len() >= pack::PACK_TARGET_SIZE)
         {
-            self.flush_locked(&mut p)?;
-            p.writer = Some(self.new_pack()?);
+            self.flush_locked(&mut w)?;
+            w.writer = Some(self.new_pack()?);
         }
-        let loc = match p.writer.as_mut().expect("writer just set").append(frame) {
+        let loc = match w.writer.as_mut().expect("writer just set").append(frame) {
             Ok(loc) => loc,
-            Err(e) => return Err(abandon(&mut p, e)),
+            Err(e) => return Err(w.abandon(e)),
         };
-        p.chunks.push((hash.0, loc));
+        w.unrecorded.push((hash.0, loc));
         Ok(())
     }
 
-    /// Creates the next pack and records it (empty) in the catalog before any chunk goes in, so
-    /// a pack the catalog does not know can only mean a lost catalog, never a crash.
+    /// Creates the next pack and records it (empty) in the catalog before any chunk goes in.
     fn new_pack(&self) -> Result<PackWriter> {
-        let w = PackWriter::create(&self.packs_dir(), self.next_pack_id()?)?;
-        let txn = self.db.begin_write()?;
-        txn.open_table(PACKS)?
-            .insert(w.id(), pack::PACK_HEADER_LEN)?;
-        txn.commit()
-            .context("catalog commit failed: the store's disk may be full")?;
+        let w = self.packs.create(self.next_pack_id()?)?;
+        self.catalog.add_pack(w.id())?;
         Ok(w)
     }
 
     fn next_pack_id(&self) -> Result<u32> {
-        let on_disk = self.pack_files()?.into_iter().max();
+        let on_disk = self.packs.files()?.into_iter().max();
         let committed = self.committed_packs()?.into_iter().map(|(id, _)| id).max();
         Ok(on_disk.max(committed).map_or(1, |m| m + 1))
     }
 
     /// Makes every appended chunk durable: fsyncs the pack, then records the chunks in the catalog.
-    /// Returns how many chunks became durable.
+    /// Returns how many chunks became durable. The one place chunks move from the packs into the
+    /// catalog.
     pub fn flush(&self) -> Result<usize> {
-        let mut p = self.pending.lock().expect("store lock");
-        self.flush_locked(&mut p)
+        self.flush_locked(&mut self.packs.writing())
     }
 
-    fn flush_locked(&self, p: &mut Pending) -> Result<usize> {
-        match self.record_pending(p) {
+    fn flush_locked(&self, w: &mut Writing) -> Result<usize> {
+        match self.record_unrecorded(w) {
             Ok(n) => Ok(n),
-            Err(e) => Err(abandon(p, e)),
+            Err(e) => Err(w.abandon(e)),
         }
     }
 
-    fn record_pending(&self, p: &mut Pending) -> Result<usize> {
-        let Some(w) = p.writer.as_mut() else {
+    fn record_unrecorded(&self, w: &mut Writing) -> Result<usize> {
+        let Some(p) = w.writer.as_mut() else {
             return Ok(0);
         };
-        if p.chunks.is_empty() {
+        if w.unrecorded.is_empty() {
             return Ok(0);
         }
-        let len = w.sync()?;
+        let len = p.sync()?;
         crate::failpoint::hit("store.flush.packs-synced");
-        let id = w.id();
-        let txn = self.db.begin_write()?;
-        {
-            let mut chunks = txn.open_table(CHUNKS)?;
-            for (h, loc) in &p.chunks {
-                chunks.insert(h, (loc.pack, loc.offset, loc.len))?;
-            }
-            txn.open_table(PACKS)?.insert(id, len)?;
-        }
-        txn.commit()
-            .context("catalog commit failed: the store's disk may be full")?;
-        let n = p.chunks.len();
-        p.chunks.clear();
+        self.catalog.record(p.id(), len, &w.unrecorded)?;
+        let n = w.unrecorded.len();
+        w.unrecorded.clear();
         Ok(n)
     }
 
     /// Seals the current pack: later appends go to a new one.
     pub fn seal(&self) -> Result<()> {
-        let mut p = self.pending.lock().expect("store lock");
-        self.flush_locked(&mut p)?;
-        if let Some(w) = p.writer.take()
-            && w.is_empty()
+        let mut w = self.packs.writing();
+        self.flush_locked(&mut w)?;
+        if let Some(p) = w.writer.take()
+            && p.is_empty()
         {
-            self.drop_pack(w.id())?;
+            self.drop_pack(p.id())?;
         }
         Ok(())
-    }
-
-    fn reader(&self, id: u32) -> Result<Arc<File>> {
-        let mut r = self.readers.lock().expect("reader lock");
-        if let Some(f) = r.get(&id) {
-            return Ok(f.clone());
-        }
-        let path = pack::pack_path(&self.packs_dir(), id);
-        let f = Arc::new(
-            File::open(&path).with_context(|| format!("pack {} is missing", path.display()))?,
-        );
-        r.insert(id, f.clone());
-        Ok(f)
-    }
-
-    fn forget_reader(&self, id: u32) {
-        self.readers.lock().expect("reader lock").remove(&id);
     }
 
     /// Reads a chunk's frame bytes from its pack, unverified.
@@ -462,15 +255,7 @@ impl Store {
 
     /// Reads the frame at `loc` into `buf`, resized to it.
     fn read_frame_into(&self, loc: Location, buf: &mut Vec<u8>) -> Result<()> {
-        let f = self.reader(loc.pack)?;
-        chunk::read_stored(&f, loc.offset, loc.len as usize, buf).with_context(|| {
-            format!(
-                "cannot read {} bytes at offset {} of pack {}: the pack is truncated or unreadable",
-                loc.len,
-                loc.offset,
-                pack::pack_path(&self.packs_dir(), loc.pack).display()
-            )
-        })
+        self.packs.read_frame_into(loc, buf)
     }
 
     /// Reads a chunk, decompresses it and checks its hash.
@@ -491,7 +276,7 @@ impl Store {
 
     /// Every group with at least one point.
     pub fn groups(&self) -> Result<Vec<String>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(POINTS)?;
         let mut out: Vec<String> = Vec::new();
         for row in t.iter()? {
@@ -506,7 +291,7 @@ impl Store {
 
     /// Points of a group, oldest first.
     pub fn points(&self, group: &str) -> Result<Vec<PointRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(POINTS)?;
         let mut out = Vec::new();
         for row in t.range((group, 0)..=(group, u64::MAX))? {
@@ -517,7 +302,7 @@ impl Store {
 
     /// One point.
     pub fn point(&self, group: &str, seq: u64) -> Result<Option<PointRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(POINTS)?;
         t.get((group, seq))?
             .map(|v| PointRecord::decode(v.value()))
@@ -526,7 +311,7 @@ impl Store {
 
     /// The group's latest point.
     pub fn latest(&self, group: &str) -> Result<Option<PointRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(POINTS)?;
         let last = t
             .range((group, 0)..=(group, u64::MAX))?
@@ -551,7 +336,7 @@ impl Store {
         committed_ms: i64,
     ) -> Result<PointRecord, CommitError> {
         self.flush()?;
-        let txn = self.db.begin_write().map_err(anyhow::Error::from)?;
+        let txn = self.db().begin_write().map_err(anyhow::Error::from)?;
         let record = {
             let mut points = txn.open_table(POINTS).map_err(anyhow::Error::from)?;
             let latest = last_point(&points, group)?;
@@ -604,7 +389,7 @@ impl Store {
     /// them. The target then tells the next session not to push blindly, so that nothing
     /// durable is sent twice.
     pub fn mark_receiving(&self, group: &str, now_ms: i64) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db().begin_write()?;
         txn.open_table(META)?
             .insert(receiving_key(group).as_str(), now_ms.max(0) as u64)?;
         txn.commit()
@@ -614,7 +399,7 @@ impl Store {
 
     /// True while a transfer of `group` stored chunks and no point committed since.
     pub fn was_receiving(&self, group: &str) -> Result<bool> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         Ok(txn
             .open_table(META)?
             .get(receiving_key(group).as_str())?
@@ -644,7 +429,7 @@ impl Store {
             .volume(volume)
             .with_context(|| format!("recovery point {seq} of {group} has no volume {volume}"))?;
         let blocks = block_count(meta.size, point.cut.block_size);
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let heads = txn.open_table(HEADS)?;
         let mut head = Vec::new();
         for row in heads.range((group, volume, 0)..(group, volume, blocks))? {
@@ -682,7 +467,15 @@ impl Store {
     }
 
     pub(crate) fn db(&self) -> &Database {
-        &self.db
+        self.catalog.db()
+    }
+
+    pub(crate) fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub(crate) fn packs(&self) -> &Packs {
+        &self.packs
     }
 }
 

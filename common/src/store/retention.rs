@@ -2,7 +2,7 @@
 
 use super::Store;
 use super::catalog::*;
-use super::pack::{self, Location};
+use super::pack::Location;
 use crate::hash::BlockRef;
 use anyhow::{Context, Result};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -142,7 +142,7 @@ impl Store {
             );
         }
         for id in orphans {
-            let path = pack::pack_path(&self.root().join("packs"), id);
+            let path = self.packs().path(id);
             report.bytes_freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             std::fs::remove_file(&path)
                 .with_context(|| format!("cannot delete orphan pack {}", path.display()))?;
@@ -186,13 +186,8 @@ impl Store {
 
     /// Forgets a pack in the catalog, then deletes its file.
     pub(crate) fn drop_pack(&self, id: u32) -> Result<()> {
-        let txn = self.db().begin_write()?;
-        txn.open_table(PACKS)?.remove(id)?;
-        txn.commit()?;
-        self.forget_reader(id);
-        let path = pack::pack_path(&self.root().join("packs"), id);
-        std::fs::remove_file(&path)
-            .with_context(|| format!("cannot delete dead pack {}", path.display()))
+        self.catalog().remove_pack(id)?;
+        self.packs().remove(id)
     }
 
     /// Copies a pack's live chunks into the current pack, repoints the catalog, then deletes it.

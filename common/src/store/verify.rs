@@ -64,9 +64,8 @@ impl Store {
         report: &mut VerifyReport,
         progress: &dyn Fn(u64),
     ) -> Result<HashMap<ChunkHash, Problem>> {
-        let packs_dir = self.root().join("packs");
         for (id, _) in self.committed_packs()? {
-            let path = pack::pack_path(&packs_dir, id);
+            let path = self.packs().path(id);
             let header = std::fs::File::open(&path)
                 .map_err(anyhow::Error::from)
                 .and_then(|f| pack::check_header(&f, id));
@@ -98,7 +97,7 @@ impl Store {
                 Ok((h, _)) => format!("chunk {hash} holds chunk {} instead", h.hash),
                 Err(e) => format!("chunk {hash} is damaged: {e:#}"),
             };
-            let file = pack::pack_path(&packs_dir, loc.pack).display().to_string();
+            let file = self.packs().path(loc.pack).display().to_string();
             damaged.insert(
                 hash,
                 Problem {
