@@ -16,13 +16,12 @@ use anyhow::{Context, Result};
 use catalog::*;
 use pack::{Location, PackWriter};
 use packs::{Packs, Writing};
-pub use recovery_point::{CutMeta, ManifestRef, PointRecord, PointStats, VolumeMeta};
+pub use recovery_point::{
+    CutMeta, ManifestRef, PointRecord, PointStats, VolumeEntries, VolumeMeta,
+};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// Block-map entries declared for one volume of a cut: (block index, new ref).
-pub type VolumeEntries = (String, Vec<(u64, BlockRef)>);
 
 /// The store is open in another process (a running `target-agent serve`).
 #[derive(Debug, thiserror::Error)]

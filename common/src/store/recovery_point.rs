@@ -1,7 +1,10 @@
 //! Recovery points: what a point records and how it is encoded in the catalog.
 
-use crate::hash::ChunkHash;
+use crate::hash::{BlockRef, ChunkHash};
 use serde::{Deserialize, Serialize};
+
+/// Block-map entries declared for one volume of a cut: (volume name, [(block index, new ref)]).
+pub type VolumeEntries = (String, Vec<(u64, BlockRef)>);
 
 /// One volume of a cut, as declared by the source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
