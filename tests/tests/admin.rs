@@ -36,7 +36,12 @@ fn store_commands_work_while_the_target_serves() {
         .current_dir(p.root.path())
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert_eq!(digest(&p.path("drill/volumes/d.img")), digest(&at_point1));
 
     write_random(&v, 4 << 20, 1 << 20, 2);

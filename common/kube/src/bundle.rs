@@ -41,8 +41,12 @@ impl Bundle {
         postcard::to_stdvec(self).expect("a bundle always serialises")
     }
 
-    /// Decodes a stored bundle.
+    /// Decodes a stored bundle. No bytes at all is the empty bundle: a cut that protects volumes
+    /// only ([`understudy_common::cut::NoManifests`]) stores nothing.
     pub fn decode(b: &[u8]) -> Result<Self> {
+        if b.is_empty() {
+            return Ok(Bundle::default());
+        }
         postcard::from_bytes(b).context("manifest bundle is unreadable")
     }
 
@@ -260,6 +264,15 @@ pub fn parse_map(pairs: &[String], what: &str) -> Result<BTreeMap<String, String
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_cut_without_manifests_reads_back_as_the_empty_bundle() {
+        use understudy_common::cut::{ManifestSource, NoManifests};
+        let stored = NoManifests.capture().unwrap().encoded;
+        assert_eq!(Bundle::decode(&stored).unwrap(), Bundle::default());
+        let empty = Bundle::default().captured().encoded;
+        assert_eq!(Bundle::decode(&empty).unwrap(), Bundle::default());
+    }
 
     #[test]
     fn bundles_are_canonical_whatever_the_order() {
