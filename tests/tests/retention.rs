@@ -63,7 +63,7 @@ fn serve_applies_retention_after_each_commit() {
     let rep = json(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(
         rep["chunks_checked"].as_u64().unwrap(),
-        16 + 1,
-        "only the live point's chunks remain (16 data + 1 manifest): {rep}"
+        16,
+        "only the live point's chunks remain (16 data, no manifests): {rep}"
     );
 }
