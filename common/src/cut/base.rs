@@ -211,27 +211,14 @@ mod tests {
         )
         .unwrap();
         let delta = [(1, BlockRef::Hole), (2, BlockRef::Data(h(2)))];
-        base.commit(
-            &info(2),
-            false,
-            &[VolumeChanges {
-                name: "a",
-                size: 40960,
-                changes: &delta,
-            }],
-        )
-        .unwrap();
+        let changes = [VolumeChanges {
+            name: "a",
+            size: 40960,
+            changes: &delta,
+        }];
+        base.commit(&info(2), false, &changes).unwrap();
         // Recording the same commit again (after a crash) changes nothing.
-        base.commit(
-            &info(2),
-            false,
-            &[VolumeChanges {
-                name: "a",
-                size: 40960,
-                changes: &delta,
-            }],
-        )
-        .unwrap();
+        base.commit(&info(2), false, &changes).unwrap();
         assert_eq!(
             map(&base.reader().unwrap(), "a"),
             vec![(2, h(2)), (9, h(9))]

@@ -4,7 +4,9 @@
 
 use crate::block_map::BlockMap;
 use crate::hash::{BlockRef, ChunkHash};
-use crate::store::{CommitError, CutMeta, PointRecord, PointStats, Store, VolumeEntries};
+use crate::store::{
+    CommitError, CutMeta, PointRecord, PointStats, Store, VolumeEntries, already_committed,
+};
 use anyhow::Result;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -224,18 +226,10 @@ impl SessionStore for MemoryStore {
         let mut m = self.lock();
         Self::check(&mut m, StoreOp::Commit)?;
         let latest = m.points.get(group).and_then(|p| p.last()).cloned();
-        if let Some((l, _)) = &latest
-            && l.cut.cut_id == cut.cut_id
-        {
-            return Ok(l.clone());
+        if let Some(done) = already_committed(latest.as_ref().map(|(l, _)| l), &cut, base)? {
+            return Ok(done);
         }
         let latest_seq = latest.as_ref().map(|(l, _)| l.seq);
-        if base.is_some() && base != latest_seq {
-            return Err(CommitError::BaseMismatch {
-                offered: base,
-                latest: latest_seq,
-            });
-        }
         let (maps, blocks_changed) =
             memory_maps(&m, &cut, latest.as_ref(), entries, base.is_none())?;
         let record = PointRecord {

@@ -339,18 +339,10 @@ impl Store {
         let record = {
             let mut points = txn.open_table(POINTS).map_err(anyhow::Error::from)?;
             let latest = last_point(&points, group)?;
-            if let Some(l) = &latest
-                && l.cut.cut_id == cut.cut_id
-            {
-                return Ok(l.clone());
+            if let Some(done) = already_committed(latest.as_ref(), &cut, base)? {
+                return Ok(done);
             }
             let latest_seq = latest.as_ref().map(|l| l.seq);
-            if base.is_some() && base != latest_seq {
-                return Err(CommitError::BaseMismatch {
-                    offered: base,
-                    latest: latest_seq,
-                });
-            }
             check_entries(&txn, &cut, entries)?;
             let changed = apply_entries(&txn, group, latest_seq, entries, base.is_none())
                 .map_err(anyhow::Error::from)?;
@@ -476,6 +468,29 @@ impl Store {
     pub(crate) fn packs(&self) -> &Packs {
         &self.packs
     }
+}
+
+/// The checks every store makes before committing `cut` as a delta against `base` (or as a full
+/// offer when `None`) on top of the group's `latest` point: the same cut already committed is
+/// returned (a retried commit is idempotent); a delta against another point is refused.
+pub(crate) fn already_committed(
+    latest: Option<&PointRecord>,
+    cut: &CutMeta,
+    base: Option<u64>,
+) -> Result<Option<PointRecord>, CommitError> {
+    if let Some(l) = latest
+        && l.cut.cut_id == cut.cut_id
+    {
+        return Ok(Some(l.clone()));
+    }
+    let latest_seq = latest.map(|l| l.seq);
+    if base.is_some() && base != latest_seq {
+        return Err(CommitError::BaseMismatch {
+            offered: base,
+            latest: latest_seq,
+        });
+    }
+    Ok(None)
 }
 
 fn last_point(
