@@ -191,7 +191,8 @@ build_wrapped() {
   for c in "$@"; do
     local b
     b=$(basename "$c")
-    (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$OUT/$b.tmp" "$c" >&2)
+    # Each of these commands keeps its version in main.version ("unknown" unless set).
+    (cd "$dir" && go build -trimpath -ldflags "-s -w -X main.version=${modver#*@}" -o "$OUT/$b.tmp" "$c" >&2)
     mv "$OUT/$b.tmp" "$OUT/$b"
   done
 }
