@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use understudy_common::chunk::{self, Verified};
 use understudy_common::metrics::Metrics;
+use understudy_common::protocol::source_session::SessionError;
 use understudy_common::protocol::target_session::{
     FlushPolicy, TargetSession, TargetStep, refusal,
 };
@@ -115,37 +116,16 @@ async fn drive(
 ) -> Result<Option<String>> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
+        // `None`: the tick, when the session may flush by time.
         let event = tokio::select! {
-            e = rx.recv() => e,
-            _ = tick.tick() => {
-                if let Err(e) = tokio::task::block_in_place(|| session.on_tick()) {
-                    let _ = stream::send(send, &refusal(&e)).await;
-                    return Err(e.into());
-                }
-                continue;
-            }
-        };
-        let Some(event) = event else {
-            bail!("connection closed mid-session")
+            e = rx.recv() => Some(e),
+            _ = tick.tick() => None,
         };
         let step = match event {
-            Event::Control(msg) => {
-                let msg = msg?;
-                if let Control::Hello { group } = &msg {
-                    claim_group(ctx, guard, group, conn, send).await?;
-                }
-                session.on_message(msg)
-            }
-            Event::Chunk(StreamKind::Data, v) => {
-                tokio::task::block_in_place(|| session.on_chunk(&v))
-                    .map(|_| TargetStep::Reply(vec![]))
-            }
-            Event::Chunk(StreamKind::Push, v) => {
-                tokio::task::block_in_place(|| session.on_pushed(&v))
-                    .map(|_| TargetStep::Reply(vec![]))
-            }
-            Event::StreamEnd(kind) => tokio::task::block_in_place(|| session.on_stream_end(kind)),
-            Event::StreamFailed(e) => return Err(e.context("a data stream failed")),
+            None => tokio::task::block_in_place(|| session.on_tick())
+                .map(|()| TargetStep::Reply(vec![])),
+            Some(None) => bail!("connection closed mid-session"),
+            Some(Some(event)) => on_event(ctx, conn, send, guard, session, event).await?,
         };
         match step {
             Ok(TargetStep::Reply(msgs)) => {
@@ -164,6 +144,35 @@ async fn drive(
             }
         }
     }
+}
+
+/// Hands one event of the connection to the session; an error of the connection itself (not a
+/// refusal the peer should hear) returns early.
+async fn on_event(
+    ctx: &SessionContext,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    guard: &mut GroupGuard<'_>,
+    session: &mut TargetSession,
+    event: Event,
+) -> Result<Result<TargetStep, SessionError>> {
+    Ok(match event {
+        Event::Control(msg) => {
+            let msg = msg?;
+            if let Control::Hello { group } = &msg {
+                claim_group(ctx, guard, group, conn, send).await?;
+            }
+            session.on_message(msg)
+        }
+        Event::Chunk(StreamKind::Data, v) => {
+            tokio::task::block_in_place(|| session.on_chunk(&v)).map(|_| TargetStep::Reply(vec![]))
+        }
+        Event::Chunk(StreamKind::Push, v) => {
+            tokio::task::block_in_place(|| session.on_pushed(&v)).map(|_| TargetStep::Reply(vec![]))
+        }
+        Event::StreamEnd(kind) => tokio::task::block_in_place(|| session.on_stream_end(kind)),
+        Event::StreamFailed(e) => return Err(e.context("a data stream failed")),
+    })
 }
 
 fn log_commit(session: &TargetSession, reply: &Control) {

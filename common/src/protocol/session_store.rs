@@ -96,8 +96,6 @@ struct Memory {
     points: HashMap<String, Vec<(PointRecord, Vec<Map>)>>,
     receiving: HashSet<String>,
     failing: HashMap<StoreOp, u32>,
-    appends: u64,
-    flushes: u64,
 }
 
 impl MemoryStore {
@@ -114,12 +112,6 @@ impl MemoryStore {
     /// Chunks made durable so far.
     pub fn durable(&self) -> usize {
         self.lock().durable.len()
-    }
-
-    /// Calls of append and of flush so far.
-    pub fn calls(&self) -> (u64, u64) {
-        let m = self.lock();
-        (m.appends, m.flushes)
     }
 
     /// Forgets what was appended and not flushed, as a crash of the target would.
@@ -193,7 +185,6 @@ impl SessionStore for MemoryStore {
 
     fn append(&self, hash: ChunkHash, _frame: &[u8]) -> Result<()> {
         let mut m = self.lock();
-        m.appends += 1;
         Self::check(&mut m, StoreOp::Append)?;
         m.appended.push(hash);
         Ok(())
@@ -201,7 +192,6 @@ impl SessionStore for MemoryStore {
 
     fn flush(&self) -> Result<usize> {
         let mut m = self.lock();
-        m.flushes += 1;
         if let Err(e) = Self::check(&mut m, StoreOp::Flush) {
             // Like the disk store: what was not recorded is given up and received again.
             m.appended.clear();

@@ -412,9 +412,11 @@ impl TargetSession {
     }
 
     /// Time passed: flushes what arrived once [`FlushPolicy::interval_ms`] went by since the
-    /// last flush, so an idle link does not keep received chunks at risk.
+    /// last flush, so an idle link does not keep received chunks at risk. A clock that stepped
+    /// back counts as due: the wait never depends on how far back it went.
     pub fn on_tick(&mut self) -> Result<(), SessionError> {
-        if self.unflushed > 0 && (self.clock)() - self.last_flush_ms >= self.flush.interval_ms {
+        let since = (self.clock)() - self.last_flush_ms;
+        if self.unflushed > 0 && (since >= self.flush.interval_ms || since < 0) {
             self.flush_now()?;
         }
         Ok(())

@@ -367,9 +367,7 @@ impl Store {
             record
         };
         crate::failpoint::hit("store.commit.before");
-        txn.commit()
-            .context("catalog commit failed: the store's disk may be full")
-            .map_err(CommitError::Store)?;
+        catalog::commit(txn).map_err(CommitError::Store)?;
         crate::failpoint::hit("store.commit.after");
         Ok(record)
     }
@@ -383,9 +381,7 @@ impl Store {
         let txn = self.db().begin_write()?;
         txn.open_table(META)?
             .insert(receiving_key(group).as_str(), now_ms.max(0) as u64)?;
-        txn.commit()
-            .context("catalog commit failed: the store's disk may be full")?;
-        Ok(())
+        catalog::commit(txn)
     }
 
     /// True while a transfer of `group` stored chunks and no point committed since.

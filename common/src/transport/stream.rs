@@ -47,18 +47,14 @@ pub async fn recv(r: &mut RecvStream) -> Result<Control> {
 
 /// Opens a unidirectional stream of `kind` (its kind byte written), for chunk frames.
 pub async fn open_data(conn: &quinn::Connection, kind: StreamKind) -> Result<SendStream> {
-    let what = match kind {
-        StreamKind::Data => "data",
-        StreamKind::Push => "push",
+    let (what, byte) = match kind {
+        StreamKind::Data => ("data", DATA_STREAM_KIND),
+        StreamKind::Push => ("push", PUSH_STREAM_KIND),
     };
     let mut s = conn
         .open_uni()
         .await
         .with_context(|| format!("cannot open a {what} stream: the connection broke"))?;
-    let byte = match kind {
-        StreamKind::Data => DATA_STREAM_KIND,
-        StreamKind::Push => PUSH_STREAM_KIND,
-    };
     s.write_all(&[byte])
         .await
         .with_context(|| format!("cannot start a {what} stream: the connection broke"))?;

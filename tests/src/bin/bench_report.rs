@@ -335,29 +335,20 @@ fn targets(run: &Run) -> String {
         |x| x >= 1.8,
     );
     let tib = |case: &str| run.get("sparse-1tib", "understudy", case);
+    type Rss = fn(&Row) -> f64;
+    let sides: [(&str, Rss, f64); 2] = [
+        ("source", |r| r.rss_src_kib, 128.0),
+        ("target", |r| r.rss_tgt_kib, 256.0),
+    ];
     for case in ["initial", "incr1mib"] {
-        target(
-            &mut out,
-            &format!("1 TiB sparse, {case}: source peak RSS at most 128 MiB"),
-            tib(case).map(|r| {
-                (
-                    r.rss_src_kib / 1024.0,
-                    format!("{:.0} MiB", r.rss_src_kib / 1024.0),
-                )
-            }),
-            |x| x <= 128.0,
-        );
-        target(
-            &mut out,
-            &format!("1 TiB sparse, {case}: target peak RSS at most 256 MiB"),
-            tib(case).map(|r| {
-                (
-                    r.rss_tgt_kib / 1024.0,
-                    format!("{:.0} MiB", r.rss_tgt_kib / 1024.0),
-                )
-            }),
-            |x| x <= 256.0,
-        );
+        for (side, kib, limit) in sides {
+            target(
+                &mut out,
+                &format!("1 TiB sparse, {case}: {side} peak RSS at most {limit:.0} MiB"),
+                tib(case).map(|r| (kib(r) / 1024.0, format!("{:.0} MiB", kib(r) / 1024.0))),
+                move |x| x <= limit,
+            );
+        }
     }
     target(
         &mut out,
