@@ -3,6 +3,8 @@
 //! agents' JSON output.
 
 pub mod crash;
+pub mod node;
+pub mod oci;
 pub mod relay;
 pub mod testbed;
 
@@ -37,6 +39,8 @@ pub fn bin(name: &str) -> PathBuf {
             "understudy-e2e",
             "-p",
             "understudy-demo",
+            "-p",
+            "understudy-csi-driver",
         ])
         .arg("--target-dir")
         .arg(target_dir);

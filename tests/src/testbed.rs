@@ -60,6 +60,31 @@ pub struct TestCluster {
     pub url: String,
     procs: Vec<(String, Child)>,
     dir: tempfile::TempDir,
+    launcher: Option<Launcher>,
+}
+
+/// Starts a node cluster's processes inside its mount namespace and its cgroup (see
+/// [`crate::node`]), so that they see the node's own /run, /var/lib, /var/log and /etc/hosts
+/// and are all found again at teardown.
+#[derive(Clone, Debug)]
+pub(crate) struct Launcher {
+    /// A process holding the mount namespace open.
+    pub(crate) ns_pid: u32,
+    /// The `cgroup.procs` file every process is put in before it starts.
+    pub(crate) cgroup_procs: PathBuf,
+}
+
+impl Launcher {
+    /// A command running `program` in the namespace and cgroup.
+    pub(crate) fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(r#"echo $$ > "$0" && pid=$1 && shift && exec nsenter --mount=/proc/"$pid"/ns/mnt -- "$@""#)
+            .arg(&self.cgroup_procs)
+            .arg(self.ns_pid.to_string())
+            .arg(program);
+        c
+    }
 }
 
 impl Drop for TestCluster {
@@ -69,6 +94,27 @@ impl Drop for TestCluster {
             let _ = p.kill();
             let _ = p.wait();
         }
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
+    }
+}
+
+impl TestCluster {
+    /// After a failed test: copies the components' logs to target/testbed-logs/ (the cluster's
+    /// own directory is still removed).
+    fn keep_logs(&self) {
+        let name = self.dir.path().file_name().unwrap_or_default();
+        let to = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/testbed-logs").join(name);
+        if std::fs::create_dir_all(&to).is_err() {
+            return;
+        }
+        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+            }
+        }
+        eprintln!("test bed: logs of the failed test kept in {}", to.display());
     }
 }
 
@@ -132,6 +178,12 @@ impl TestCluster {
         let Some(bin) = testbed_dir() else {
             return Ok(None);
         };
+        Self::start_with(&bin, None).await.map(Some)
+    }
+
+    /// Starts the control plane from the binaries in `bin`; with a launcher, inside a node's
+    /// namespace and with the controllers a node needs (volume binding, node lifecycle).
+    pub(crate) async fn start_with(bin: &Path, launcher: Option<Launcher>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("understudy-kube-")
             .tempdir()?;
@@ -151,12 +203,14 @@ impl TestCluster {
             url,
             procs: Vec::new(),
             dir,
+            launcher,
         };
+        let node = cluster.launcher.is_some();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         cluster.spawn(
             "etcd",
-            Command::new(bin.join("etcd")).args([
+            cluster.command(&bin.join("etcd")).args([
                 "--name=default",
                 &format!("--data-dir={}", root.join("etcd").display()),
                 &format!("--listen-client-urls={etcd_url}"),
@@ -171,7 +225,7 @@ impl TestCluster {
         let p = |f: &Path| f.display().to_string();
         cluster.spawn(
             "kube-apiserver",
-            Command::new(bin.join("kube-apiserver")).args([
+            cluster.command(&bin.join("kube-apiserver")).args([
                 &format!("--etcd-servers={etcd_url}"),
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
@@ -189,26 +243,59 @@ impl TestCluster {
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
+                // A node's name resolves to 127.0.0.1 in its namespace's /etc/hosts; the API
+                // server refuses to proxy exec and logs to a loopback InternalIP.
+                "--kubelet-preferred-address-types=Hostname",
             ]),
         )?;
         let client = cluster.wait_ready().await?;
+        let mut controllers = String::from(
+            "namespace-controller,serviceaccount-controller,serviceaccount-token-controller,garbage-collector-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,statefulset-controller",
+        );
+        if node {
+            controllers.push_str(",job-controller,persistentvolume-binder-controller,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller,node-lifecycle-controller,persistentvolume-attach-detach-controller,endpoints-controller,endpointslice-controller");
+        }
         cluster.spawn(
             "kube-controller-manager",
-            Command::new(bin.join("kube-controller-manager")).args([
+            cluster.command(&bin.join("kube-controller-manager")).args([
                 &format!("--kubeconfig={}", cluster.kubeconfig.display()),
                 "--secure-port=0",
                 "--leader-elect=false",
-                "--controllers=namespace-controller,serviceaccount-controller,serviceaccount-token-controller,garbage-collector-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,statefulset-controller",
+                &format!("--controllers={controllers}"),
                 &format!("--service-account-private-key-file={}", p(&certs.sa_key)),
                 &format!("--root-ca-file={}", p(&certs.ca)),
                 "--use-service-account-credentials=false",
             ]),
         )?;
         cluster.install_crds(&client, &bin.join("crd")).await?;
-        Ok(Some(cluster))
+        Ok(cluster)
     }
 
-    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+    /// A command for `program`: plain, or inside the node's namespace.
+    pub(crate) fn command(&self, program: &Path) -> Command {
+        match &self.launcher {
+            Some(l) => l.command(program),
+            None => Command::new(program),
+        }
+    }
+
+    /// The cluster's own directory (certificates, logs).
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops one component (SIGKILL), if it runs.
+    pub(crate) fn stop(&mut self, name: &str) {
+        for (n, p) in &mut self.procs {
+            if n == name {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+        }
+    }
+
+    /// Starts a component whose output goes to `<dir>/<name>.log`.
+    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -265,7 +352,7 @@ impl TestCluster {
         understudy_kube::connect(Some(&self.kubeconfig)).await
     }
 
-    async fn install_crds(&self, client: &kube::Client, dir: &Path) -> Result<()> {
+    pub(crate) async fn install_crds(&self, client: &kube::Client, dir: &Path) -> Result<()> {
         let bundle = Bundle::capture(dir)?;
         let objects = bundle
             .objects()?

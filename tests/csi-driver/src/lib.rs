@@ -8,6 +8,7 @@
 //! the node, the group controller, the snapshot-metadata service and the kubelet's plugin
 //! registration. Not for production: one node, no topology, no expansion, no access control.
 
+pub mod authority;
 pub mod controller;
 pub mod extents;
 pub mod freeze;

@@ -53,8 +53,8 @@ async fn main() -> Result<()> {
     let csi = server::serve_csi(driver, &args.endpoint, stopped(rx.clone()));
     match &args.registration_dir {
         Some(dir) => {
-            let reg =
-                server::serve_registration(args.name, args.endpoint.clone(), dir, stopped(rx));
+            let inner = args.state_dir.join("registration.sock");
+            let reg = server::serve_registration(args.name, args.endpoint.clone(), dir, &inner, stopped(rx));
             tokio::try_join!(csi, reg).map(drop)
         }
         None => csi.await,

@@ -50,18 +50,51 @@ pub async fn serve_csi(
         .context("serving CSI")
 }
 
-/// Serves the kubelet's registration API on `<registration_dir>/<driver>-reg.sock`.
+/// Serves the kubelet's registration API on `<registration_dir>/<driver>-reg.sock`, through the
+/// `:authority` relay of [`crate::authority`] (the gRPC server itself listens on `inner`, a
+/// socket only the relay uses).
 pub async fn serve_registration(
     name: String,
     endpoint: PathBuf,
     registration_dir: &Path,
+    inner: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let socket = registration_dir.join(format!("{name}-reg.sock"));
-    let incoming = UnixListenerStream::new(listen(&socket)?);
-    Server::builder()
+    let incoming = UnixListenerStream::new(listen(inner)?);
+    let outer = listen(&socket)?;
+    let inner = inner.to_path_buf();
+    let relay = async move {
+        loop {
+            let (conn, _) = match outer.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accepting on the registration socket: {e}");
+                    continue;
+                }
+            };
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let server = match tokio::net::UnixStream::connect(&inner).await {
+                    Ok(s) => s,
+                    Err(e) => return tracing::warn!("connecting to the registration server: {e}"),
+                };
+                let (cr, cw) = conn.into_split();
+                let (mut sr, sw) = server.into_split();
+                let up = crate::authority::relay_client(cr, sw);
+                let down = async move {
+                    let mut cw = cw;
+                    tokio::io::copy(&mut sr, &mut cw).await
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    };
+    let server = Server::builder()
         .add_service(RegistrationServer::new(Registrar { name, endpoint }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving plugin registration")
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::select! {
+        r = server => r.context("serving plugin registration"),
+        () = relay => Ok(()),
+    }
 }

@@ -1,0 +1,152 @@
+//! `understudy-testbed-tool`: small programs the test bed runs inside pods (image
+//! `understudy.local/programs:1`): a UDP echo server and client for the cross-cluster path, and a
+//! writer and checker of sequence-numbered records for snapshot-consistency tests.
+
+use std::fs::{File, OpenOptions};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The size of one record (one 4 KiB block).
+const RECORD: u64 = 4096;
+const MAGIC: &[u8; 8] = b"USRECORD";
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Answers every datagram with the same bytes, forever.
+    UdpEcho {
+        /// Address to bind.
+        #[arg(long)]
+        bind: SocketAddr,
+    },
+    /// Sends a datagram until it is echoed (up to `--tries`), prints the answer.
+    UdpPing {
+        /// Where to send.
+        #[arg(long)]
+        to: SocketAddr,
+        /// What to send.
+        #[arg(long)]
+        message: String,
+        /// Attempts, one per second.
+        #[arg(long, default_value_t = 30)]
+        tries: u32,
+    },
+    /// Writes records 0, 1, 2, ... round-robin over the devices (record i to device i mod n, at
+    /// block i div n), each made durable before the next is written, until killed.
+    WriteRecords {
+        /// Block devices or files.
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+        /// Pause between records.
+        #[arg(long, default_value_t = 2)]
+        pause_ms: u64,
+    },
+    /// Prints, per device, how many records it holds from 0 on with no gap; fails on a gap or
+    /// on a damaged record.
+    CheckRecords {
+        /// Block devices or files, in the writer's order.
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Cmd::UdpEcho { bind } => echo(bind),
+        Cmd::UdpPing { to, message, tries } => ping(to, &message, tries),
+        Cmd::WriteRecords { devices, pause_ms } => write_records(&devices, pause_ms),
+        Cmd::CheckRecords { devices } => check_records(&devices),
+    }
+}
+
+fn echo(bind: SocketAddr) -> Result<()> {
+    let s = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+    println!("listening on {}", s.local_addr()?);
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = s.recv_from(&mut buf)?;
+        println!("from {from}: {}", String::from_utf8_lossy(&buf[..n]));
+        s.send_to(&buf[..n], from)?;
+    }
+}
+
+fn ping(to: SocketAddr, message: &str, tries: u32) -> Result<()> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 2048];
+    for _ in 0..tries {
+        s.send_to(message.as_bytes(), to)?;
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            println!("reply from {from}: {}", String::from_utf8_lossy(&buf[..n]));
+            return Ok(());
+        }
+    }
+    bail!("no reply from {to} after {tries} tries")
+}
+
+fn record(seq: u64) -> Vec<u8> {
+    let mut b = vec![0u8; RECORD as usize];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    let h = blake3::hash(&b[..16]);
+    b[16..48].copy_from_slice(h.as_bytes());
+    b
+}
+
+fn write_records(devices: &[PathBuf], pause_ms: u64) -> Result<()> {
+    let files: Vec<File> = devices
+        .iter()
+        .map(|d| OpenOptions::new().write(true).open(d).with_context(|| format!("opening {}", d.display())))
+        .collect::<Result<_>>()?;
+    let n = files.len() as u64;
+    for seq in 0.. {
+        let f = &files[(seq % n) as usize];
+        f.write_all_at(&record(seq), seq / n * RECORD)?;
+        f.sync_data()?;
+        if seq % 100 == 0 {
+            println!("wrote {}", seq + 1);
+        }
+        std::thread::sleep(Duration::from_millis(pause_ms));
+    }
+    Ok(())
+}
+
+fn check_records(devices: &[PathBuf]) -> Result<()> {
+    let n = devices.len() as u64;
+    let mut counts = Vec::new();
+    for (d, path) in devices.iter().enumerate() {
+        let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut buf = vec![0u8; RECORD as usize];
+        let mut count = 0u64;
+        loop {
+            let at = count * RECORD;
+            if f.read_exact_at(&mut buf, at).is_err() || buf[..8] != MAGIC[..] {
+                break;
+            }
+            let want = count * n + d as u64;
+            if buf != record(want) {
+                bail!("{}: block {count} holds a damaged record (want seq {want})", path.display());
+            }
+            count += 1;
+        }
+        // Nothing may follow the first missing record.
+        for later in count + 1..count + 64 {
+            if f.read_exact_at(&mut buf, later * RECORD).is_ok() && buf[..8] == MAGIC[..] {
+                bail!("{}: record at block {later} after a gap at block {count}", path.display());
+            }
+        }
+        counts.push(count);
+    }
+    println!("{}", serde_json::json!({ "counts": counts }));
+    Ok(())
+}
