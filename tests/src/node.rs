@@ -94,7 +94,10 @@ impl NodeCluster {
     /// here (no Go, or not root) and this is not CI: the caller returns early.
     pub async fn start() -> Result<Option<Self>> {
         if !rustix::process::geteuid().is_root() {
-            assert!(std::env::var("CI").is_err(), "the node test bed needs root in CI");
+            assert!(
+                std::env::var("CI").is_err(),
+                "the node test bed needs root in CI"
+            );
             eprintln!("SKIP: a test-bed node needs root (mounts, loop devices, cgroups, a bridge)");
             return Ok(None);
         }
@@ -103,7 +106,10 @@ impl NodeCluster {
         };
         let t0 = Instant::now();
         let host = Host::create()?;
-        let launcher = Launcher { ns_pid: host.ns_pid(), cgroup_procs: host.daemon_procs() };
+        let launcher = Launcher {
+            ns_pid: host.ns_pid(),
+            cgroup_procs: host.daemon_procs(),
+        };
         let api = TestCluster::start_with(&bin, Some(launcher)).await?;
         let mut c = NodeCluster {
             node_name: host.node_name.clone(),
@@ -116,12 +122,22 @@ impl NodeCluster {
         };
         let client = c.api.client().await?;
         c.api.install_crds(&client, &bin.join("node-crd")).await?;
+        let step =
+            |what: &str| eprintln!("test bed: {what} at {:.1} s", t0.elapsed().as_secs_f64());
+        step("control plane up");
         c.start_containerd()?;
         c.import_images()?;
-        c.start_kubelet(&bin)?;
+        step("containerd up, images imported");
+        // The driver's registration socket exists before the kubelet starts, so the kubelet
+        // registers it at once instead of after a retry back-off.
         c.start_storage(&bin)?;
+        c.start_kubelet(&bin)?;
         c.wait_ready().await?;
-        eprintln!("test bed: node cluster {} ready in {:.1} s", c.node_name, t0.elapsed().as_secs_f64());
+        eprintln!(
+            "test bed: node cluster {} ready in {:.1} s",
+            c.node_name,
+            t0.elapsed().as_secs_f64()
+        );
         Ok(Some(c))
     }
 
@@ -152,7 +168,8 @@ impl NodeCluster {
     }
 
     fn csi_socket(&self) -> PathBuf {
-        self.kubelet_root().join(format!("plugins/{DRIVER}/csi.sock"))
+        self.kubelet_root()
+            .join(format!("plugins/{DRIVER}/csi.sock"))
     }
 
     fn start_containerd(&mut self) -> Result<()> {
@@ -211,10 +228,15 @@ state = "{d}/state"
                 },
             }],
         });
-        std::fs::write(cni.join("10-understudy.conflist"), serde_json::to_vec_pretty(&conflist)?)?;
+        std::fs::write(
+            cni.join("10-understudy.conflist"),
+            serde_json::to_vec_pretty(&conflist)?,
+        )?;
         let args = vec![format!("--config={}", d.join("config.toml").display())];
         self.spawn("containerd", Path::new("/usr/bin/containerd"), &args)?;
-        wait_for_path(&self.containerd_socket(), "containerd", || self.api.log_tail("containerd"))
+        wait_for_path(&self.containerd_socket(), "containerd", || {
+            self.api.log_tail("containerd")
+        })
     }
 
     fn import_images(&self) -> Result<()> {
@@ -222,8 +244,10 @@ state = "{d}/state"
         let images = [
             Image::pause(PAUSE_IMAGE)?,
             Image::tools(TOOLS_IMAGE)?,
-            Image::new(PROGRAMS_IMAGE, &["/bin/understudy-testbed-tool"])
-                .program("/bin/understudy-testbed-tool", &crate::bin("understudy-testbed-tool"))?,
+            Image::new(PROGRAMS_IMAGE, &["/bin/understudy-testbed-tool"]).program(
+                "/bin/understudy-testbed-tool",
+                &crate::bin("understudy-testbed-tool"),
+            )?,
         ];
         for image in images {
             let archive = image.archive(&cache)?;
@@ -290,8 +314,14 @@ state = "{d}/state"
         self.spawn("kubelet", &bin.join("kubelet"), &args)?;
         let args = vec![
             format!("--kubeconfig={}", self.api.kubeconfig.display()),
-            format!("--authentication-kubeconfig={}", self.api.kubeconfig.display()),
-            format!("--authorization-kubeconfig={}", self.api.kubeconfig.display()),
+            format!(
+                "--authentication-kubeconfig={}",
+                self.api.kubeconfig.display()
+            ),
+            format!(
+                "--authorization-kubeconfig={}",
+                self.api.kubeconfig.display()
+            ),
             "--secure-port=0".into(),
             "--leader-elect=false".into(),
         ];
@@ -306,19 +336,41 @@ state = "{d}/state"
             format!("--state-dir={}", self.path("csi-state").display()),
             format!("--name={DRIVER}"),
             format!("--node-id={}", self.node_name),
-            format!("--registration-dir={}", self.kubelet_root().join("plugins_registry").display()),
+            format!(
+                "--registration-dir={}",
+                self.kubelet_root().join("plugins_registry").display()
+            ),
             format!("--freezer-root=/sys/fs/cgroup/freezer/{}", self.host.cgroup),
         ];
         // SAFETY: tests set this before any thread reads it... not needed: passed to the child only.
-        self.spawn("understudy-csi", &crate::bin("understudy-csi"), &driver_args)?;
-        wait_for_path(&csi, "the CSI driver", || self.api.log_tail("understudy-csi"))?;
+        self.spawn(
+            "understudy-csi",
+            &crate::bin("understudy-csi"),
+            &driver_args,
+        )?;
+        wait_for_path(&csi, "the CSI driver", || {
+            self.api.log_tail("understudy-csi")
+        })?;
         let csi_address = format!("--csi-address={}", csi.display());
-        let common = vec![csi_address.clone(), kubeconfig.clone(), "--leader-election=false".into(), "--timeout=60s".into()];
+        let common = vec![
+            csi_address.clone(),
+            kubeconfig.clone(),
+            "--leader-election=false".into(),
+            "--timeout=60s".into(),
+        ];
         let mut provisioner = common.clone();
         provisioner.push("--default-fstype=ext4".into());
-        self.spawn("csi-provisioner", &bin.join("csi-provisioner"), &provisioner)?;
+        self.spawn(
+            "csi-provisioner",
+            &bin.join("csi-provisioner"),
+            &provisioner,
+        )?;
         self.spawn("csi-snapshotter", &bin.join("csi-snapshotter"), &common)?;
-        self.spawn("snapshot-controller", &bin.join("snapshot-controller"), &[kubeconfig.clone(), "--leader-election=false".into()])?;
+        self.spawn(
+            "snapshot-controller",
+            &bin.join("snapshot-controller"),
+            &[kubeconfig.clone(), "--leader-election=false".into()],
+        )?;
         let (cert, key, ca) = self.snapshot_metadata_tls()?;
         let port = free_port();
         let metadata = vec![
@@ -331,7 +383,11 @@ state = "{d}/state"
             format!("--audience={}", self.snapshot_metadata_audience),
             "--timeout=60s".into(),
         ];
-        self.spawn("csi-snapshot-metadata", &bin.join("csi-snapshot-metadata"), &metadata)?;
+        self.spawn(
+            "csi-snapshot-metadata",
+            &bin.join("csi-snapshot-metadata"),
+            &metadata,
+        )?;
         self.snapshot_metadata = (format!("127.0.0.1:{port}"), ca);
         Ok(())
     }
@@ -344,10 +400,15 @@ state = "{d}/state"
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key)?;
         let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
-        params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse()?));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))?;
-        let (cert_path, key_path) = (self.path("snapshot-metadata.crt"), self.path("snapshot-metadata.key"));
+        let (cert_path, key_path) = (
+            self.path("snapshot-metadata.crt"),
+            self.path("snapshot-metadata.key"),
+        );
         std::fs::write(&cert_path, cert.pem())?;
         std::fs::write(&key_path, key.serialize_pem())?;
         Ok((cert_path, key_path, ca.pem()))
@@ -359,19 +420,28 @@ state = "{d}/state"
     async fn wait_ready(&mut self) -> Result<()> {
         let (address, ca) = self.snapshot_metadata.clone();
         let objects = storage_objects(&address, &ca, &self.snapshot_metadata_audience);
-        self.api.create_yaml(&objects).await.context("creating the storage objects")?;
+        self.api
+            .create_yaml(&objects)
+            .await
+            .context("creating the storage objects")?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             self.check_daemons()?;
             let node = self.api.get("v1", "Node", "", &self.node_name).await?;
             let ready = node.as_ref().is_some_and(|n| {
-                n["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                n["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
             });
-            let csinode = self.api.get("storage.k8s.io/v1", "CSINode", "", &self.node_name).await?;
+            let csinode = self
+                .api
+                .get("storage.k8s.io/v1", "CSINode", "", &self.node_name)
+                .await?;
             let registered = csinode.as_ref().is_some_and(|n| {
-                n["spec"]["drivers"].as_array().is_some_and(|d| d.iter().any(|d| d["name"] == DRIVER))
+                n["spec"]["drivers"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|d| d["name"] == DRIVER))
             });
             if ready && registered {
                 return Ok(());
@@ -471,8 +541,16 @@ struct Host {
 
 impl Host {
     fn create() -> Result<Host> {
-        let dir = tempfile::Builder::new().prefix("us-node-").tempdir_in("/tmp")?;
-        let id = dir.path().file_name().unwrap().to_string_lossy().trim_start_matches("us-node-").to_lowercase();
+        let dir = tempfile::Builder::new()
+            .prefix("us-node-")
+            .tempdir_in("/tmp")?;
+        let id = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("us-node-")
+            .to_lowercase();
         let id: String = id.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
         let (bridge, subnet) = make_bridge()?;
         let o = subnet.octets();
@@ -496,7 +574,9 @@ impl Host {
     }
 
     fn daemon_procs(&self) -> PathBuf {
-        Path::new("/sys/fs/cgroup/pids").join(&self.cgroup).join("system/cgroup.procs")
+        Path::new("/sys/fs/cgroup/pids")
+            .join(&self.cgroup)
+            .join("system/cgroup.procs")
     }
 
     /// `/understudy-<id>` in every cgroup hierarchy (the kubelet checks its root exists in each),
@@ -504,14 +584,19 @@ impl Host {
     fn make_cgroups(&self) -> Result<()> {
         for h in hierarchies() {
             let dir = h.join(&self.cgroup);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating cgroup {}", dir.display()))?;
             if h.ends_with("cpuset") {
                 for f in ["cpuset.cpus", "cpuset.mems"] {
                     std::fs::write(dir.join(f), std::fs::read(h.join(f))?)?;
                 }
             }
         }
-        std::fs::create_dir_all(Path::new("/sys/fs/cgroup/pids").join(&self.cgroup).join("system"))?;
+        std::fs::create_dir_all(
+            Path::new("/sys/fs/cgroup/pids")
+                .join(&self.cgroup)
+                .join("system"),
+        )?;
         Ok(())
     }
 
@@ -519,12 +604,19 @@ impl Host {
     /// sleeps; the node's processes join it with nsenter.
     fn make_namespace(&self) -> Result<Child> {
         let d = self.dir.path();
-        std::fs::write(d.join("hosts"), format!("127.0.0.1 localhost {}\n::1 localhost\n", self.node_name))?;
+        std::fs::write(
+            d.join("hosts"),
+            format!("127.0.0.1 localhost {}\n::1 localhost\n", self.node_name),
+        )?;
         std::fs::create_dir_all(d.join("sysctl"))?;
         for (name, want) in KUBELET_SYSCTLS {
-            let have = std::fs::read_to_string(Path::new("/proc/sys").join(name)).unwrap_or_default();
+            let have =
+                std::fs::read_to_string(Path::new("/proc/sys").join(name)).unwrap_or_default();
             if have.trim() != *want {
-                std::fs::write(d.join("sysctl").join(name.replace('/', ".")), format!("{want}\n"))?;
+                std::fs::write(
+                    d.join("sysctl").join(name.replace('/', ".")),
+                    format!("{want}\n"),
+                )?;
             }
         }
         let script = r#"set -eu
@@ -548,7 +640,16 @@ echo ready
 exec sleep infinity
 "#;
         let mut child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
             .arg(d)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -560,7 +661,10 @@ exec sleep infinity
         if line.trim() != "ready" {
             let _ = child.kill();
             let out = child.wait_with_output()?;
-            bail!("setting up the node's mount namespace failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "setting up the node's mount namespace failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(child)
     }
@@ -581,7 +685,9 @@ impl Drop for Host {
             detach_loops_under(self.dir.path());
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new("ip").args(["link", "delete", &self.bridge]).status();
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.bridge])
+            .status();
         remove_cgroups(&self.cgroup);
     }
 }
@@ -650,8 +756,12 @@ fn remove_cgroups(name: &str) {
 /// Loop devices whose backing file is under `dir` (the driver's images, and the kubelet's own
 /// loop devices over published block volumes).
 fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"]).output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let out = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     let dir = dir.display().to_string();
     text.lines()
         .filter_map(|l| {
@@ -672,16 +782,25 @@ fn detach_loops_under(dir: &Path) {
 fn make_bridge() -> Result<(String, Ipv4Addr)> {
     for n in 1..=250u8 {
         let name = format!("usbr{n}");
-        let added = Command::new("ip").args(["link", "add", &name, "type", "bridge"]).output()?;
+        let added = Command::new("ip")
+            .args(["link", "add", &name, "type", "bridge"])
+            .output()?;
         if !added.status.success() {
             continue;
         }
         let subnet = Ipv4Addr::new(10, 213, n, 0);
-        for args in [vec!["addr", "add", &format!("10.213.{n}.1/24"), "dev", &name], vec!["link", "set", &name, "up"]] {
+        for args in [
+            vec!["addr", "add", &format!("10.213.{n}.1/24"), "dev", &name],
+            vec!["link", "set", &name, "up"],
+        ] {
             let out = Command::new("ip").args(&args).output()?;
             if !out.status.success() {
                 let _ = Command::new("ip").args(["link", "delete", &name]).status();
-                bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "ip {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
         return Ok((name, subnet));
@@ -690,14 +809,21 @@ fn make_bridge() -> Result<(String, Ipv4Addr)> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn wait_for_path(path: &Path, what: &str, log: impl Fn() -> String) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !path.exists() {
         if Instant::now() > deadline {
-            bail!("{what} did not create {} within 30 s:\n{}", path.display(), log());
+            bail!(
+                "{what} did not create {} within 30 s:\n{}",
+                path.display(),
+                log()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -707,7 +833,9 @@ fn wait_for_path(path: &Path, what: &str, log: impl Fn() -> String) -> Result<()
 fn images_cache() -> PathBuf {
     std::env::var_os("UNDERSTUDY_TESTBED_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/understudy/testbed")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/understudy/testbed"))
+        })
         .unwrap_or_else(|| PathBuf::from("/tmp/understudy-testbed"))
         .join("images")
 }
@@ -718,12 +846,24 @@ fn node_testbed_dir() -> Option<PathBuf> {
     DIR.get_or_init(|| {
         testbed_dir()?;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube-testbed/build.sh");
-        let out = Command::new("bash").arg(&script).arg("--node").stderr(Stdio::inherit()).output();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("--node")
+            .stderr(Stdio::inherit())
+            .output();
         match out {
-            Ok(o) if o.status.success() => Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())),
+            Ok(o) if o.status.success() => {
+                Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+            }
             other => {
-                assert!(std::env::var("CI").is_err(), "the node test bed is required in CI: {other:?}");
-                eprintln!("SKIP: the node test bed could not be built ({} --node failed)", script.display());
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "the node test bed is required in CI: {other:?}"
+                );
+                eprintln!(
+                    "SKIP: the node test bed could not be built ({} --node failed)",
+                    script.display()
+                );
                 None
             }
         }
@@ -744,11 +884,20 @@ pub struct ExecOutput {
 
 impl NodeCluster {
     /// Waits until a pod is in `phase` (`Running`, `Succeeded`), failing early if it fails.
-    pub async fn wait_pod(&self, namespace: &str, name: &str, phase: &str, timeout: Duration) -> Result<serde_json::Value> {
+    pub async fn wait_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let pod = self.api.get("v1", "Pod", namespace, name).await?;
-            let now = pod.as_ref().and_then(|p| p["status"]["phase"].as_str().map(str::to_string)).unwrap_or_default();
+            let now = pod
+                .as_ref()
+                .and_then(|p| p["status"]["phase"].as_str().map(str::to_string))
+                .unwrap_or_default();
             if now == phase {
                 return Ok(pod.expect("a pod in a phase"));
             }
@@ -766,16 +915,38 @@ impl NodeCluster {
 
     /// A pod's log (its first container).
     pub async fn pod_logs(&self, namespace: &str, name: &str) -> Result<String> {
-        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(self.api.client().await?, namespace);
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.api.client().await?, namespace);
         Ok(pods.logs(name, &Default::default()).await?)
     }
 
     /// Runs a command in a container through `pods/exec` (the path hooks take).
-    pub async fn exec(&self, namespace: &str, pod: &str, container: &str, command: &[&str]) -> Result<ExecOutput> {
+    pub async fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        command: &[&str],
+    ) -> Result<ExecOutput> {
         use tokio::io::AsyncReadExt;
-        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(self.api.client().await?, namespace);
-        let params = kube::api::AttachParams::default().container(container).stdout(true).stderr(true);
-        let mut proc = pods.exec(pod, command.iter().copied(), &params).await.with_context(|| format!("exec in {namespace}/{pod}"))?;
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.api.client().await?, namespace);
+        let params = kube::api::AttachParams::default()
+            .container(container)
+            .stdout(true)
+            .stderr(true);
+        // Just after a pod turns Running the kubelet may not know its container yet.
+        let mut tries = 0;
+        let mut proc = loop {
+            match pods.exec(pod, command.iter().copied(), &params).await {
+                Ok(p) => break p,
+                Err(e) if tries < 20 && e.to_string().contains("container not found") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("exec in {namespace}/{pod}")),
+            }
+        };
         let (mut out, mut err) = (String::new(), String::new());
         let mut so = proc.stdout().context("no stdout")?;
         let mut se = proc.stderr().context("no stderr")?;
@@ -790,12 +961,55 @@ impl NodeCluster {
             Some(s) => s
                 .details
                 .and_then(|d| d.causes)
-                .and_then(|c| c.into_iter().find(|c| c.reason.as_deref() == Some("ExitCode")))
+                .and_then(|c| {
+                    c.into_iter()
+                        .find(|c| c.reason.as_deref() == Some("ExitCode"))
+                })
                 .and_then(|c| c.message)
                 .and_then(|m| m.parse().ok())
                 .unwrap_or(-1),
             None => -1,
         };
-        Ok(ExecOutput { stdout: out, stderr: err, code })
+        Ok(ExecOutput {
+            stdout: out,
+            stderr: err,
+            code,
+        })
+    }
+}
+
+impl NodeCluster {
+    /// Waits until an object exists and `ready` holds for it; returns it.
+    pub async fn wait_for(
+        &self,
+        (api_version, kind): (&str, &str),
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let obj = self.api.get(api_version, kind, namespace, name).await?;
+            if let Some(o) = obj.as_ref().filter(|o| ready(o)) {
+                return Ok(o.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{kind} {namespace}/{name} not ready after {timeout:?}: {}",
+                    obj.map(|o| o.to_string())
+                        .unwrap_or_else(|| "not found".into())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Runs a pod to completion and returns its log; fails if it fails.
+    pub async fn run_pod(&self, yaml: &str, namespace: &str, name: &str) -> Result<String> {
+        self.api.create_yaml(yaml).await?;
+        self.wait_pod(namespace, name, "Succeeded", Duration::from_secs(120))
+            .await?;
+        self.pod_logs(namespace, name).await
     }
 }

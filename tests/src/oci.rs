@@ -33,7 +33,11 @@ impl Image {
     /// An empty image named `name` (keep a dotted first element, `understudy.local/x:1`, so the
     /// CRI does not prefix a registry).
     pub fn new(name: &str, entrypoint: &[&str]) -> Self {
-        Image { name: name.into(), entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(), entries: Vec::new() }
+        Image {
+            name: name.into(),
+            entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+            entries: Vec::new(),
+        }
     }
 
     /// The image's name.
@@ -43,24 +47,45 @@ impl Image {
 
     /// Adds a host file at `path` in the image.
     pub fn file(mut self, path: &str, host: &Path) -> Self {
-        self.entries.push((path.trim_start_matches('/').into(), Entry::File(host.to_path_buf())));
+        self.entries.push((
+            path.trim_start_matches('/').into(),
+            Entry::File(host.to_path_buf()),
+        ));
         self
     }
 
     /// Adds a symbolic link.
     pub fn symlink(mut self, path: &str, to: &str) -> Self {
-        self.entries.push((path.trim_start_matches('/').into(), Entry::Symlink(to.into())));
+        self.entries.push((
+            path.trim_start_matches('/').into(),
+            Entry::Symlink(to.into()),
+        ));
         self
     }
 
     /// Adds a dynamically linked host program at `path` with the shared libraries `ldd` names,
     /// at their host paths.
     pub fn program(mut self, path: &str, host: &Path) -> Result<Self> {
-        let out = Command::new("ldd").arg(host).output().context("running ldd")?;
+        let out = Command::new("ldd")
+            .arg(host)
+            .output()
+            .context("running ldd")?;
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let lib = line.split("=>").last().unwrap_or(line).split_whitespace().next().unwrap_or("");
-            if lib.starts_with('/') && !self.entries.iter().any(|(p, _)| p == lib.trim_start_matches('/')) {
-                let real = std::fs::canonicalize(lib).with_context(|| format!("resolving {lib}"))?;
+            let lib = line
+                .split("=>")
+                .last()
+                .unwrap_or(line)
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            if lib.starts_with('/')
+                && !self
+                    .entries
+                    .iter()
+                    .any(|(p, _)| p == lib.trim_start_matches('/'))
+            {
+                let real =
+                    std::fs::canonicalize(lib).with_context(|| format!("resolving {lib}"))?;
                 self = self.file(lib, &real);
             }
         }
@@ -71,7 +96,40 @@ impl Image {
     pub fn tools(name: &str) -> Result<Self> {
         let busybox = which("busybox")?;
         let mut img = Image::new(name, &["/bin/sh"]).file("/bin/busybox", &busybox);
-        for applet in ["sh", "cat", "dd", "echo", "head", "ls", "mkdir", "mount", "od", "printf", "rm", "sha256sum", "sleep", "stat", "sync", "tail", "test", "touch", "tr", "wc", "xxd", "cmp", "seq", "true", "false", "hostname", "sed", "grep", "awk", "timeout", "df", "umount"] {
+        for applet in [
+            "sh",
+            "cat",
+            "dd",
+            "echo",
+            "head",
+            "ls",
+            "mkdir",
+            "mount",
+            "od",
+            "printf",
+            "rm",
+            "sha256sum",
+            "sleep",
+            "stat",
+            "sync",
+            "tail",
+            "test",
+            "touch",
+            "tr",
+            "wc",
+            "xxd",
+            "cmp",
+            "seq",
+            "true",
+            "false",
+            "hostname",
+            "sed",
+            "grep",
+            "awk",
+            "timeout",
+            "df",
+            "umount",
+        ] {
             img = img.symlink(&format!("/bin/{applet}"), "busybox");
         }
         Ok(img)
@@ -80,9 +138,17 @@ impl Image {
     /// The sandbox ("pause") image: a shell that waits until SIGTERM and then exits at once.
     pub fn pause(name: &str) -> Result<Self> {
         let busybox = which("busybox")?;
-        Ok(Image::new(name, &["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM INT; while true; do sleep 3600 & wait $!; done"])
-            .file("/bin/busybox", &busybox)
-            .symlink("/bin/sleep", "busybox"))
+        Ok(Image::new(
+            name,
+            &[
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "trap 'exit 0' TERM INT; while true; do sleep 3600 & wait $!; done",
+            ],
+        )
+        .file("/bin/busybox", &busybox)
+        .symlink("/bin/sleep", "busybox"))
     }
 
     /// Writes the archive into `cache` (unless an archive of the same content is there) and
@@ -90,12 +156,19 @@ impl Image {
     pub fn archive(&self, cache: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(cache)?;
         let key = self.inputs_key()?;
-        let safe: String = self.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let safe: String = self
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
         let out = cache.join(format!("{safe}-{}.tar", &key[..16]));
         if out.exists() {
             return Ok(out);
         }
-        let layer_path = out.with_extension("layer.tmp");
+        // Unique temporary names: clusters starting at once may build the same archive.
+        let unique = format!("{}-{:?}", std::process::id(), std::thread::current().id())
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "");
+        let layer_path = out.with_extension(format!("layer.{unique}.tmp"));
         self.write_layer(&layer_path)?;
         let layer_digest = sha256_file(&layer_path)?;
         let layer_size = std::fs::metadata(&layer_path)?.len();
@@ -122,11 +195,15 @@ impl Image {
                 "annotations": {"io.containerd.image.name": self.name, "org.opencontainers.image.ref.name": self.name.rsplit(':').next().unwrap_or("latest")},
             }],
         }))?;
-        let tmp = out.with_extension("tar.tmp");
+        let tmp = out.with_extension(format!("tar.{unique}.tmp"));
         let mut ar = tar::Builder::new(File::create(&tmp)?);
         append_bytes(&mut ar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         append_bytes(&mut ar, "index.json", &index)?;
-        append_bytes(&mut ar, &format!("blobs/sha256/{manifest_digest}"), &manifest)?;
+        append_bytes(
+            &mut ar,
+            &format!("blobs/sha256/{manifest_digest}"),
+            &manifest,
+        )?;
         append_bytes(&mut ar, &format!("blobs/sha256/{config_digest}"), &config)?;
         ar.append_path_with_name(&layer_path, format!("blobs/sha256/{layer_digest}"))?;
         ar.into_inner()?.sync_all()?;
@@ -155,7 +232,9 @@ impl Image {
         }
         for (p, e) in &self.entries {
             match e {
-                Entry::File(host) => ar.append_path_with_name(host, p).with_context(|| format!("adding {}", host.display()))?,
+                Entry::File(host) => ar
+                    .append_path_with_name(host, p)
+                    .with_context(|| format!("adding {}", host.display()))?,
                 Entry::Symlink(to) => {
                     let mut h = tar::Header::new_gnu();
                     h.set_entry_type(tar::EntryType::Symlink);
@@ -213,5 +292,7 @@ fn which(program: &str) -> Result<PathBuf> {
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|d| d.join(program))
         .find(|p| p.is_file())
-        .with_context(|| format!("{program} is not installed (tests/kube-testbed/build.sh --node installs it)"))
+        .with_context(|| {
+            format!("{program} is not installed (tests/kube-testbed/build.sh --node installs it)")
+        })
 }

@@ -105,11 +105,17 @@ impl TestCluster {
     /// own directory is still removed).
     fn keep_logs(&self) {
         let name = self.dir.path().file_name().unwrap_or_default();
-        let to = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/testbed-logs").join(name);
+        let to = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/testbed-logs")
+            .join(name);
         if std::fs::create_dir_all(&to).is_err() {
             return;
         }
-        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if e.path().extension().is_some_and(|x| x == "log") {
                 let _ = std::fs::copy(e.path(), to.join(e.file_name()));
             }

@@ -52,11 +52,32 @@ spec:
     ))
     .await
     .unwrap();
-    c.wait_pod("default", "user", "Running", Duration::from_secs(90)).await.unwrap();
-    let fs = c.exec("default", "user", "main", &["cat", "/data/f"]).await.unwrap();
+    c.wait_pod("default", "user", "Running", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let fs = c
+        .exec("default", "user", "main", &["cat", "/data/f"])
+        .await
+        .unwrap();
     assert_eq!((fs.stdout.trim(), fs.code), ("hello-fs", 0), "{fs:?}");
-    let raw = c.exec("default", "user", "main", &["sh", "-c", "head -c 11 /dev/xvda"]).await.unwrap();
+    let raw = c
+        .exec(
+            "default",
+            "user",
+            "main",
+            &["sh", "-c", "head -c 11 /dev/xvda"],
+        )
+        .await
+        .unwrap();
     assert_eq!(raw.stdout, "hello-block", "{raw:?}");
-    let fails = c.exec("default", "user", "main", &["sh", "-c", "echo oops >&2; exit 3"]).await.unwrap();
+    let fails = c
+        .exec(
+            "default",
+            "user",
+            "main",
+            &["sh", "-c", "echo oops >&2; exit 3"],
+        )
+        .await
+        .unwrap();
     assert_eq!((fails.stderr.trim(), fails.code), ("oops", 3));
 }

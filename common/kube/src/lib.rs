@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod capture;
 pub mod client;
 pub mod manifests;
+pub mod snapshot_metadata;
 pub mod transform;
 
 pub use client::{Resolver, connect, is_namespaced};

@@ -20,11 +20,17 @@ const AUTHORITY_INDEX: u64 = 1;
 
 /// Copies an HTTP/2 client's byte stream to the server, with every literal `:authority` header
 /// set to `localhost`.
-pub async fn relay_client<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut from: R, mut to: W) -> io::Result<()> {
+pub async fn relay_client<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut from: R,
+    mut to: W,
+) -> io::Result<()> {
     let mut preface = [0u8; 24];
     from.read_exact(&mut preface).await?;
     if preface != PREFACE {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an HTTP/2 client preface"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an HTTP/2 client preface",
+        ));
     }
     to.write_all(&preface).await?;
     loop {
@@ -37,7 +43,9 @@ pub async fn relay_client<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut from:
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let mut payload = vec![0u8; len];
         from.read_exact(&mut payload).await?;
-        if head[3] == HEADERS && head[4] & END_HEADERS != 0 && head[4] & PADDED == 0
+        if head[3] == HEADERS
+            && head[4] & END_HEADERS != 0
+            && head[4] & PADDED == 0
             && let Some(rewritten) = rewrite_headers(&payload, head[4] & PRIORITY != 0)
         {
             payload = rewritten;

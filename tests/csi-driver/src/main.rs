@@ -54,7 +54,13 @@ async fn main() -> Result<()> {
     match &args.registration_dir {
         Some(dir) => {
             let inner = args.state_dir.join("registration.sock");
-            let reg = server::serve_registration(args.name, args.endpoint.clone(), dir, &inner, stopped(rx));
+            let reg = server::serve_registration(
+                args.name,
+                args.endpoint.clone(),
+                dir,
+                &inner,
+                stopped(rx),
+            );
             tokio::try_join!(csi, reg).map(drop)
         }
         None => csi.await,

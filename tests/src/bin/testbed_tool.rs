@@ -57,6 +57,10 @@ enum Cmd {
         /// Block devices or files, in the writer's order.
         #[arg(required = true)]
         devices: Vec<PathBuf>,
+        /// How many devices the writer wrote to (default: as many as given here, that is
+        /// all of them); the given ones are its first.
+        #[arg(long)]
+        writer_devices: Option<u64>,
     },
 }
 
@@ -65,7 +69,13 @@ fn main() -> Result<()> {
         Cmd::UdpEcho { bind } => echo(bind),
         Cmd::UdpPing { to, message, tries } => ping(to, &message, tries),
         Cmd::WriteRecords { devices, pause_ms } => write_records(&devices, pause_ms),
-        Cmd::CheckRecords { devices } => check_records(&devices),
+        Cmd::CheckRecords {
+            devices,
+            writer_devices,
+        } => {
+            let n = writer_devices.unwrap_or(devices.len() as u64);
+            check_records(&devices, n)
+        }
     }
 }
 
@@ -106,7 +116,12 @@ fn record(seq: u64) -> Vec<u8> {
 fn write_records(devices: &[PathBuf], pause_ms: u64) -> Result<()> {
     let files: Vec<File> = devices
         .iter()
-        .map(|d| OpenOptions::new().write(true).open(d).with_context(|| format!("opening {}", d.display())))
+        .map(|d| {
+            OpenOptions::new()
+                .write(true)
+                .open(d)
+                .with_context(|| format!("opening {}", d.display()))
+        })
         .collect::<Result<_>>()?;
     let n = files.len() as u64;
     for seq in 0.. {
@@ -121,8 +136,7 @@ fn write_records(devices: &[PathBuf], pause_ms: u64) -> Result<()> {
     Ok(())
 }
 
-fn check_records(devices: &[PathBuf]) -> Result<()> {
-    let n = devices.len() as u64;
+fn check_records(devices: &[PathBuf], n: u64) -> Result<()> {
     let mut counts = Vec::new();
     for (d, path) in devices.iter().enumerate() {
         let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -135,14 +149,20 @@ fn check_records(devices: &[PathBuf]) -> Result<()> {
             }
             let want = count * n + d as u64;
             if buf != record(want) {
-                bail!("{}: block {count} holds a damaged record (want seq {want})", path.display());
+                bail!(
+                    "{}: block {count} holds a damaged record (want seq {want})",
+                    path.display()
+                );
             }
             count += 1;
         }
         // Nothing may follow the first missing record.
         for later in count + 1..count + 64 {
             if f.read_exact_at(&mut buf, later * RECORD).is_ok() && buf[..8] == MAGIC[..] {
-                bail!("{}: record at block {later} after a gap at block {count}", path.display());
+                bail!(
+                    "{}: record at block {later} after a gap at block {count}",
+                    path.display()
+                );
             }
         }
         counts.push(count);
