@@ -20,11 +20,12 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
+        // Test executables live in target/<profile>/deps, the test bed's own binaries in
+        // target/<profile>.
+        let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
+        if profile_dir.ends_with("deps") {
+            profile_dir.pop();
+        }
         let target_dir = profile_dir.parent().expect("target dir");
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args([

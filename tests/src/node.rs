@@ -143,7 +143,7 @@ impl NodeCluster {
 
     fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> Result<()> {
         let mut cmd = self.api.command(program);
-        cmd.args(args).env("RUST_LOG", "info,h2=debug");
+        cmd.args(args).env("RUST_LOG", "info");
         let log = std::fs::File::create(self.api.dir().join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -342,7 +342,6 @@ state = "{d}/state"
             ),
             format!("--freezer-root=/sys/fs/cgroup/freezer/{}", self.host.cgroup),
         ];
-        // SAFETY: tests set this before any thread reads it... not needed: passed to the child only.
         self.spawn(
             "understudy-csi",
             &crate::bin("understudy-csi"),
