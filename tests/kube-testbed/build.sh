@@ -9,7 +9,7 @@
 # The directory is ${UNDERSTUDY_TESTBED_CACHE:-~/.cache/understudy/testbed}/<versions>/
 # and holds: etcd, kube-apiserver, kube-controller-manager, crd/ (snapshot CRDs).
 # With --node also: kubelet, kube-scheduler, the CSI sidecars (csi-provisioner,
-# csi-snapshotter, snapshot-controller, csi-snapshot-metadata), node-crd/ (group-snapshot and
+# csi-snapshotter, snapshot-controller, csi-snapshot-metadata), csi-sanity, node-crd/ (group-snapshot and
 # SnapshotMetadataService CRDs of the sidecars' versions), and containerd, runc, the CNI
 # plugins and busybox installed from Debian packages when missing.
 # The Rust helper (understudy-e2e::kube) finds it the same way.
@@ -23,6 +23,7 @@ SNAPSHOTTER_VERSION=v8.6.0   # github.com/kubernetes-csi/external-snapshotter/cl
 PROVISIONER_VERSION=v6.4.0   # github.com/kubernetes-csi/external-provisioner/v6
 SIDECAR_SNAPSHOTTER=v8.7.0   # github.com/kubernetes-csi/external-snapshotter/v8 (+ client/v8)
 SNAPSHOT_METADATA=v1.0.0     # github.com/kubernetes-csi/external-snapshot-metadata (+ client)
+CSI_TEST=v5.4.0              # github.com/kubernetes-csi/csi-test/v5 (csi-sanity, checks the test CSI driver)
 NODE=0
 [[ ${1:-} == --node ]] && NODE=1
 
@@ -43,7 +44,7 @@ complete() {
      && -f $OUT/crd/.complete ]]
 }
 
-NODE_BINS=(kubelet kube-scheduler csi-provisioner csi-snapshotter snapshot-controller csi-snapshot-metadata)
+NODE_BINS=(kubelet kube-scheduler csi-provisioner csi-snapshotter snapshot-controller csi-snapshot-metadata csi-sanity)
 complete_node() {
   local b
   for b in "${NODE_BINS[@]}"; do [[ -x $OUT/$b ]] || return 1; done
@@ -207,6 +208,8 @@ build_sidecars() {
   build_wrapped snapshot-metadata "github.com/kubernetes-csi/external-snapshot-metadata@$SNAPSHOT_METADATA" \
     "	github.com/kubernetes-csi/external-snapshot-metadata/client => github.com/kubernetes-csi/external-snapshot-metadata/client $SNAPSHOT_METADATA" \
     github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata
+  build_wrapped csi-test "github.com/kubernetes-csi/csi-test/v5@$CSI_TEST" "" \
+    github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
 }
 
 module_dir() {

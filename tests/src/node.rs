@@ -41,6 +41,8 @@ pub const GROUP_SNAPSHOT_CLASS: &str = "understudy-groups";
 pub const TOOLS_IMAGE: &str = "understudy.local/tools:1";
 /// The image holding the project's test programs (`understudy-testbed-tool`).
 pub const PROGRAMS_IMAGE: &str = "understudy.local/programs:1";
+/// The image of the agents (after [`NodeCluster::import_agents`]).
+pub const AGENTS_IMAGE: &str = "understudy.local/agents:1";
 const PAUSE_IMAGE: &str = "understudy.local/pause:1";
 
 /// The sysctls the kubelet sets when they differ from what it wants; the node's namespace gets
@@ -240,7 +242,6 @@ state = "{d}/state"
     }
 
     fn import_images(&self) -> Result<()> {
-        let cache = images_cache();
         let images = [
             Image::pause(PAUSE_IMAGE)?,
             Image::tools(TOOLS_IMAGE)?,
@@ -249,22 +250,34 @@ state = "{d}/state"
                 &crate::bin("understudy-testbed-tool"),
             )?,
         ];
-        for image in images {
-            let archive = image.archive(&cache)?;
-            let out = Command::new("ctr")
-                .arg(format!("--address={}", self.containerd_socket().display()))
-                .args(["-n", "k8s.io", "images", "import", "--no-unpack=false"])
-                .arg(&archive)
-                .output()
-                .context("running ctr")?;
-            if !out.status.success() {
-                bail!(
-                    "importing {} ({}) into containerd failed: {}",
-                    image.name(),
-                    archive.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+        images.iter().try_for_each(|i| self.import(i))
+    }
+
+    /// Builds (when the binaries changed) and imports the image of the agents,
+    /// [`AGENTS_IMAGE`]: `/bin/source-agent` and `/bin/target-agent` of this build. Not done at
+    /// start: the debug binaries are large and only the tests that run agents in pods need it.
+    pub fn import_agents(&self) -> Result<()> {
+        let image = Image::new(AGENTS_IMAGE, &["/bin/target-agent"])
+            .program("/bin/source-agent", &crate::bin("source-agent"))?
+            .program("/bin/target-agent", &crate::bin("target-agent"))?;
+        self.import(&image)
+    }
+
+    fn import(&self, image: &Image) -> Result<()> {
+        let archive = image.archive(&images_cache())?;
+        let out = Command::new("ctr")
+            .arg(format!("--address={}", self.containerd_socket().display()))
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(&archive)
+            .output()
+            .context("running ctr")?;
+        if !out.status.success() {
+            bail!(
+                "importing {} ({}) into containerd failed: {}",
+                image.name(),
+                archive.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -840,7 +853,7 @@ fn images_cache() -> PathBuf {
 }
 
 /// The test bed with its node parts (`build.sh --node`), built on first use.
-fn node_testbed_dir() -> Option<PathBuf> {
+pub fn node_testbed_dir() -> Option<PathBuf> {
     static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         testbed_dir()?;
@@ -916,7 +929,16 @@ impl NodeCluster {
     pub async fn pod_logs(&self, namespace: &str, name: &str) -> Result<String> {
         let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
             kube::Api::namespaced(self.api.client().await?, namespace);
-        Ok(pods.logs(name, &Default::default()).await?)
+        let pod = pods.get(name).await?;
+        let first = pod
+            .spec
+            .and_then(|s| s.containers.into_iter().next())
+            .map(|c| c.name);
+        let params = kube::api::LogParams {
+            container: first,
+            ..Default::default()
+        };
+        Ok(pods.logs(name, &params).await?)
     }
 
     /// Runs a command in a container through `pods/exec` (the path hooks take).

@@ -215,6 +215,8 @@ impl Image {
     fn write_layer(&self, path: &Path) -> Result<()> {
         let mut ar = tar::Builder::new(File::create(path)?);
         ar.follow_symlinks(true);
+        // Plain entries only: containerd does not take GNU sparse ones (type S).
+        ar.sparse(false);
         let mut dirs = std::collections::BTreeSet::new();
         for (p, _) in &self.entries {
             let mut d = Path::new(p).parent();
@@ -251,6 +253,8 @@ impl Image {
     /// A digest of everything the archive is made from.
     fn inputs_key(&self) -> Result<String> {
         let mut h = Sha256::new();
+        // The archive layout's version: a change in how archives are written rebuilds them.
+        h.update(b"understudy-oci-2");
         h.update(self.name.as_bytes());
         h.update(self.entrypoint.join("\0").as_bytes());
         for (p, e) in &self.entries {

@@ -2,7 +2,7 @@
 //! CSI driver (see understudy_e2e::node). Each test starts its own cluster.
 
 use std::time::Duration;
-use understudy_e2e::node::{NodeCluster, TOOLS_IMAGE};
+use understudy_e2e::node::{AGENTS_IMAGE, NodeCluster, TOOLS_IMAGE};
 
 macro_rules! cluster {
     () => {
@@ -80,4 +80,21 @@ spec:
         .await
         .unwrap();
     assert_eq!((fails.stderr.trim(), fails.code), ("oops", 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agents_run_from_their_locally_built_image() {
+    let c = cluster!();
+    c.import_agents().unwrap();
+    let log = c
+        .run_pod(
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: agents, namespace: default}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {AGENTS_IMAGE}\n    imagePullPolicy: Never\n    command: [/bin/source-agent, --version]\n  - name: target\n    image: {AGENTS_IMAGE}\n    imagePullPolicy: Never\n    command: [/bin/target-agent, --version]\n"
+            ),
+            "default",
+            "agents",
+        )
+        .await
+        .unwrap();
+    assert!(log.contains(env!("CARGO_PKG_VERSION")), "{log}");
 }
