@@ -146,13 +146,7 @@ impl NodeCluster {
     fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> Result<()> {
         let mut cmd = self.api.command(program);
         cmd.args(args).env("RUST_LOG", "info");
-        let log = std::fs::File::create(self.api.dir().join(format!("{name}.log")))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
+        let child = self.api.spawn_logged(name, &mut cmd)?;
         self.daemons.push((name.to_string(), child));
         Ok(())
     }
@@ -782,6 +776,23 @@ fn loops_under(dir: &Path) -> Vec<String> {
             back.starts_with(&dir).then(|| name.to_string())
         })
         .collect()
+}
+
+/// Unmounts (lazily) everything mounted under `dir` in this mount namespace and detaches the
+/// loop devices backed by files under it: the cleanup of a test that ran the CSI driver directly.
+pub fn release_under(dir: &Path) {
+    let root = dir.display().to_string();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&root))
+        .collect();
+    mounts.reverse();
+    for m in mounts {
+        let _ = Command::new("umount").arg("-l").arg(m).status();
+    }
+    detach_loops_under(dir);
 }
 
 fn detach_loops_under(dir: &Path) {

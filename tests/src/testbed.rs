@@ -285,11 +285,6 @@ impl TestCluster {
         }
     }
 
-    /// The cluster's own directory (certificates, logs).
-    pub(crate) fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Stops one component (SIGKILL), if it runs.
     pub(crate) fn stop(&mut self, name: &str) {
         for (n, p) in &mut self.procs {
@@ -301,16 +296,20 @@ impl TestCluster {
     }
 
     /// Starts a component whose output goes to `<dir>/<name>.log`.
-    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+        let child = self.spawn_logged(name, cmd)?;
+        self.procs.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Starts `cmd` with its output in `<dir>/<name>.log` (read back by [`Self::log_tail`]).
+    pub(crate) fn spawn_logged(&self, name: &str, cmd: &mut Command) -> Result<Child> {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        self.procs.push((name.to_string(), child));
-        Ok(())
+            .with_context(|| format!("cannot start {name}"))
     }
 
     /// The last lines of a component's log (for failure messages).

@@ -4,7 +4,7 @@
 
 use std::process::{Child, Command, Stdio};
 use understudy_e2e::bin;
-use understudy_e2e::node::node_testbed_dir;
+use understudy_e2e::node::{node_testbed_dir, release_under};
 
 /// The driver process and its directory; on drop (also on failure) the driver is stopped and
 /// whatever csi-sanity left mounted or attached under the directory is released.
@@ -17,32 +17,7 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let root = self.dir.path().display().to_string();
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.reverse();
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        let list = Command::new("losetup")
-            .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
-            .output();
-        for line in list
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-            .lines()
-        {
-            let mut f = line.split_whitespace();
-            if let (Some(dev), Some(back)) = (f.next(), f.next())
-                && back.starts_with(&root)
-            {
-                let _ = Command::new("losetup").arg("-d").arg(dev).status();
-            }
-        }
+        release_under(self.dir.path());
     }
 }
 
