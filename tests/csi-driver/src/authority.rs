@@ -66,7 +66,7 @@ pub fn rewrite_headers(payload: &[u8], priority: bool) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < block.len() {
         let b = block[i];
-        let (prefix, indexing) = match b {
+        let prefix = match b {
             _ if b & 0x80 != 0 => {
                 // Indexed field: just the index.
                 let (_, n) = integer(&block[i..], 7)?;
@@ -74,7 +74,8 @@ pub fn rewrite_headers(payload: &[u8], priority: bool) -> Option<Vec<u8>> {
                 i += n;
                 continue;
             }
-            _ if b & 0xC0 == 0x40 => (6, true),
+            // Literal with incremental indexing: a 6-bit name index.
+            _ if b & 0xC0 == 0x40 => 6,
             _ if b & 0xE0 == 0x20 => {
                 // Dynamic table size update.
                 let (_, n) = integer(&block[i..], 5)?;
@@ -82,7 +83,8 @@ pub fn rewrite_headers(payload: &[u8], priority: bool) -> Option<Vec<u8>> {
                 i += n;
                 continue;
             }
-            _ => (4, false),
+            // Literal without indexing or never indexed: a 4-bit name index.
+            _ => 4,
         };
         let (name_index, n) = integer(&block[i..], prefix)?;
         let field_start = i;
@@ -99,7 +101,6 @@ pub fn rewrite_headers(payload: &[u8], priority: bool) -> Option<Vec<u8>> {
         } else {
             out.extend_from_slice(&block[field_start..j]);
         }
-        let _ = indexing;
         i = j;
     }
     Some(out)
