@@ -83,6 +83,60 @@ impl ChangeSource for HashDiff {
     }
 }
 
+/// Byte ranges named up front by a tracker outside the volume (CSI changed-block tracking:
+/// GetMetadataAllocated for a first sync, with [`Unlisted::Holes`]; GetMetadataDelta against the
+/// base's snapshot, with [`Unlisted::Unchanged`]). Ranges are rounded out to whole blocks, so a
+/// tracker with smaller blocks than the group's never hides a change.
+pub struct Listed {
+    /// Name for logs and status (`csi-allocated`, `csi-delta`).
+    pub name: &'static str,
+    /// What the blocks outside the ranges hold.
+    pub unlisted: Unlisted,
+    /// Byte ranges, increasing and not overlapping.
+    pub extents: Vec<Range<u64>>,
+}
+
+impl ChangeSource for Listed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn candidates<'a>(
+        &'a self,
+        name: &str,
+        vol: &'a Volume,
+        block_size: u32,
+        has_base: bool,
+    ) -> Result<Candidates<'a>> {
+        anyhow::ensure!(
+            has_base || self.unlisted == Unlisted::Holes,
+            "{}: volume {name} has no base, so only the allocated ranges can name its blocks",
+            self.name
+        );
+        let bs = block_size as u64;
+        let blocks = vol.size().div_ceil(bs);
+        let mut last = 0u64;
+        for e in &self.extents {
+            anyhow::ensure!(
+                e.start >= last && e.start < e.end,
+                "{}: ranges of volume {name} are not increasing ({}..{} after {last})",
+                self.name,
+                e.start,
+                e.end
+            );
+            last = e.end;
+        }
+        let ranges = self
+            .extents
+            .iter()
+            .map(move |e| Ok((e.start / bs).min(blocks)..e.end.div_ceil(bs).min(blocks)));
+        Ok(Candidates {
+            unlisted: self.unlisted,
+            ranges: Box::new(Coalesce::new(ranges)),
+        })
+    }
+}
+
 /// Merges touching or overlapping ranges of an increasing stream (extents rounded out to whole
 /// blocks can share a block).
 struct Coalesce<I> {
@@ -161,6 +215,36 @@ mod tests {
             .collect::<Result<_>>()
             .unwrap();
         assert_eq!(c, vec![0..4, 6..7]);
+    }
+
+    #[test]
+    fn listed_byte_ranges_become_whole_blocks_and_must_increase() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.img");
+        crate::volume::VolumeWriter::create_image(&p, 1 << 20).unwrap();
+        let v = Volume::open(&p).unwrap();
+        let l = Listed {
+            name: "csi-delta",
+            unlisted: Unlisted::Unchanged,
+            extents: vec![
+                4096..8192,
+                65536..65537,
+                70000..80000,
+                (1 << 20) - 1..(1 << 20) + 5,
+            ],
+        };
+        let c = l.candidates("v", &v, 64 << 10, true).unwrap();
+        let r: Vec<_> = c.ranges.collect::<Result<_>>().unwrap();
+        assert_eq!(r, vec![0..2, 15..16]);
+        assert!(
+            l.candidates("v", &v, 64 << 10, false).is_err(),
+            "a delta needs a base"
+        );
+        let bad = Listed {
+            extents: vec![8192..9000, 4096..5000],
+            ..l
+        };
+        assert!(bad.candidates("v", &v, 4096, true).is_err());
     }
 
     #[test]

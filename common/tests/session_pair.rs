@@ -7,100 +7,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use understudy_common::block_map::BlockMap;
+use std::sync::atomic::Ordering;
 use understudy_common::chunk;
-use understudy_common::hash::{BlockRef, ChunkHash, VolumeDigest};
+use understudy_common::hash::{BlockRef, ChunkHash};
 use understudy_common::protocol::session_store::{MemoryStore, StoreOp};
 use understudy_common::protocol::source_session::{Offer, SourceSession, SourceStep};
 use understudy_common::protocol::target_session::{FlushPolicy, TargetSession, TargetStep};
-use understudy_common::protocol::{Control, OfferKind, RefuseCode, SessionStore};
-use understudy_common::store::{CutMeta, ManifestRef, Store, VolumeMeta};
+use understudy_common::protocol::{Control, RefuseCode, SessionStore};
+use understudy_common::store::Store;
 use understudy_common::transport::stream::StreamKind;
 
-/// A fixed clock: these tests do not depend on time unless they step [`NOW`].
-fn clock() -> i64 {
-    NOW.load(Ordering::SeqCst)
-}
-static NOW: AtomicI64 = AtomicI64::new(1_000);
-
-/// A target session over `store` with the default flush policy.
-fn target(store: &Arc<impl SessionStore + 'static>) -> TargetSession {
-    TargetSession::new(store.clone(), FlushPolicy::default(), clock)
-}
-
-/// What a test reads back from either store.
-trait Inspect: SessionStore + 'static {
-    fn map(&self, group: &str, seq: u64, volume: &str) -> BlockMap;
-}
-
-impl Inspect for Store {
-    fn map(&self, group: &str, seq: u64, volume: &str) -> BlockMap {
-        self.block_map(group, seq, volume).unwrap()
-    }
-}
-
-impl Inspect for MemoryStore {
-    fn map(&self, group: &str, seq: u64, volume: &str) -> BlockMap {
-        self.block_map(group, seq, volume).unwrap()
-    }
-}
-
-const BS: u32 = 4096;
-
-/// A volume image in memory, and its cut.
-struct Image {
-    blocks: Vec<Vec<u8>>,
-}
-
-impl Image {
-    fn new(n: usize) -> Self {
-        Image {
-            blocks: vec![vec![0u8; BS as usize]; n],
-        }
-    }
-    fn map(&self) -> BlockMap {
-        let data = self
-            .blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.iter().any(|x| *x != 0))
-            .map(|(i, b)| (i as u64, ChunkHash::of(b)))
-            .collect();
-        BlockMap::from_sorted(data).unwrap()
-    }
-    fn frames(&self) -> HashMap<ChunkHash, Vec<u8>> {
-        self.blocks
-            .iter()
-            .filter(|b| b.iter().any(|x| *x != 0))
-            .map(|b| (ChunkHash::of(b), chunk::encode(b, 1)))
-            .collect()
-    }
-    fn offer(&self, id: &str, base: Option<(u64, &BlockMap)>) -> Offer {
-        let map = self.map();
-        let size = (self.blocks.len() as u64) * BS as u64;
-        let entries: Vec<(u64, BlockRef)> = match base {
-            None => BlockMap::new().changes_to(&map),
-            Some((_, old)) => old.changes_to(&map),
-        };
-        Offer {
-            kind: base.map_or(OfferKind::Full, |(s, _)| OfferKind::Delta { base: s }),
-            cut: CutMeta {
-                cut_id: id.into(),
-                source: "sha256:test".into(),
-                created_ms: 1,
-                block_size: BS,
-                volumes: vec![VolumeMeta {
-                    name: "data".into(),
-                    size,
-                    digest: VolumeDigest::of_map(size, BS, &map),
-                }],
-                manifests: ManifestRef::default(),
-            },
-            entries: vec![entries],
-        }
-    }
-}
+mod support;
+use support::*;
 
 /// Outcome of one in-memory session.
 #[derive(Debug, PartialEq, Eq)]
@@ -138,6 +56,7 @@ fn run(
             match step {
                 TargetStep::Reply(r) => to_source.extend(r),
                 TargetStep::Committed(r) => to_source.push(r),
+                other => panic!("unexpected {other:?}"),
             }
         }
         for m in to_source {
@@ -172,16 +91,6 @@ fn run(
 }
 
 thread_local!(static SENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) });
-
-fn fill(img: &mut Image, range: std::ops::Range<usize>, seed: u8) {
-    for i in range {
-        let mut xof = blake3::Hasher::new()
-            .update(&[seed])
-            .update(&i.to_le_bytes())
-            .finalize_xof();
-        xof.fill(&mut img.blocks[i]);
-    }
-}
 
 #[test]
 fn full_then_delta_then_resume_without_resending() {
@@ -333,17 +242,6 @@ fn target_refuses_bad_input() {
 }
 
 /// Hands `msgs` to the target; returns its replies (a commit request is not expected here).
-fn deliver(t: &mut TargetSession, msgs: Vec<Control>) -> Vec<Control> {
-    let mut out = Vec::new();
-    for m in msgs {
-        match t.on_message(m).expect("target accepts the message") {
-            TargetStep::Reply(r) => out.extend(r),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    out
-}
-
 #[test]
 fn pushed_chunks_are_held_and_not_asked_for_again() {
     let store = Arc::new(MemoryStore::new());
@@ -362,7 +260,7 @@ fn pushed_chunks_are_held_and_not_asked_for_again() {
     // Hello and Welcome come before the cut exists.
     let (mut src, hello) = SourceSession::pushing("app");
     let mut tgt = target(&store);
-    let welcome = deliver(&mut tgt, vec![hello]);
+    let welcome = deliver_all(&mut tgt, vec![hello]);
     for m in welcome {
         assert_eq!(src.on_message(m).unwrap(), SourceStep::Send(vec![]));
     }
@@ -384,7 +282,7 @@ fn pushed_chunks_are_held_and_not_asked_for_again() {
         }
     ));
     assert_eq!(
-        deliver(&mut tgt, msgs),
+        deliver_all(&mut tgt, msgs),
         vec![],
         "the answer waits for the push stream"
     );
@@ -437,7 +335,7 @@ fn a_pushed_chunk_the_offer_does_not_reference_is_refused() {
     let mut img = Image::new(4);
     fill(&mut img, 0..4, 6);
     let mut tgt = target(&store);
-    deliver(
+    deliver_all(
         &mut tgt,
         vec![Control::Hello {
             group: "app".into(),
@@ -477,7 +375,7 @@ fn after_a_broken_transfer_the_target_forbids_pushing_until_a_commit() {
     fill(&mut img, 0..16, 8);
     let welcome = |store: &Arc<MemoryStore>| {
         let mut t = target(store);
-        let reply = deliver(
+        let reply = deliver_all(
             &mut t,
             vec![Control::Hello {
                 group: "app".into(),

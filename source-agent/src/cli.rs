@@ -38,6 +38,53 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Capture an application's objects from a cluster into a bundle directory.
     Capture(crate::capture::CaptureArgs),
+    /// Run as the Kubernetes controller of ReplicationGroups.
+    Controller(ControllerArgs),
+    /// Print the project's CRDs (YAML), e.g. `source-agent crds | kubectl apply -f -`.
+    Crds,
+    /// Stage one volume of a cut on the target, as a data mover (the source agent starts these
+    /// in pods, one per volume, with a ticket it made for the cut).
+    Mover(MoverArgs),
+}
+
+/// `controller` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
+    /// Namespace of the agent: the Secrets named by spec.target.secretName live here.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub agent_namespace: String,
+    /// Watch ReplicationGroups in this namespace only (default: all namespaces).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Image of the mover pods (it must hold /bin/source-agent of this version).
+    #[arg(long, env = "UNDERSTUDY_MOVER_IMAGE")]
+    pub mover_image: String,
+    /// Scratch directory (the manifests' frames while a commit runs).
+    #[arg(long, default_value = "/tmp/understudy-source")]
+    pub state_dir: PathBuf,
+    /// Kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address for Prometheus metrics (/metrics); off when not given.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `mover` arguments.
+#[derive(clap::Args, Debug)]
+pub struct MoverArgs {
+    /// The ticket the source agent wrote (JSON: what to stage, the target, the mover's key).
+    #[arg(long, env = "UNDERSTUDY_MOVER_TICKET")]
+    pub ticket: PathBuf,
+    /// The volume to read (a block device or an image file).
+    #[arg(long)]
+    pub device: PathBuf,
+    /// Directory for the frames sent (a few times the changed data at most).
+    #[arg(long, default_value = "/tmp")]
+    pub work_dir: PathBuf,
+    /// Where the report goes (JSON), e.g. the pod's termination message path.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 /// `run` arguments.
@@ -69,7 +116,7 @@ pub struct RunArgs {
     #[arg(long, requires = "kube_namespaces")]
     pub kubeconfig: Option<PathBuf>,
     /// Time between cycle starts (at least 10s).
-    #[arg(long, default_value = "5m", value_parser = parse_interval)]
+    #[arg(long, default_value = "5m", value_parser = schedule::parse_interval)]
     pub interval: Duration,
     /// Run one cycle and exit (non-zero if it failed after retries).
     #[arg(long)]
@@ -122,6 +169,9 @@ pub fn main() -> ExitCode {
                 Command::Identity(c) => c.run()?,
                 Command::Run(a) => return run(a),
                 Command::Capture(a) => crate::capture::run(a)?,
+                Command::Mover(a) => mover(a)?,
+                Command::Controller(a) => controller(a)?,
+                Command::Crds => print!("{}", understudy_kube::crd::yaml()?),
             }
             Ok(ExitCode::SUCCESS)
         },
@@ -185,10 +235,6 @@ impl RunArgs {
     }
 }
 
-fn parse_interval(s: &str) -> Result<Duration> {
-    schedule::check_interval(humantime::parse_duration(s)?)
-}
-
 /// Runs the schedule. Exit codes: 0 when done or stopped between cycles, 1 on failure, and
 /// 128 + the signal's number when a signal stopped a cycle part-way (its cut is kept).
 fn run(a: Box<RunArgs>) -> Result<ExitCode> {
@@ -228,5 +274,49 @@ fn run(a: Box<RunArgs>) -> Result<ExitCode> {
             }
         };
         Ok(code)
+    })
+}
+
+/// Runs a mover: stages the device's volume, prints and writes the report.
+fn mover(a: MoverArgs) -> Result<()> {
+    use anyhow::Context;
+    let raw = std::fs::read(&a.ticket)
+        .with_context(|| format!("cannot read the mover's ticket {}", a.ticket.display()))?;
+    let ticket: crate::mover::MoverTicket = serde_json::from_slice(&raw).with_context(|| {
+        format!(
+            "{} is not a mover ticket; the source agent writes these",
+            a.ticket.display()
+        )
+    })?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(crate::mover::run(&ticket, &a.device, &a.work_dir))?;
+    let json = serde_json::to_string(&report)?;
+    println!("{json}");
+    if let Some(p) = &a.report {
+        std::fs::write(p, &json)
+            .with_context(|| format!("cannot write the report to {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the controller until SIGINT or SIGTERM.
+fn controller(a: ControllerArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let stop = Stop::on_signals()?;
+        let metrics = Arc::new(Metrics::new());
+        if let Some(m) = a.metrics_addr {
+            let bound = metrics.clone().serve(m).await?;
+            tracing::info!(%bound, "serving metrics");
+        }
+        let client = understudy_kube::connect(a.kubeconfig.as_deref()).await?;
+        let cfg = crate::controller::ControllerConfig {
+            namespace: a.namespace,
+            agent_namespace: a.agent_namespace,
+            mover_image: a.mover_image,
+            state_dir: a.state_dir,
+        };
+        let stopped = async move { stop.requested_wait().await };
+        crate::controller::run(client, cfg, metrics, stopped).await
     })
 }

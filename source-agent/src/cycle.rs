@@ -1,25 +1,20 @@
 //! One replication cycle of a group: resume the pending cut or make a new one, offer it to the
 //! target, send what it lacks, and record the commit.
 
-use crate::ship::{Limiter, Shipped, push, ship};
+use crate::link::{Link, Outcome, Sent};
+use crate::ship::Limiter;
 use crate::stop::Stop;
-use crate::target::{TargetAddr, first_success};
+use crate::target::{Connector, TargetAddr};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 use understudy_common::change::{ChangeSource, HashDiff};
-use understudy_common::cut::spool::SpoolReader;
 use understudy_common::cut::{CutConfig, CutObserver, GroupState, PendingCut, make_cut};
 use understudy_common::metrics::Metrics;
-use understudy_common::protocol::Control;
-use understudy_common::protocol::source_session::{SourceSession, SourceStep};
-use understudy_common::transport::{Fingerprint, Identity, quic, stream};
-
-/// How long the QUIC and TLS handshake with the target may take.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+use understudy_common::protocol::source_session::SourceSession;
+use understudy_common::transport::{Identity, stream};
 
 /// Everything a cycle needs.
 pub struct SourceConfig {
@@ -75,13 +70,22 @@ pub struct CycleReport {
     pub seconds: f64,
 }
 
+impl CycleReport {
+    /// Adds what a session sent.
+    fn add(&mut self, sent: &Sent) {
+        self.chunks_sent += sent.chunks;
+        self.chunks_pushed += sent.pushed;
+        self.bytes_sent += sent.bytes;
+        self.chunks_held = sent.held;
+        self.blocks_changed = sent.blocks_changed;
+        self.already_committed |= sent.already_committed;
+    }
+}
+
 /// A source agent for one group.
 pub struct SourceAgent {
     cfg: SourceConfig,
-    identity: Identity,
-    peers: Vec<Fingerprint>,
-    /// QUIC client endpoints, made on first use: one for IPv4 targets, one for IPv6.
-    endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
+    connector: Connector,
     metrics: Arc<Metrics>,
     change: Arc<dyn ChangeSource>,
     stop: Stop,
@@ -96,9 +100,7 @@ impl SourceAgent {
         metrics.track(&cfg.group);
         Ok(SourceAgent {
             cfg,
-            identity,
-            peers,
-            endpoints: Mutex::new([None, None]),
+            connector: Connector::new(identity, peers),
             metrics,
             change: Arc::new(HashDiff),
             stop,
@@ -173,6 +175,9 @@ impl SourceAgent {
                 drop(state);
                 Box::pin(self.cycle_once(false)).await
             }
+            Outcome::Staged => bail!(
+                "the target answered a source's cut as a mover's part; check that the target's address is an Understudy target agent of this version"
+            ),
             Outcome::BaseMismatch => bail!(
                 "target refused a full offer as a base mismatch; check that no other source replicates group {}",
                 self.cfg.group
@@ -255,46 +260,9 @@ impl SourceAgent {
 
     /// Resolves the target and connects to the first of its addresses that answers.
     async fn connect(&self) -> Result<quinn::Connection> {
-        let target = &self.cfg.target;
-        let hint = "is it running, reachable over UDP, and are both agents paired with each other's fingerprint?";
-        let work = async {
-            let addrs = target.resolve().await?;
-            let (conn, used) = first_success(&addrs, |addr| {
-                let connecting = self.endpoint(addr)?.connect_with(
-                    quic::client_config(&self.identity, self.peers.clone(), addr)?,
-                    addr,
-                    quic::SERVER_NAME,
-                )?;
-                Ok(Box::pin(async move {
-                    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-                        Ok(r) => Ok(r?),
-                        Err(_) => bail!("no answer within {CONNECT_TIMEOUT:?}"),
-                    }
-                }))
-            })
+        self.stop
+            .unless_stopped(self.connector.connect(&self.cfg.target))
             .await
-            .with_context(|| format!("cannot connect to target {target}: {hint}"))?;
-            tracing::info!(%target, address = %used, "connected to the target");
-            Ok(conn)
-        };
-        self.stop.unless_stopped(work).await
-    }
-
-    /// The client endpoint for connections to `addr`'s address family, made on first use.
-    fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint> {
-        let mut eps = self.endpoints.lock().expect("endpoints lock");
-        let slot = &mut eps[usize::from(addr.is_ipv6())];
-        if let Some(e) = slot {
-            return Ok(e.clone());
-        }
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let e = quic::client_endpoint(bind)?;
-        *slot = Some(e.clone());
-        Ok(e)
     }
 
     /// Adds the connection's figures to the report.
@@ -307,6 +275,23 @@ impl SourceAgent {
         tracing::debug!(path = ?stats.path, "connection path at the end of the session");
     }
 
+    /// The link to the target over `conn`, with this agent's streams, cap and byte counter.
+    fn link(&self, conn: &quinn::Connection) -> Link {
+        let counter = self
+            .metrics
+            .bytes_sent
+            .get_or_create(&Metrics::group(&self.cfg.group))
+            .clone();
+        Link {
+            conn: conn.clone(),
+            streams: self.cfg.streams,
+            limit: self.cfg.bandwidth_limit_mbit.map(Limiter::mbit),
+            on_bytes: Arc::new(move |n: u64| {
+                counter.inc_by(n);
+            }),
+        }
+    }
+
     /// Offers a cut made earlier on a new connection.
     async fn offer(
         &self,
@@ -315,16 +300,20 @@ impl SourceAgent {
         report: &mut CycleReport,
     ) -> Result<Outcome> {
         let conn = self.connect().await?;
+        let link = self.link(&conn);
+        let spool = state.cut_dir().join("spool.frames");
+        let mut sent = Sent::default();
         let r = self
             .stop
             .unless_stopped(async {
-                let (mut send, recv) = open_control(&conn).await?;
+                let mut control = link.open_control().await?;
                 let (session, hello) = SourceSession::new(&self.cfg.group, cut.offer.clone());
-                stream::send(&mut send, &hello).await?;
-                self.drive(&conn, (send, recv), session, None, state, cut, report)
+                stream::send(&mut control.0, &hello).await?;
+                link.drive(control, session, None, (&spool, &cut.spool), &mut sent)
                     .await
             })
             .await;
+        report.add(&sent);
         self.account(&conn, report);
         r.map_err(|e| self.ended(&conn, e))
     }
@@ -337,39 +326,32 @@ impl SourceAgent {
         state: &Arc<GroupState>,
         report: &mut CycleReport,
     ) -> Result<(Outcome, PendingCut)> {
+        let link = self.link(conn);
         let (mut session, hello) = SourceSession::pushing(&self.cfg.group);
-        let (mut send, mut recv, welcome) = self
+        let (control, welcome) = self
             .stop
             .unless_stopped(async {
-                let (mut send, mut recv) = open_control(conn).await?;
-                stream::send(&mut send, &hello).await?;
-                let welcome = stream::recv(&mut recv)
+                let mut control = link.open_control().await?;
+                stream::send(&mut control.0, &hello).await?;
+                let welcome = stream::recv(&mut control.1)
                     .await
                     .context("target closed the session")?;
-                Ok((send, recv, welcome))
+                Ok((control, welcome))
             })
             .await?;
         session.on_message(welcome)?;
         if !session.awaits_cut() {
             bail!("target did not welcome the session");
         }
+        let spool = state.cut_dir().join("spool.frames");
         let (feed, pusher) = if session.push_allowed() {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = push(
-                conn.clone(),
-                state.cut_dir().join("spool.frames"),
-                rx,
-                self.cfg.streams,
-                self.limiter(),
-                self.sent_counter(None),
-            );
-            (Some(tx), Some(tokio::spawn(task)))
+            let (feed, pusher) = link.start_push(&spool);
+            (Some(feed), Some(pusher))
         } else {
             tracing::info!(group = %self.cfg.group, "the target holds chunks of a broken transfer: not pushing, it asks for what it lacks after the cut");
             (None, None)
         };
-        let cut = self.make_cut(state, feed).await;
-        let cut = match cut {
+        let cut = match self.make_cut(state, feed).await {
             Ok(cut) => cut,
             Err(e) => {
                 if let Some(p) = pusher {
@@ -386,140 +368,18 @@ impl SourceAgent {
             (self.cfg.streams.max(1) as u32, cut.spool.len() - manifests)
         });
         let first = session.set_offer(cut.offer.clone(), streams, pushed as u64)?;
-        let work = async {
-            let first = match first {
-                SourceStep::Send(msgs) => {
-                    for m in &msgs {
-                        stream::send(&mut send, m).await?;
-                    }
-                    None
-                }
-                other => Some(other),
-            };
-            match pusher {
-                // The target answers the offer once the push streams drained: wait for them here.
-                Some(p) if first.is_none() => {
-                    let _abort = AbortOnDrop(p.abort_handle());
-                    let pushed = match p.await.context("push task failed")? {
-                        Ok(pushed) => pushed,
-                        Err(e) => return Err(refusal_or(&mut recv, e).await),
-                    };
-                    report.chunks_pushed = pushed.chunks;
-                    report.chunks_sent = pushed.chunks;
-                    report.bytes_sent = pushed.bytes;
-                }
-                Some(p) => p.abort(),
-                None => {}
-            }
-            self.drive(conn, (send, recv), session, first, state, &cut, report)
-                .await
-        };
-        let outcome = self.stop.unless_stopped(work).await?;
-        Ok((outcome, cut))
-    }
-
-    /// Runs a session to its end: handles `first` (if any), then each message from the target.
-    #[allow(clippy::too_many_arguments)]
-    async fn drive(
-        &self,
-        conn: &quinn::Connection,
-        (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
-        mut session: SourceSession,
-        mut step: Option<SourceStep>,
-        state: &Arc<GroupState>,
-        cut: &PendingCut,
-        report: &mut CycleReport,
-    ) -> Result<Outcome> {
-        loop {
-            let next = match step.take() {
-                Some(s) => s,
-                None => {
-                    let msg = stream::recv(&mut recv)
-                        .await
-                        .context("target closed the session")?;
-                    if let Control::NeedEnd { held, .. } = &msg {
-                        report.chunks_held = *held;
-                    }
-                    session.on_message(msg)?
-                }
-            };
-            match next {
-                SourceStep::Send(msgs) => {
-                    for m in &msgs {
-                        stream::send(&mut send, m).await?;
-                    }
-                }
-                SourceStep::SendChunks(hashes) => {
-                    let spool = Arc::new(SpoolReader::open(
-                        &state.cut_dir().join("spool.frames"),
-                        cut.spool.clone(),
-                    )?);
-                    let sent = self.send_chunks(conn, spool, hashes).await?;
-                    report.chunks_sent += sent.chunks;
-                    report.bytes_sent += sent.bytes;
-                    stream::send(&mut send, &session.commit(sent.streams, sent.chunks)).await?;
-                }
-                SourceStep::AlreadyCommitted { seq } => {
-                    report.already_committed = true;
-                    conn.close(0u32.into(), b"done");
-                    return Ok(Outcome::Committed(seq));
-                }
-                SourceStep::BaseMismatch { .. } => {
-                    conn.close(0u32.into(), b"base mismatch");
-                    return Ok(Outcome::BaseMismatch);
-                }
-                SourceStep::Committed {
-                    seq,
-                    blocks_changed,
-                } => {
-                    report.blocks_changed = blocks_changed;
-                    let _ = send.finish();
-                    conn.close(0u32.into(), b"done");
-                    return Ok(Outcome::Committed(seq));
-                }
-            }
-        }
-    }
-
-    fn limiter(&self) -> Option<Limiter> {
-        self.cfg.bandwidth_limit_mbit.map(Limiter::mbit)
-    }
-
-    /// Counts sent frame bytes in the metrics (and on `bar`, when given).
-    fn sent_counter(&self, bar: Option<indicatif::ProgressBar>) -> Arc<dyn Fn(u64) + Send + Sync> {
-        let counter = self
-            .metrics
-            .bytes_sent
-            .get_or_create(&Metrics::group(&self.cfg.group))
-            .clone();
-        Arc::new(move |n: u64| {
-            counter.inc_by(n);
-            if let Some(b) = &bar {
-                b.inc(n);
-            }
-        })
-    }
-
-    async fn send_chunks(
-        &self,
-        conn: &quinn::Connection,
-        spool: Arc<SpoolReader>,
-        hashes: Vec<understudy_common::hash::ChunkHash>,
-    ) -> Result<Shipped> {
-        let total: u64 = hashes.iter().filter_map(|h| spool.len_of(h)).sum();
-        let pb = understudy_common::progress::bytes(total, "send");
-        let on_bytes = self.sent_counter(Some(pb.clone()));
-        let r = ship(
-            conn,
-            spool,
-            hashes,
-            self.cfg.streams,
-            self.limiter(),
-            on_bytes,
-        )
-        .await;
-        pb.finish_and_clear();
-        r
+        let mut sent = Sent::default();
+        let work = link.finish_pushed(
+            control,
+            session,
+            first,
+            pusher,
+            (&spool, &cut.spool),
+            &mut sent,
+        );
+        let outcome = self.stop.unless_stopped(work).await;
+        report.add(&sent);
+        Ok((outcome?, cut))
     }
 
     /// Ends the session on `conn` after `e`: a stop closes the connection with a reason the target
@@ -539,57 +399,7 @@ impl SourceAgent {
 
     /// Waits for connections to close cleanly (call before exiting).
     pub async fn shutdown(&self) {
-        let eps: Vec<quinn::Endpoint> = self
-            .endpoints
-            .lock()
-            .expect("endpoints lock")
-            .iter()
-            .flatten()
-            .cloned()
-            .collect();
-        for e in eps {
-            e.wait_idle().await;
-        }
-    }
-}
-
-/// Aborts a task when dropped (when the future awaiting it is dropped by a stop).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-enum Outcome {
-    Committed(u64),
-    BaseMismatch,
-}
-
-/// Opens the control stream and exchanges preambles.
-async fn open_control(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .context("cannot open the control stream")?;
-    stream::write_preamble(&mut send).await?;
-    stream::read_preamble(&mut recv)
-        .await
-        .context("target did not accept the session")?;
-    Ok((send, recv))
-}
-
-/// The target's Refused, when it sent one before a push failed (it says why: a full disk, a
-/// protocol error), or else the push's own error.
-async fn refusal_or(recv: &mut quinn::RecvStream, push_error: anyhow::Error) -> anyhow::Error {
-    match tokio::time::timeout(understudy_common::protocol::REFUSAL_GRACE, stream::recv(recv)).await {
-        Ok(Ok(Control::Refused { code, message })) => {
-            anyhow::anyhow!("target refused the session ({code:?}): {message}")
-        }
-        _ => push_error.context(
-            "the connection broke while pushing the cut's chunks; the cut is kept and sent on the next attempt",
-        ),
+        self.connector.shutdown().await
     }
 }
 

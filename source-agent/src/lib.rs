@@ -4,8 +4,12 @@
 
 pub mod capture;
 pub mod cli;
+pub mod controller;
 pub mod cycle;
+pub mod link;
+pub mod mover;
 pub mod schedule;
 pub mod ship;
+pub mod staged;
 pub mod stop;
 pub mod target;

@@ -27,6 +27,12 @@ pub struct Schedule {
 }
 
 /// Checks an interval given by the user.
+/// Parses an interval (`30s`, `5m`) and checks it.
+pub fn parse_interval(s: &str) -> Result<Duration> {
+    check_interval(humantime::parse_duration(s)?)
+}
+
+/// Checks an interval: at least [`MIN_INTERVAL`].
 pub fn check_interval(interval: Duration) -> Result<Duration> {
     anyhow::ensure!(
         interval >= MIN_INTERVAL,

@@ -5,7 +5,9 @@
 
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
+use understudy_common::transport::{Fingerprint, Identity, quic};
 
 /// `host:port` of the target agent (UDP).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +118,88 @@ pub async fn first_success<T: Send + 'static>(
 
 /// One connection attempt, as [`first_success`] runs them.
 pub type Attempt<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
+
+/// How long the QUIC and TLS handshake with the target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects to targets with one identity, accepting only pinned target certificates. QUIC
+/// client endpoints are made on first use: one for IPv4 targets, one for IPv6.
+pub struct Connector {
+    identity: Identity,
+    peers: Vec<Fingerprint>,
+    endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
+}
+
+impl Connector {
+    /// A connector presenting `identity` and accepting targets whose certificates are `peers`.
+    pub fn new(identity: Identity, peers: Vec<Fingerprint>) -> Self {
+        Connector {
+            identity,
+            peers,
+            endpoints: Mutex::new([None, None]),
+        }
+    }
+
+    /// The identity it presents.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Resolves `target` and connects to the first of its addresses that answers.
+    pub async fn connect(&self, target: &TargetAddr) -> Result<quinn::Connection> {
+        let hint = "is it running, reachable over UDP, and are both agents paired with each other's fingerprint?";
+        let addrs = target.resolve().await?;
+        let (conn, used) = first_success(&addrs, |addr| {
+            let connecting = self.endpoint(addr)?.connect_with(
+                quic::client_config(&self.identity, self.peers.clone(), addr)?,
+                addr,
+                quic::SERVER_NAME,
+            )?;
+            Ok(Box::pin(async move {
+                match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                    Ok(r) => Ok(r?),
+                    Err(_) => bail!("no answer within {CONNECT_TIMEOUT:?}"),
+                }
+            }))
+        })
+        .await
+        .with_context(|| format!("cannot connect to target {target}: {hint}"))?;
+        tracing::info!(%target, address = %used, "connected to the target");
+        Ok(conn)
+    }
+
+    /// The client endpoint for connections to `addr`'s address family, made on first use.
+    fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint> {
+        let mut eps = self.endpoints.lock().expect("endpoints lock");
+        let slot = &mut eps[usize::from(addr.is_ipv6())];
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let e = quic::client_endpoint(bind)?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+
+    /// Waits for connections to close cleanly (call before exiting).
+    pub async fn shutdown(&self) {
+        let eps: Vec<quinn::Endpoint> = self
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for e in eps {
+            e.wait_idle().await;
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@ use understudy_common::metrics::Metrics;
 use understudy_common::protocol::target_session::FlushPolicy;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
+use understudy_common::transport::grants::MoverGrants;
 use understudy_common::transport::{Identity, quic};
 
 /// How the server runs.
@@ -39,7 +40,8 @@ impl Server {
         let identity = Identity::load(&cfg.dir)?;
         let peers = understudy_common::cli::require_peers(&cfg.dir)?;
         let store = Arc::new(Store::open(&cfg.dir.join("store"))?);
-        let endpoint = quic::server_endpoint(&identity, peers, cfg.listen)?;
+        let grants = Arc::new(MoverGrants::new());
+        let endpoint = quic::server_endpoint(&identity, peers.clone(), grants.clone(), cfg.listen)?;
         let ctx = Arc::new(SessionContext {
             store,
             busy: Mutex::new(HashMap::new()),
@@ -51,6 +53,8 @@ impl Server {
                 ..FlushPolicy::default()
             },
             metrics,
+            peers,
+            grants,
         });
         Ok(Server {
             admin: crate::admin::AdminSocket::bind(&cfg.dir)?,

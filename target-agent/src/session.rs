@@ -15,8 +15,9 @@ use understudy_common::protocol::target_session::{
 use understudy_common::protocol::{Control, REFUSAL_GRACE, RefuseCode};
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
+use understudy_common::transport::grants::MoverGrants;
 use understudy_common::transport::stream::StreamKind;
-use understudy_common::transport::{peer_fingerprint, stream};
+use understudy_common::transport::{Fingerprint, peer_fingerprint, stream};
 
 /// What every session shares.
 pub struct SessionContext {
@@ -32,6 +33,11 @@ pub struct SessionContext {
     pub flush: FlushPolicy,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The pinned sources.
+    pub peers: Vec<Fingerprint>,
+    /// Mover grants in force (protocol 4): the TLS verifier admits their certificates, and
+    /// their sessions may only stage the volume granted.
+    pub grants: Arc<MoverGrants>,
 }
 
 enum Event {
@@ -78,7 +84,7 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         ctx: &ctx,
         group: None,
     };
-    let mut session = TargetSession::new(ctx.store.clone(), ctx.flush, understudy_common::now_ms);
+    let mut session = new_session(&ctx, &conn);
     let result = drive(&ctx, &conn, &mut send, rx, &mut guard, &mut session).await;
     // Make what arrived durable for the next session; a failure here is logged, never allowed to
     // replace the session's own outcome (which says what went wrong first).
@@ -89,7 +95,10 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
     drop(guard);
     match &result {
         Ok(Some(group)) => {
-            after_commit(&ctx, group).await;
+            if !session.is_mover() {
+                ctx.grants.revoke_group(group);
+                after_commit(&ctx, group).await;
+            }
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         }
@@ -105,7 +114,23 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
     result.map(|_| ())
 }
 
-/// The session loop; returns the group when a point was committed.
+/// A source's session for a pinned peer; a mover's for a certificate a source granted.
+fn new_session(ctx: &SessionContext, conn: &quinn::Connection) -> TargetSession {
+    let (store, flush, clock) = (ctx.store.clone(), ctx.flush, understudy_common::now_ms);
+    let grant = peer_fingerprint(conn)
+        .filter(|fp| !ctx.peers.contains(fp))
+        .and_then(|fp| ctx.grants.get(&fp, clock()));
+    match grant {
+        Some(g) => {
+            tracing::info!(group = %g.group, volume = %g.volume, stage = %g.stage, remote = %conn.remote_address(), "a mover joined");
+            TargetSession::for_mover(store, flush, clock, g)
+        }
+        None => TargetSession::new(store, flush, clock),
+    }
+}
+
+/// The session loop; returns the group when a point was committed (or a mover's volume
+/// staged).
 async fn drive(
     ctx: &SessionContext,
     conn: &quinn::Connection,
@@ -137,6 +162,14 @@ async fn drive(
                 stream::send(send, &reply).await?;
                 log_commit(session, &reply);
                 return Ok(Some(session.group().to_string()));
+            }
+            Ok(TargetStep::Authorize { grants, reply }) => {
+                if let Some((_, g)) = grants.first() {
+                    tracing::info!(group = %g.group, stage = %g.stage, movers = grants.len(), "movers authorized");
+                }
+                ctx.grants.add(grants, understudy_common::now_ms());
+                stream::send(send, &reply).await?;
+                return Ok(None);
             }
             Err(e) => {
                 let _ = stream::send(send, &refusal(&e)).await;
@@ -176,6 +209,19 @@ async fn on_event(
 }
 
 fn log_commit(session: &TargetSession, reply: &Control) {
+    if let Control::Staged { blocks_changed } = reply {
+        let (chunks, bytes) = session.received();
+        let (pushed_chunks, pushed_bytes) = session.pushed();
+        tracing::info!(
+            group = session.group(),
+            blocks_changed,
+            chunks,
+            bytes,
+            pushed_chunks,
+            pushed_bytes,
+            "a mover's volume staged"
+        );
+    }
     if let Control::Committed {
         seq,
         blocks_changed,

@@ -11,8 +11,11 @@ pub mod apply;
 pub mod bundle;
 pub mod capture;
 pub mod client;
+pub mod crd;
+pub mod exec;
 pub mod manifests;
 pub mod snapshot_metadata;
+pub mod snapshots;
 pub mod transform;
 
 pub use client::{Resolver, connect, is_namespaced};

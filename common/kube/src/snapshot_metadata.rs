@@ -54,21 +54,39 @@ pub struct SnapshotMetadata {
     token: String,
 }
 
-impl SnapshotMetadata {
-    /// Finds the driver's SnapshotMetadataService, gets a token for `service_account` in
-    /// `namespace` with its audience, and connects over TLS to its address.
-    pub async fn connect(
+/// What a client needs to call a driver's snapshot-metadata sidecar: its address, the CA of its
+/// certificate and a token with its audience. The source agent finds these and hands them to a
+/// mover in its ticket: the token is good for this API only (its audience), for minutes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Access {
+    /// `host:port` of the sidecar.
+    pub address: String,
+    /// CA certificate (PEM) of the sidecar's certificate.
+    pub ca_pem: String,
+    /// A ServiceAccount token with the service's audience.
+    pub token: String,
+}
+
+impl Access {
+    /// Finds the driver's SnapshotMetadataService and gets a token for `service_account` in
+    /// `namespace` with its audience. `Ok(None)` when the driver has no such service (no
+    /// changed-block tracking).
+    pub async fn discover(
         kube: &kube::Client,
         driver: &str,
         namespace: &str,
         service_account: &str,
-    ) -> Result<Self> {
+    ) -> Result<Option<Self>> {
         let gvk = GroupVersionKind::gvk("cbt.storage.k8s.io", "v1beta1", "SnapshotMetadataService");
         let services: Api<DynamicObject> =
             Api::all_with(kube.clone(), &ApiResource::from_gvk(&gvk));
-        let svc = services.get_opt(driver).await.context("reading SnapshotMetadataServices")?.with_context(|| {
-            format!("no SnapshotMetadataService named {driver}: the driver does not serve changed-block tracking (or its csi-snapshot-metadata sidecar is not installed)")
-        })?;
+        let svc = match services.get_opt(driver).await {
+            Ok(Some(svc)) => svc,
+            Ok(None) => return Ok(None),
+            // The CRD itself is absent: the cluster has no changed-block tracking.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
+            Err(e) => return Err(e).context("reading SnapshotMetadataServices"),
+        };
         let spec = &svc.data["spec"];
         let (Some(address), Some(audience), Some(ca)) = (
             spec["address"].as_str(),
@@ -80,9 +98,37 @@ impl SnapshotMetadata {
         let ca = decode_base64(ca)
             .with_context(|| format!("SnapshotMetadataService {driver}: caCert is not base64"))?;
         let token = request_token(kube, namespace, service_account, audience).await?;
+        Ok(Some(Access {
+            address: address.to_string(),
+            ca_pem: String::from_utf8(ca).context("the caCert is not PEM text")?,
+            token,
+        }))
+    }
+}
+
+impl SnapshotMetadata {
+    /// Finds the driver's SnapshotMetadataService, gets a token for `service_account` in
+    /// `namespace` with its audience, and connects over TLS to its address.
+    pub async fn connect(
+        kube: &kube::Client,
+        driver: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self> {
+        let access = Access::discover(kube, driver, namespace, service_account)
+            .await?
+            .with_context(|| {
+                format!("no SnapshotMetadataService named {driver}: the driver does not serve changed-block tracking (or its csi-snapshot-metadata sidecar is not installed)")
+            })?;
+        Self::with_access(&access).await
+    }
+
+    /// Connects with what [`Access::discover`] found.
+    pub async fn with_access(access: &Access) -> Result<Self> {
+        let address = access.address.as_str();
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
+            .ca_certificate(Certificate::from_pem(access.ca_pem.as_bytes()))
             .domain_name(host);
         let channel = Endpoint::from_shared(format!("https://{address}"))
             .context("the SnapshotMetadataService address is not a host:port")?
@@ -92,7 +138,7 @@ impl SnapshotMetadata {
             .with_context(|| format!("connecting to the snapshot-metadata sidecar at {address}"))?;
         Ok(SnapshotMetadata {
             client: proto::snapshot_metadata_client::SnapshotMetadataClient::new(channel),
-            token,
+            token: access.token.clone(),
         })
     }
 
@@ -154,35 +200,85 @@ impl SnapshotMetadata {
         target_snapshot: &str,
         retries: u32,
     ) -> Result<Vec<Extent>> {
-        let mut out: Vec<Extent> = Vec::new();
-        let mut failures = 0;
-        loop {
-            let from = out.last().map_or(0, Extent::end);
-            let result = async {
-                let mut stream = self
-                    .delta(namespace, base_snapshot_id, target_snapshot, from, 0)
-                    .await?;
-                while let Some(msg) = stream.message().await? {
-                    out.extend(extents(&msg.block_metadata).filter(|e| e.end() > from));
-                }
-                Ok::<(), tonic::Status>(())
+        let what =
+            format!("changed blocks of {namespace}/{target_snapshot} since {base_snapshot_id}");
+        resumed(
+            &what,
+            retries,
+            |from| self.delta(namespace, base_snapshot_id, target_snapshot, from, 0),
+            |m| &m.block_metadata,
+        )
+        .await
+    }
+
+    /// Every allocated range of a snapshot, resumed as [`SnapshotMetadata::changed_extents`].
+    pub async fn allocated_extents(
+        &self,
+        namespace: &str,
+        snapshot: &str,
+        retries: u32,
+    ) -> Result<Vec<Extent>> {
+        let what = format!("allocated blocks of {namespace}/{snapshot}");
+        resumed(
+            &what,
+            retries,
+            |from| self.allocated(namespace, snapshot, from, 0),
+            |m| &m.block_metadata,
+        )
+        .await
+    }
+}
+
+/// The error of a changed-block call that means the driver cannot answer it at all (no
+/// tracking for this volume or snapshot pair): the caller falls back to reading and hashing.
+pub fn is_unsupported(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tonic::Status>())
+        .any(|s| {
+            matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::Unimplemented
+            )
+        })
+}
+
+/// Reads a paged stream to its end, opening it again from the end of the last range after a
+/// break (up to `retries` times).
+async fn resumed<T, F, Fut>(
+    what: &str,
+    retries: u32,
+    open: F,
+    blocks: fn(&T) -> &[proto::BlockMetadata],
+) -> Result<Vec<Extent>>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Streaming<T>, tonic::Status>>,
+{
+    let mut out: Vec<Extent> = Vec::new();
+    let mut failures = 0;
+    loop {
+        let from = out.last().map_or(0, Extent::end);
+        let result = async {
+            let mut stream = open(from).await?;
+            while let Some(msg) = stream.message().await? {
+                out.extend(extents(blocks(&msg)).filter(|e| e.end() > from));
             }
-            .await;
-            match result {
-                Ok(()) => return Ok(out),
-                Err(s) if failures < retries && retryable(&s) => {
-                    failures += 1;
-                    tracing::warn!(
-                        from = out.last().map_or(0, Extent::end),
-                        "changed-block stream broke, resuming: {}",
-                        s.message()
-                    );
-                }
-                Err(s) => bail!(
-                    "changed blocks of {namespace}/{target_snapshot} since {base_snapshot_id}: {} ({:?})",
-                    s.message(),
-                    s.code()
-                ),
+            Ok::<(), tonic::Status>(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(out),
+            Err(s) if failures < retries && retryable(&s) => {
+                failures += 1;
+                tracing::warn!(
+                    from = out.last().map_or(0, Extent::end),
+                    "{what}: the stream broke, resuming: {}",
+                    s.message()
+                );
+            }
+            Err(s) => {
+                let msg = format!("{what}: {} ({:?})", s.message(), s.code());
+                return Err(anyhow::Error::new(s).context(msg));
             }
         }
     }

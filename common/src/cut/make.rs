@@ -4,14 +4,13 @@
 
 use super::base::BaseInfo;
 use super::instant::{CutInstant, FrozenLive, TakenInstant};
-use super::manifests::{CapturedManifests, ManifestSource};
+use super::manifests::ManifestSource;
 use super::scan::{BaseStream, ScanObserver, ScanSettings, scan_volume};
 use super::spool::{Feed, SpoolIndex, SpoolWriter};
 use super::state::GroupState;
 use crate::block_map::BlockChange;
 use crate::change::ChangeSource;
 use crate::error::Interrupted;
-use crate::hash::ChunkHash;
 use crate::hooks::Hook;
 use crate::protocol::OfferKind;
 use crate::protocol::source_session::Offer;
@@ -134,6 +133,7 @@ pub fn make_cut(
             kind,
             cut,
             entries: scanned.changes,
+            parts: None,
         },
         spool: index,
         bytes_read: scanned.bytes_read,
@@ -162,7 +162,10 @@ fn scan_all(
     spool: &mut SpoolWriter,
     obs: CutObserver<'_>,
 ) -> Result<Scanned> {
-    let manifests = spool_manifests(&cfg.manifests.capture()?, cfg, spool)?;
+    let manifests = cfg
+        .manifests
+        .capture()?
+        .spool(cfg.block_size, cfg.zstd_level, spool)?;
     // Volume blocks are pushed; the manifest chunks, usually unchanged and so already held,
     // wait for the target's Need.
     spool.set_feed(obs.feed);
@@ -202,28 +205,6 @@ fn scan_all(
         out.change_sources.push(s.change_source.to_string());
     }
     Ok(out)
-}
-
-fn spool_manifests(
-    captured: &CapturedManifests,
-    cfg: &CutConfig,
-    spool: &mut SpoolWriter,
-) -> Result<ManifestRef> {
-    let bytes = &captured.encoded;
-    let mut chunks = Vec::new();
-    for piece in bytes.chunks(cfg.block_size as usize) {
-        let h = ChunkHash::of(piece);
-        if !spool.contains(&h) {
-            spool.add(h, crate::chunk::encode_with_hash(piece, h, cfg.zstd_level))?;
-        }
-        chunks.push(h);
-    }
-    Ok(ManifestRef {
-        len: bytes.len() as u64,
-        digest: blake3::hash(bytes).to_hex().to_string(),
-        files: captured.files,
-        chunks,
-    })
 }
 
 fn cut_id(source: &str, created_ms: i64) -> String {

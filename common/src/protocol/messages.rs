@@ -1,11 +1,11 @@
-//! Control-stream messages of protocol version 3 (see docs/protocol.md, "Changes").
+//! Control-stream messages of protocol version 4 (see docs/protocol.md, "Changes").
 
 use crate::hash::{BlockRef, ChunkHash};
 use crate::store::CutMeta;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// TLS ALPN token of Understudy sessions (the version is negotiated in the preamble).
 pub const ALPN: &[u8] = b"understudy";
 /// First bytes of the control stream, in both directions, before the version.
@@ -86,6 +86,44 @@ pub enum Control {
     /// Source -> target, before Offer: chunks were pushed on `streams` push streams while the
     /// cut was made (protocol 2). The target answers the offer once those streams drained.
     PushEnd { streams: u32, chunks: u64 },
+    /// Source -> target, first message of a short session (protocol 4): let movers with these
+    /// certificates read and stage the named volumes of `group` for the cut `stage`, for
+    /// `ttl_ms`. Only a pinned source may send it.
+    AuthorizeMovers {
+        group: String,
+        stage: String,
+        grants: Vec<MoverGrant>,
+        ttl_ms: u64,
+    },
+    /// Target -> source: the grants are in force.
+    MoversAuthorized { count: u32 },
+    /// Mover -> target, first message of a mover's session (protocol 4): the volume it stages.
+    /// The target answers `Welcome`, then the volume's map at the latest point as `BaseEntries`
+    /// and `BaseEnd`; the session then runs as a source's, with a one-volume offer.
+    Join {
+        group: String,
+        stage: String,
+        volume: String,
+        block_size: u32,
+    },
+    /// Target -> mover: data blocks of the volume at the latest point, in block order.
+    BaseEntries { entries: Vec<(u64, ChunkHash)> },
+    /// Target -> mover: all base entries sent.
+    BaseEnd { entries: u64 },
+    /// Target -> mover: the volume is staged, durable, for the source's commit.
+    Staged { blocks_changed: u64 },
+    /// Source -> target, in place of `Entries` (protocol 4): the entries of every volume of the
+    /// offer are the ones movers staged for `stage`.
+    UseParts { stage: String },
+}
+
+/// Lets one mover certificate stage one volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoverGrant {
+    /// The volume (a name of the group's cut).
+    pub volume: String,
+    /// SHA-256 fingerprint of the mover's certificate (`sha256:<hex>`).
+    pub fingerprint: String,
 }
 
 impl Control {
@@ -103,6 +141,13 @@ impl Control {
             Control::Committed { .. } => "Committed",
             Control::Refused { .. } => "Refused",
             Control::PushEnd { .. } => "PushEnd",
+            Control::AuthorizeMovers { .. } => "AuthorizeMovers",
+            Control::MoversAuthorized { .. } => "MoversAuthorized",
+            Control::Join { .. } => "Join",
+            Control::BaseEntries { .. } => "BaseEntries",
+            Control::BaseEnd { .. } => "BaseEnd",
+            Control::Staged { .. } => "Staged",
+            Control::UseParts { .. } => "UseParts",
         }
     }
 }

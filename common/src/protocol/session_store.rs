@@ -5,7 +5,8 @@
 use crate::block_map::BlockMap;
 use crate::hash::{BlockRef, ChunkHash};
 use crate::store::{
-    CommitError, CutMeta, PointRecord, PointStats, Store, VolumeEntries, already_committed,
+    CommitError, CutMeta, PointRecord, PointStats, StagedPart, Store, VolumeEntries,
+    already_committed,
 };
 use anyhow::Result;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,10 +16,18 @@ use std::sync::Mutex;
 pub trait SessionStore: Send + Sync {
     /// The group's latest committed point.
     fn latest(&self, group: &str) -> Result<Option<PointRecord>>;
-    /// True while a transfer of the group stored chunks and no point committed since.
-    fn was_receiving(&self, group: &str) -> Result<bool>;
-    /// Records durably, at `now_ms`, that a session of the group is storing chunks.
-    fn mark_receiving(&self, group: &str, now_ms: i64) -> Result<()>;
+    /// True while a transfer of `scope` (a group, or `<group>/<volume>` for a mover's part)
+    /// stored chunks and no point of the group committed since.
+    fn was_receiving(&self, scope: &str) -> Result<bool>;
+    /// Records durably, at `now_ms`, that a transfer of `scope` is storing chunks.
+    fn mark_receiving(&self, scope: &str, now_ms: i64) -> Result<()>;
+    /// The block map of `volume` at point `seq` of `group`; empty when the point has no such
+    /// volume.
+    fn volume_map(&self, group: &str, seq: u64, volume: &str) -> Result<BlockMap>;
+    /// Records a mover's part durably, its chunks flushed first (see [`Store::stage_part`]).
+    fn stage_part(&self, group: &str, part: &StagedPart) -> Result<()>;
+    /// The part staged for `group`, `stage` and `volume`.
+    fn staged_part(&self, group: &str, stage: &str, volume: &str) -> Result<Option<StagedPart>>;
     /// The hashes (of `hashes`) whose chunks are not durable in the store.
     fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>>;
     /// Appends a verified chunk frame; durable at the next [`SessionStore::flush`].
@@ -41,11 +50,27 @@ impl SessionStore for Store {
     fn latest(&self, group: &str) -> Result<Option<PointRecord>> {
         Store::latest(self, group)
     }
-    fn was_receiving(&self, group: &str) -> Result<bool> {
-        Store::was_receiving(self, group)
+    fn was_receiving(&self, scope: &str) -> Result<bool> {
+        Store::was_receiving(self, scope)
     }
-    fn mark_receiving(&self, group: &str, now_ms: i64) -> Result<()> {
-        Store::mark_receiving(self, group, now_ms)
+    fn mark_receiving(&self, scope: &str, now_ms: i64) -> Result<()> {
+        Store::mark_receiving(self, scope, now_ms)
+    }
+    fn volume_map(&self, group: &str, seq: u64, volume: &str) -> Result<BlockMap> {
+        let points = self.points(group)?;
+        let has = points
+            .iter()
+            .any(|p| p.seq == seq && p.cut.volume(volume).is_some());
+        if !has {
+            return Ok(BlockMap::new());
+        }
+        self.block_map_among(&points, group, seq, volume)
+    }
+    fn stage_part(&self, group: &str, part: &StagedPart) -> Result<()> {
+        Store::stage_part(self, group, part)
+    }
+    fn staged_part(&self, group: &str, stage: &str, volume: &str) -> Result<Option<StagedPart>> {
+        Store::staged_part(self, group, stage, volume)
     }
     fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
         Store::missing(self, hashes)
@@ -80,6 +105,8 @@ pub enum StoreOp {
     Commit,
     /// [`SessionStore::mark_receiving`]
     MarkReceiving,
+    /// [`SessionStore::stage_part`]
+    Stage,
 }
 
 /// A store in memory for session tests: chunks are durable once flushed, points keep their
@@ -95,6 +122,7 @@ struct Memory {
     appended: Vec<ChunkHash>,
     points: HashMap<String, Vec<(PointRecord, Vec<Map>)>>,
     receiving: HashSet<String>,
+    parts: HashMap<(String, String, String), StagedPart>,
     failing: HashMap<StoreOp, u32>,
 }
 
@@ -117,6 +145,11 @@ impl MemoryStore {
     /// Forgets what was appended and not flushed, as a crash of the target would.
     pub fn crash(&self) {
         self.lock().appended.clear();
+    }
+
+    /// Staged parts held (of every group).
+    pub fn staged(&self) -> usize {
+        self.lock().parts.len()
     }
 
     /// The block map of `volume` at point `seq` of `group`.
@@ -163,15 +196,43 @@ impl SessionStore for MemoryStore {
             .map(|(r, _)| r.clone()))
     }
 
-    fn was_receiving(&self, group: &str) -> Result<bool> {
-        Ok(self.lock().receiving.contains(group))
+    fn was_receiving(&self, scope: &str) -> Result<bool> {
+        Ok(self.lock().receiving.contains(scope))
     }
 
-    fn mark_receiving(&self, group: &str, _now_ms: i64) -> Result<()> {
+    fn mark_receiving(&self, scope: &str, _now_ms: i64) -> Result<()> {
         let mut m = self.lock();
         Self::check(&mut m, StoreOp::MarkReceiving)?;
-        m.receiving.insert(group.to_string());
+        m.receiving.insert(scope.to_string());
         Ok(())
+    }
+
+    fn volume_map(&self, group: &str, seq: u64, volume: &str) -> Result<BlockMap> {
+        let m = self.lock();
+        let point = m
+            .points
+            .get(group)
+            .and_then(|p| p.iter().find(|(r, _)| r.seq == seq))
+            .ok_or_else(|| anyhow::anyhow!("no point {seq} in group {group}"))?;
+        BlockMap::from_sorted(previous(Some(point), volume).into_iter().collect())
+    }
+
+    fn stage_part(&self, group: &str, part: &StagedPart) -> Result<()> {
+        self.flush()?;
+        let mut m = self.lock();
+        Self::check(&mut m, StoreOp::Stage)?;
+        let key = (
+            group.to_string(),
+            part.stage.clone(),
+            part.volume.name.clone(),
+        );
+        m.parts.insert(key, part.clone());
+        Ok(())
+    }
+
+    fn staged_part(&self, group: &str, stage: &str, volume: &str) -> Result<Option<StagedPart>> {
+        let key = (group.to_string(), stage.to_string(), volume.to_string());
+        Ok(self.lock().parts.get(&key).cloned())
     }
 
     fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
@@ -237,7 +298,9 @@ impl SessionStore for MemoryStore {
             .entry(group.to_string())
             .or_default()
             .push((record.clone(), maps));
-        m.receiving.remove(group);
+        let parts = format!("{group}/");
+        m.receiving.retain(|s| s != group && !s.starts_with(&parts));
+        m.parts.retain(|(g, _, _), _| g != group);
         Ok(record)
     }
 }

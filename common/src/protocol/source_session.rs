@@ -14,6 +14,10 @@ pub struct Offer {
     pub cut: CutMeta,
     /// Entries per volume, in `cut.volumes` order, block indices increasing.
     pub entries: Vec<Vec<(u64, BlockRef)>>,
+    /// Protocol 4: the volumes' entries are the parts movers staged for this stage id (and
+    /// `entries` is empty).
+    #[serde(default)]
+    pub parts: Option<String>,
 }
 
 /// A session ended by the peer or by a protocol violation.
@@ -43,6 +47,12 @@ pub enum SourceStep {
     BaseMismatch { latest: Option<u64> },
     /// Done: the cut is point `seq` on the target.
     Committed { seq: u64, blocks_changed: u64 },
+    /// A mover: base entries of its volume, to compare the scan against (block order).
+    Base(Vec<(u64, ChunkHash)>),
+    /// A mover: the base is complete.
+    BaseEnd,
+    /// A mover: done, its volume is staged on the target.
+    Staged { blocks_changed: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +81,8 @@ impl State {
 
 /// Source session state.
 pub struct SourceSession {
+    /// A mover's session: base entries received so far and the last block index, until BaseEnd.
+    base: Option<(u64, Option<u64>, bool)>,
     offer: Option<Offer>,
     latest: Option<(u64, String)>,
     push: Option<Control>,
@@ -92,8 +104,34 @@ impl SourceSession {
         Self::start(group, None)
     }
 
+    /// Starts a mover's session (protocol 4): `Join` for one volume; after Welcome the target
+    /// sends the volume's base ([`SourceStep::Base`], [`SourceStep::BaseEnd`]) while the caller
+    /// scans and pushes; then [`SourceSession::set_offer`] with a one-volume cut, as a source.
+    pub fn mover(group: &str, stage: &str, volume: &str, block_size: u32) -> (Self, Control) {
+        let (mut s, _) = Self::start(group, None);
+        s.base = Some((0, None, false));
+        let join = Control::Join {
+            group: group.to_string(),
+            stage: stage.to_string(),
+            volume: volume.to_string(),
+            block_size,
+        };
+        (s, join)
+    }
+
+    /// The target's latest point (seq, cut id), once Welcome arrived.
+    pub fn latest(&self) -> Option<(u64, String)> {
+        self.latest.clone()
+    }
+
+    /// A mover: true once the whole base arrived.
+    pub fn base_complete(&self) -> bool {
+        self.base.is_none_or(|(_, _, done)| done)
+    }
+
     fn start(group: &str, offer: Option<Offer>) -> (Self, Control) {
         let s = SourceSession {
+            base: None,
             offer,
             latest: None,
             push: None,
@@ -127,7 +165,7 @@ impl SourceSession {
         push_streams: u32,
         pushed: u64,
     ) -> Result<SourceStep, SessionError> {
-        if self.state != State::AwaitCut {
+        if self.state != State::AwaitCut || !self.base_complete() {
             return Err(SessionError::Unexpected {
                 got: "the cut",
                 state: self.state.describe(),
@@ -161,6 +199,33 @@ impl SourceSession {
             (State::AwaitWelcome, Control::Welcome { latest, push }) => {
                 self.push_allowed = push;
                 Ok(self.on_welcome(latest))
+            }
+            (State::AwaitCut, Control::BaseEntries { entries }) if !self.base_complete() => {
+                let (count, last, _) = self.base.as_mut().expect("a mover's session");
+                for (index, _) in &entries {
+                    if last.is_some_and(|l| *index <= l) {
+                        return Err(SessionError::Invalid(format!(
+                            "base entry for block {index} is out of order"
+                        )));
+                    }
+                    *last = Some(*index);
+                }
+                *count += entries.len() as u64;
+                Ok(SourceStep::Base(entries))
+            }
+            (State::AwaitCut, Control::BaseEnd { entries }) if !self.base_complete() => {
+                let (count, _, done) = self.base.as_mut().expect("a mover's session");
+                if entries != *count {
+                    return Err(SessionError::Invalid(format!(
+                        "target announced {entries} base entries but sent {count}"
+                    )));
+                }
+                *done = true;
+                Ok(SourceStep::BaseEnd)
+            }
+            (State::AwaitCommitted, Control::Staged { blocks_changed }) if self.base.is_some() => {
+                self.state = State::Done;
+                Ok(SourceStep::Staged { blocks_changed })
             }
             (State::AwaitNeed, Control::Need { hashes }) => {
                 self.need.extend(hashes);
@@ -227,6 +292,11 @@ impl SourceSession {
             kind: offer.kind,
             cut: offer.cut.clone(),
         });
+        if let Some(stage) = &offer.parts {
+            out.push(Control::UseParts {
+                stage: stage.clone(),
+            });
+        }
         let mut total = 0u64;
         for (i, entries) in offer.entries.iter().enumerate() {
             for batch in entries.chunks(ENTRIES_PER_MESSAGE) {

@@ -2,13 +2,20 @@
 //! offer, answers what it lacks, takes verified chunks, decides when they become durable, and
 //! commits the point atomically once every data stream has ended. It does no I/O of its own and
 //! reads time only through the [`Clock`] it is given.
+//!
+//! A session is a source's or a mover's ([`TargetSession::for_mover`], protocol 4). A mover's
+//! runs the same way with a one-volume offer, but starts with `Join` (answered with the volume's
+//! map at the latest point, the base the mover compares against) and ends by staging the volume
+//! instead of committing a point. A source commits staged volumes with `UseParts`.
 
 use super::messages::*;
 use super::session_store::SessionStore;
 use super::source_session::SessionError;
 use crate::chunk::Verified;
 use crate::hash::{BlockRef, ChunkHash, block_count};
-use crate::store::{CommitError, CutMeta, VolumeEntries};
+use crate::store::{CommitError, CutMeta, StagedPart, VolumeEntries};
+use crate::transport::Fingerprint;
+use crate::transport::grants::{Grant, MAX_GRANT_MS};
 use crate::transport::stream::StreamKind;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,8 +25,17 @@ use std::sync::Arc;
 pub enum TargetStep {
     /// Send these (possibly none) and keep reading.
     Reply(Vec<Control>),
-    /// The point is committed: send this reply (`Committed`); the session is over.
+    /// The point is committed (or, for a mover, the volume staged): send this reply
+    /// (`Committed` or `Staged`); the session is over.
     Committed(Control),
+    /// A source granted movers: put these grants in force, then send `reply`; the session is
+    /// over.
+    Authorize {
+        /// Mover certificate fingerprint and what it may do.
+        grants: Vec<(Fingerprint, Grant)>,
+        /// `MoversAuthorized`.
+        reply: Control,
+    },
 }
 
 /// Milliseconds since the Unix epoch, as the session reads them ([`crate::now_ms`] in the agent,
@@ -83,6 +99,12 @@ pub struct TargetSession {
     marked: bool,
     unflushed: u64,
     last_flush_ms: i64,
+    /// `Some` in a mover's session: what its grant allows.
+    mover: Option<Grant>,
+    /// What the receiving mark covers: the group, or `<group>/<volume>` for a mover.
+    scope: String,
+    /// Set by `UseParts`: the offer's entries are staged parts.
+    parts: bool,
 }
 
 /// Streams of one kind: how many the source announced, and how many ended.
@@ -154,7 +176,27 @@ impl TargetSession {
             marked: false,
             unflushed: 0,
             last_flush_ms: clock(),
+            mover: None,
+            scope: String::new(),
+            parts: false,
         }
+    }
+
+    /// A mover's session: it may only `Join` as `grant` says, and stages one volume.
+    pub fn for_mover(
+        store: Arc<dyn SessionStore>,
+        flush: FlushPolicy,
+        clock: Clock,
+        grant: Grant,
+    ) -> Self {
+        let mut s = Self::new(store, flush, clock);
+        s.mover = Some(grant);
+        s
+    }
+
+    /// True in a mover's session.
+    pub fn is_mover(&self) -> bool {
+        self.mover.is_some()
     }
 
     /// The group named in Hello (empty before it).
@@ -175,9 +217,34 @@ impl TargetSession {
     /// Handles one control message from the source.
     pub fn on_message(&mut self, msg: Control) -> Result<TargetStep, SessionError> {
         let step = match (self.state, msg) {
-            (State::AwaitHello, Control::Hello { group }) => self.on_hello(group)?,
+            (State::AwaitHello, Control::Hello { group }) if !self.is_mover() => {
+                self.on_hello(group)?
+            }
+            (
+                State::AwaitHello,
+                Control::AuthorizeMovers {
+                    group,
+                    stage,
+                    grants,
+                    ttl_ms,
+                },
+            ) if !self.is_mover() => self.on_authorize(group, stage, grants, ttl_ms)?,
+            (
+                State::AwaitHello,
+                Control::Join {
+                    group,
+                    stage,
+                    volume,
+                    block_size,
+                },
+            ) if self.is_mover() => self.on_join(group, stage, volume, block_size)?,
+            (State::ReceivingEntries, Control::UseParts { stage })
+                if !self.is_mover() && !self.parts =>
+            {
+                self.on_use_parts(stage)?
+            }
             (State::AwaitOffer, Control::Offer { kind, cut }) => self.on_offer(kind, cut)?,
-            (State::ReceivingEntries, Control::Entries { volume, entries }) => {
+            (State::ReceivingEntries, Control::Entries { volume, entries }) if !self.parts => {
                 self.on_entries(volume, entries)?
             }
             (State::ReceivingEntries, Control::OfferEnd { entries }) => {
@@ -211,6 +278,7 @@ impl TargetSession {
         crate::volume::check_name(&group).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
         let latest = self.store.latest(&group).map_err(store_failed)?;
         self.push.allowed = !self.store.was_receiving(&group).map_err(store_failed)?;
+        self.scope = group.clone();
         self.group = group;
         self.state = State::AwaitOffer;
         Ok(TargetStep::Reply(vec![Control::Welcome {
@@ -219,7 +287,159 @@ impl TargetSession {
         }]))
     }
 
+    fn on_authorize(
+        &mut self,
+        group: String,
+        stage: String,
+        grants: Vec<MoverGrant>,
+        ttl_ms: u64,
+    ) -> Result<TargetStep, SessionError> {
+        let invalid = |e: anyhow::Error| SessionError::Invalid(format!("{e:#}"));
+        crate::volume::check_name(&group).map_err(invalid)?;
+        crate::volume::check_name(&stage).map_err(invalid)?;
+        if ttl_ms == 0 || ttl_ms > MAX_GRANT_MS {
+            return Err(SessionError::Invalid(format!(
+                "mover grants must last 1 ms to {MAX_GRANT_MS} ms, not {ttl_ms}"
+            )));
+        }
+        let expires_ms = (self.clock)().saturating_add(ttl_ms as i64);
+        let mut out = Vec::with_capacity(grants.len());
+        for g in grants {
+            crate::volume::check_name(&g.volume).map_err(invalid)?;
+            let fp: Fingerprint = g.fingerprint.parse().map_err(invalid)?;
+            let grant = Grant {
+                group: group.clone(),
+                stage: stage.clone(),
+                volume: g.volume,
+                expires_ms,
+            };
+            out.push((fp, grant));
+        }
+        self.state = State::Done;
+        Ok(TargetStep::Authorize {
+            reply: Control::MoversAuthorized {
+                count: out.len() as u32,
+            },
+            grants: out,
+        })
+    }
+
+    /// A mover joins: it must name what its grant allows. It is welcomed like a source and
+    /// given the volume's map at the latest point, which its delta is made against.
+    fn on_join(
+        &mut self,
+        group: String,
+        stage: String,
+        volume: String,
+        block_size: u32,
+    ) -> Result<TargetStep, SessionError> {
+        let grant = self.mover.as_ref().expect("a mover's session");
+        if (&grant.group, &grant.stage, &grant.volume) != (&group, &stage, &volume) {
+            return Err(refuse(
+                RefuseCode::Protocol,
+                format!(
+                    "this mover may stage volume {} of group {} for cut {}, not volume {volume} of group {group} for cut {stage}",
+                    grant.volume, grant.group, grant.stage
+                ),
+            ));
+        }
+        crate::check_block_size(block_size).map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
+        let latest = self.store.latest(&group).map_err(store_failed)?;
+        let base = match &latest {
+            Some(p) if p.cut.block_size != block_size => {
+                return Err(SessionError::Invalid(format!(
+                    "group {group} is stored at {} byte blocks, the mover reads {block_size}",
+                    p.cut.block_size
+                )));
+            }
+            Some(p) => self
+                .store
+                .volume_map(&group, p.seq, &volume)
+                .map_err(store_failed)?,
+            None => crate::block_map::BlockMap::new(),
+        };
+        self.scope = format!("{group}/{volume}");
+        self.push.allowed = !self
+            .store
+            .was_receiving(&self.scope)
+            .map_err(store_failed)?;
+        self.group = group;
+        self.state = State::AwaitOffer;
+        let mut out = vec![Control::Welcome {
+            latest: latest.map(|p| (p.seq, p.cut.cut_id)),
+            push: self.push.allowed,
+        }];
+        out.extend(
+            base.data()
+                .chunks(ENTRIES_PER_MESSAGE)
+                .map(|c| Control::BaseEntries {
+                    entries: c.to_vec(),
+                }),
+        );
+        out.push(Control::BaseEnd {
+            entries: base.len() as u64,
+        });
+        Ok(TargetStep::Reply(out))
+    }
+
+    /// The offer's volumes are the parts movers staged for `stage`: each must match the
+    /// offer's declaration (size, digest, block size) and base.
+    fn on_use_parts(&mut self, stage: String) -> Result<TargetStep, SessionError> {
+        let p = self.pending.as_mut().expect("pending offer in this state");
+        if p.count > 0 {
+            return Err(SessionError::Invalid(
+                "UseParts after Entries: an offer's volumes come from parts or from entries, not both".into(),
+            ));
+        }
+        let base = match p.kind {
+            OfferKind::Delta { base } => Some(base),
+            OfferKind::Full => None,
+        };
+        for (v, meta) in p.cut.volumes.iter().enumerate() {
+            let part = self
+                .store
+                .staged_part(&self.group, &stage, &meta.name)
+                .map_err(store_failed)?
+                .ok_or_else(|| {
+                    refuse(
+                        RefuseCode::BadOffer,
+                        format!(
+                            "no mover staged volume {} for cut {stage}: run its mover again",
+                            meta.name
+                        ),
+                    )
+                })?;
+            let StagedPart {
+                volume,
+                block_size,
+                base: part_base,
+                entries,
+                ..
+            } = part;
+            if volume != *meta || block_size != p.cut.block_size || part_base != base {
+                return Err(refuse(
+                    RefuseCode::BadOffer,
+                    format!(
+                        "volume {} was staged as {volume:?} at {block_size} byte blocks against point {part_base:?}, the offer declares {meta:?} at {} against {base:?}",
+                        meta.name, p.cut.block_size
+                    ),
+                ));
+            }
+            p.entries[v].1 = entries;
+        }
+        self.parts = true;
+        Ok(TargetStep::Reply(vec![]))
+    }
+
     fn on_offer(&mut self, kind: OfferKind, cut: CutMeta) -> Result<TargetStep, SessionError> {
+        if let Some(g) = &self.mover
+            && (cut.volumes.len() != 1 || cut.volumes[0].name != g.volume)
+        {
+            return Err(SessionError::Invalid(format!(
+                "a mover's offer declares exactly its volume {}",
+                g.volume
+            )));
+        }
         crate::check_block_size(cut.block_size)
             .map_err(|e| SessionError::Invalid(format!("{e:#}")))?;
         let mut names = HashSet::new();
@@ -391,7 +611,7 @@ impl TargetSession {
     fn append(&mut self, chunk: &Verified) -> Result<(), SessionError> {
         if !self.marked {
             self.store
-                .mark_receiving(&self.group, (self.clock)())
+                .mark_receiving(&self.scope, (self.clock)())
                 .map_err(store_failed)?;
             self.marked = true;
         }
@@ -485,6 +705,9 @@ impl TargetSession {
         };
         let now = (self.clock)();
         self.unflushed = 0;
+        if self.mover.is_some() {
+            return self.stage(p, base);
+        }
         match self
             .store
             .commit_point(&self.group, p.cut, base, &p.entries, self.received, now)
@@ -505,6 +728,56 @@ impl TargetSession {
             }
             Err(CommitError::Store(e)) => Err(store_failed(e)),
         }
+    }
+}
+
+impl TargetSession {
+    /// A mover's commit: its one volume becomes a staged part, durable, for the source's commit.
+    fn stage(&mut self, p: Pending, base: Option<u64>) -> Result<Control, SessionError> {
+        let grant = self.mover.as_ref().expect("a mover's session");
+        let (Some(volume), Some((_, entries))) = (
+            p.cut.volumes.into_iter().next(),
+            p.entries.into_iter().next(),
+        ) else {
+            return Err(SessionError::Invalid(
+                "a mover's offer has no volume".into(),
+            ));
+        };
+        let mut referenced: Vec<ChunkHash> = entries
+            .iter()
+            .filter_map(|(_, r)| match r {
+                BlockRef::Data(h) => Some(*h),
+                BlockRef::Hole => None,
+            })
+            .collect();
+        referenced.sort_unstable();
+        referenced.dedup();
+        let stage = grant.stage.clone();
+        self.flush_now()?;
+        let missing = self.store.missing(&referenced).map_err(store_failed)?;
+        if let Some(first) = missing.first() {
+            return Err(refuse(
+                RefuseCode::MissingChunks,
+                format!(
+                    "{} chunks volume {} references are not stored (first: {first}); the mover must send them",
+                    missing.len(),
+                    volume.name
+                ),
+            ));
+        }
+        let part = StagedPart {
+            stage,
+            volume,
+            block_size: p.cut.block_size,
+            base,
+            entries,
+        };
+        self.store
+            .stage_part(&self.group, &part)
+            .map_err(store_failed)?;
+        Ok(Control::Staged {
+            blocks_changed: part.entries.len() as u64,
+        })
     }
 }
 

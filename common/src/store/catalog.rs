@@ -30,6 +30,12 @@ pub const POINTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("po
 pub const HEADS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("heads");
 /// (group, seq, volume, block index) -> block ref of point `seq` where it differs from the next point.
 pub const UNDO: TableDefinition<(&str, u64, &str, u64), &[u8]> = TableDefinition::new("undo");
+/// (group, stage, volume) -> encoded [`super::StagedPart`] header: a volume a mover staged for
+/// a cut the source has not committed yet (protocol 4).
+pub const PARTS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("parts");
+/// (group, stage, volume, block index) -> block ref: the staged part's entries.
+pub const PART_ENTRIES: TableDefinition<(&str, &str, &str, u64), &[u8]> =
+    TableDefinition::new("part_entries");
 
 /// Decodes a chunk-table value.
 pub fn location((pack, offset, len): (u32, u64, u32)) -> Location {
@@ -109,6 +115,8 @@ impl Catalog {
             txn.open_table(POINTS)?;
             txn.open_table(HEADS)?;
             txn.open_table(UNDO)?;
+            txn.open_table(PARTS)?;
+            txn.open_table(PART_ENTRIES)?;
         }
         txn.commit()?;
         Ok(())

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod pack;
 mod packs;
+mod parts;
 pub mod recovery_point;
 pub mod restore;
 pub mod retention;
@@ -17,7 +18,7 @@ use catalog::*;
 use pack::{Location, PackWriter};
 use packs::{Packs, Writing};
 pub use recovery_point::{
-    CutMeta, ManifestRef, PointRecord, PointStats, VolumeEntries, VolumeMeta,
+    CutMeta, ManifestRef, PointRecord, PointStats, StagedPart, VolumeEntries, VolumeMeta,
 };
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
@@ -360,10 +361,8 @@ impl Store {
             points
                 .insert((group, record.seq), record.encode().as_slice())
                 .map_err(anyhow::Error::from)?;
-            txn.open_table(META)
-                .map_err(anyhow::Error::from)?
-                .remove(receiving_key(group).as_str())
-                .map_err(anyhow::Error::from)?;
+            clear_receiving(&txn, group).map_err(anyhow::Error::from)?;
+            parts::drop_parts(&txn, group).map_err(anyhow::Error::from)?;
             record
         };
         crate::failpoint::hit("store.commit.before");
@@ -615,7 +614,18 @@ fn apply_entries(
     Ok(changed)
 }
 
-/// META key marking a group whose transfer stored chunks and has not committed yet.
-fn receiving_key(group: &str) -> String {
-    format!("receiving/{group}")
+/// META key marking a transfer that stored chunks and has not committed yet: `scope` is a
+/// group, or `<group>/<volume>` for a mover's part of it (names hold no `/`).
+fn receiving_key(scope: &str) -> String {
+    format!("receiving/{scope}")
+}
+
+/// Removes the receiving marks of `group` and of its parts (a commit of the group).
+fn clear_receiving(txn: &redb::WriteTransaction, group: &str) -> Result<(), redb::Error> {
+    let mut meta = txn.open_table(META)?;
+    meta.remove(receiving_key(group).as_str())?;
+    let parts = receiving_key(&format!("{group}/"));
+    let end = receiving_key(&format!("{group}0")); // '0' follows '/'
+    meta.retain_in(parts.as_str()..end.as_str(), |_, _| false)?;
+    Ok(())
 }

@@ -95,3 +95,29 @@ impl PointRecord {
         })
     }
 }
+
+/// One volume a data mover staged for a cut (protocol 4): durable on the target, invisible until
+/// the source commits the cut with `UseParts`, and dropped by the group's next commit either way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedPart {
+    /// The cut it was staged for (the source's stage id).
+    pub stage: String,
+    /// The volume as the mover read it (name, size, digest).
+    pub volume: VolumeMeta,
+    /// Block size the mover read at.
+    pub block_size: u32,
+    /// The point its entries are a delta against (`None`: the group had no point; the entries
+    /// list every data block).
+    pub base: Option<u64>,
+    /// Block-map entries against `base`, block indices increasing.
+    pub entries: Vec<(u64, BlockRef)>,
+}
+
+/// The header of a staged part as the catalog keeps it (its entries are rows of their own).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct PartHeader {
+    pub(crate) volume: VolumeMeta,
+    pub(crate) block_size: u32,
+    pub(crate) base: Option<u64>,
+    pub(crate) entries: u64,
+}

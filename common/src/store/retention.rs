@@ -151,7 +151,8 @@ impl Store {
         Ok(())
     }
 
-    /// Every chunk some point references: heads, undo entries and manifests.
+    /// Every chunk some point references (heads, undo entries and manifests), and the chunks of
+    /// staged parts.
     pub fn live_chunks(&self) -> Result<HashSet<[u8; 32]>> {
         let txn = self.db().begin_read()?;
         let mut live = HashSet::new();
@@ -169,6 +170,7 @@ impl Store {
             let p = super::PointRecord::decode(row?.1.value())?;
             live.extend(p.cut.manifests.chunks.iter().map(|h| h.0));
         }
+        self.staged_chunks(&mut live)?;
         Ok(live)
     }
 

@@ -115,16 +115,30 @@ impl Identity {
         };
         let cert_pem = std::fs::read(cert_path(dir)).with_context(hint)?;
         let key_pem = std::fs::read(key_path(dir)).with_context(hint)?;
-        let cert = pem_block(&cert_pem, "CERTIFICATE")
-            .context("identity/cert.pem holds no certificate")?;
-        let key = pem_block(&key_pem, "PRIVATE KEY")
-            .context("identity/key.pem holds no PKCS#8 private key")?;
+        Self::from_pem(&cert_pem, &key_pem).context("the identity in identity/ is not usable")
+    }
+
+    /// An identity from a PEM certificate and a PEM PKCS#8 private key.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self> {
+        let cert = pem_block(cert_pem, "CERTIFICATE").context("cert.pem holds no certificate")?;
+        let key =
+            pem_block(key_pem, "PRIVATE KEY").context("key.pem holds no PKCS#8 private key")?;
         let cert = CertificateDer::from(cert);
         Ok(Identity {
             fingerprint: Fingerprint::of(&cert),
             cert,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
         })
+    }
+
+    /// A new identity held in memory only, as (identity, certificate PEM, key PEM): a mover's
+    /// key for one cut, never written to the agent's directory.
+    pub fn ephemeral(name: &str) -> Result<(Self, String, String)> {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()])
+            .context("cannot generate a key pair")?;
+        let (cert_pem, key_pem) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+        let id = Self::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
+        Ok((id, cert_pem, key_pem))
     }
 }
 

@@ -1,7 +1,9 @@
 //! Certificate verifiers that accept exactly the pinned peer certificates, in both directions.
 //! A peer whose certificate fingerprint is not pinned fails the TLS handshake: it never gets a
-//! stream, so it can neither send nor read anything.
+//! stream, so it can neither send nor read anything. A target also accepts, as clients, the
+//! mover certificates a pinned source granted ([`MoverGrants`]) while their grants are in force.
 
+use super::grants::MoverGrants;
 use super::identity::Fingerprint;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls13_signature};
@@ -14,18 +16,36 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct PinnedPeers {
     pinned: Vec<Fingerprint>,
+    grants: Option<Arc<MoverGrants>>,
     provider: Arc<CryptoProvider>,
 }
 
 impl PinnedPeers {
     /// A verifier for these fingerprints.
     pub fn new(pinned: Vec<Fingerprint>, provider: Arc<CryptoProvider>) -> Self {
-        PinnedPeers { pinned, provider }
+        PinnedPeers {
+            pinned,
+            grants: None,
+            provider,
+        }
+    }
+
+    /// Also accepts the certificates `grants` holds while their grants are in force.
+    pub fn with_grants(mut self, grants: Arc<MoverGrants>) -> Self {
+        self.grants = Some(grants);
+        self
+    }
+
+    fn granted(&self, fp: &Fingerprint, now: UnixTime) -> bool {
+        let now_ms = (now.as_secs() as i64).saturating_mul(1000);
+        self.grants
+            .as_ref()
+            .is_some_and(|g| g.get(fp, now_ms).is_some())
     }
 
     fn check(&self, cert: &CertificateDer<'_>, role: &str, now: UnixTime) -> Result<(), Error> {
         let fp = Fingerprint::of(cert);
-        if !self.pinned.contains(&fp) {
+        if !self.pinned.contains(&fp) && !self.granted(&fp, now) {
             tracing::warn!(peer = %fp, role, "refused a peer whose certificate is not pinned; pair it first if it is yours");
             return Err(Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,

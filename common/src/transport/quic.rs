@@ -2,6 +2,7 @@
 //! bulk transfer over WAN links (a 16 MiB receive window per connection covers 1 Gbit/s at
 //! 125 ms RTT) while bounding memory, keep-alives so an idle control stream survives a long cut.
 
+use super::grants::MoverGrants;
 use super::identity::{Fingerprint, Identity};
 use super::pinning::PinnedPeers;
 use crate::protocol::ALPN;
@@ -56,10 +57,15 @@ fn endpoint_config(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
     config
 }
 
-/// Server (target) configuration accepting only `peers`.
-pub fn server_config(id: &Identity, peers: Vec<Fingerprint>) -> Result<quinn::ServerConfig> {
+/// Server (target) configuration accepting only `peers`, and the movers `grants` holds while
+/// their grants are in force.
+pub fn server_config(
+    id: &Identity,
+    peers: Vec<Fingerprint>,
+    grants: Arc<MoverGrants>,
+) -> Result<quinn::ServerConfig> {
     let p = provider();
-    let verifier = Arc::new(PinnedPeers::new(peers, p.clone()));
+    let verifier = Arc::new(PinnedPeers::new(peers, p.clone()).with_grants(grants));
     let mut tls = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -99,6 +105,7 @@ pub fn client_config(
 pub fn server_endpoint(
     id: &Identity,
     peers: Vec<Fingerprint>,
+    grants: Arc<MoverGrants>,
     listen: std::net::SocketAddr,
 ) -> Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(listen)
@@ -117,7 +124,7 @@ pub fn server_endpoint(
     });
     Ok(quinn::Endpoint::new(
         config,
-        Some(server_config(id, peers)?),
+        Some(server_config(id, peers, grants)?),
         socket,
         runtime,
     )?)

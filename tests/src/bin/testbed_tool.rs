@@ -50,6 +50,25 @@ enum Cmd {
         /// Pause between records.
         #[arg(long, default_value_t = 2)]
         pause_ms: u64,
+        /// Directory of the quiesce handshake (see `quiesce`): while `<dir>/quiesce` exists the
+        /// writer holds `<dir>/quiet` and writes nothing.
+        #[arg(long)]
+        quiesce_dir: Option<PathBuf>,
+    },
+    /// Asks a writer to stop writing and waits until it has (an application's freeze hook).
+    Quiesce {
+        /// The writer's --quiesce-dir.
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long to wait for the writer.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Lets a quiesced writer go on (the thaw hook).
+    Resume {
+        /// The writer's --quiesce-dir.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Prints, per device, how many records it holds from 0 on with no gap; fails on a gap or
     /// on a damaged record.
@@ -68,7 +87,16 @@ fn main() -> Result<()> {
     match Args::parse().command {
         Cmd::UdpEcho { bind } => echo(bind),
         Cmd::UdpPing { to, message, tries } => ping(to, &message, tries),
-        Cmd::WriteRecords { devices, pause_ms } => write_records(&devices, pause_ms),
+        Cmd::WriteRecords {
+            devices,
+            pause_ms,
+            quiesce_dir,
+        } => write_records(&devices, pause_ms, quiesce_dir.as_deref()),
+        Cmd::Quiesce { dir, timeout_ms } => quiesce(&dir, timeout_ms),
+        Cmd::Resume { dir } => {
+            let _ = std::fs::remove_file(dir.join("quiesce"));
+            Ok(())
+        }
         Cmd::CheckRecords {
             devices,
             writer_devices,
@@ -113,18 +141,58 @@ fn record(seq: u64) -> Vec<u8> {
     b
 }
 
-fn write_records(devices: &[PathBuf], pause_ms: u64) -> Result<()> {
+fn quiesce(dir: &std::path::Path, timeout_ms: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("quiesce"), b"")?;
+    let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+    while !dir.join("quiet").exists() {
+        if std::time::Instant::now() > deadline {
+            let _ = std::fs::remove_file(dir.join("quiesce"));
+            bail!("the writer did not quiesce within {timeout_ms} ms");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("quiet");
+    Ok(())
+}
+
+/// Holds the writer while a quiesce is asked for: acknowledges with `quiet`, waits for the
+/// request to go, then withdraws the acknowledgement.
+fn hold_if_asked(dir: Option<&std::path::Path>) -> Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    if !dir.join("quiesce").exists() {
+        return Ok(());
+    }
+    std::fs::write(dir.join("quiet"), b"")?;
+    while dir.join("quiesce").exists() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::fs::remove_file(dir.join("quiet"))?;
+    Ok(())
+}
+
+fn write_records(
+    devices: &[PathBuf],
+    pause_ms: u64,
+    quiesce_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    if let Some(d) = quiesce_dir {
+        std::fs::create_dir_all(d)?;
+    }
     let files: Vec<File> = devices
         .iter()
         .map(|d| {
             OpenOptions::new()
                 .write(true)
+                .create(d.parent().is_some_and(|p| !p.starts_with("/dev")))
+                .truncate(false)
                 .open(d)
                 .with_context(|| format!("opening {}", d.display()))
         })
         .collect::<Result<_>>()?;
     let n = files.len() as u64;
     for seq in 0.. {
+        hold_if_asked(quiesce_dir)?;
         let f = &files[(seq % n) as usize];
         f.write_all_at(&record(seq), seq / n * RECORD)?;
         f.sync_data()?;
