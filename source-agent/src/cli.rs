@@ -59,6 +59,14 @@ pub struct ControllerArgs {
     /// Image of the mover pods (it must hold /bin/source-agent of this version).
     #[arg(long, env = "UNDERSTUDY_MOVER_IMAGE")]
     pub mover_image: String,
+    /// The agent's ServiceAccount (in --agent-namespace): movers get tokens of it for the
+    /// CSI SnapshotMetadata API (it needs the changed-block tracking client role).
+    #[arg(
+        long,
+        env = "UNDERSTUDY_SERVICE_ACCOUNT",
+        default_value = "understudy-source"
+    )]
+    pub service_account: String,
     /// Scratch directory (the manifests' frames while a commit runs).
     #[arg(long, default_value = "/tmp/understudy-source")]
     pub state_dir: PathBuf,
@@ -314,6 +322,7 @@ fn controller(a: ControllerArgs) -> Result<()> {
             namespace: a.namespace,
             agent_namespace: a.agent_namespace,
             mover_image: a.mover_image,
+            service_account: a.service_account,
             state_dir: a.state_dir,
         };
         let stopped = async move { stop.requested_wait().await };

@@ -43,6 +43,21 @@ pub const TOOLS_IMAGE: &str = "understudy.local/tools:1";
 pub const PROGRAMS_IMAGE: &str = "understudy.local/programs:1";
 /// The image of the agents (after [`NodeCluster::import_agents`]).
 pub const AGENTS_IMAGE: &str = "understudy.local/agents:1";
+/// The client role of external-snapshot-metadata v1.0.0 (deploy/snapshot-metadata-client-cluster-role.yaml).
+pub const CBT_CLIENT_ROLE: &str = "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: external-snapshot-metadata-client-runner}
+rules:
+- apiGroups: [snapshot.storage.k8s.io]
+  resources: [volumesnapshots, volumesnapshotcontents]
+  verbs: [get, list, watch]
+- apiGroups: [cbt.storage.k8s.io]
+  resources: [snapshotmetadataservices]
+  verbs: [get, list]
+- apiGroups: [\"\"]
+  resources: [serviceaccounts/token]
+  verbs: [create, get]
+";
 const PAUSE_IMAGE: &str = "understudy.local/pause:1";
 
 /// The sysctls the kubelet sets when they differ from what it wants; the node's namespace gets

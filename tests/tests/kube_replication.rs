@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use understudy_e2e::node::{AGENTS_IMAGE, NodeCluster, PROGRAMS_IMAGE};
+use understudy_e2e::node::{AGENTS_IMAGE, CBT_CLIENT_ROLE, NodeCluster, PROGRAMS_IMAGE};
 use understudy_e2e::{Pair, bin, s};
 
 const MIN: Duration = Duration::from_secs(60);
@@ -58,9 +58,11 @@ impl Bed {
             "metadata": {"name": "standby", "namespace": AGENT_NS},
             "stringData": {"cert.pem": ident("cert.pem"), "key.pem": ident("key.pem"), "target-fingerprint": target_fp.to_string()},
         });
+        // The agent's namespace: its Secret, and its ServiceAccount with the changed-block
+        // tracking client role (movers get tokens of it).
         primary
             .create_yaml(&format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {AGENT_NS}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\n{}",
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {AGENT_NS}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\n{}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: understudy-source, namespace: {AGENT_NS}}}\n---\n{CBT_CLIENT_ROLE}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: understudy-source-cbt}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: external-snapshot-metadata-client-runner}}\nsubjects: [{{kind: ServiceAccount, name: understudy-source, namespace: {AGENT_NS}}}]\n",
                 serde_json::to_string(&secret).unwrap()
             ))
             .await
@@ -141,23 +143,46 @@ impl Bed {
         }
     }
 
-    /// Objects the cycles made that still exist (all kinds the controller creates).
+    /// Objects the cycles made that still exist: every snapshot and group snapshot (the
+    /// application takes none itself), and the cycles' pods, Secrets and PVCs.
     async fn leftovers(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (av, kind) in [
-            ("v1", "Pod"),
-            ("v1", "Secret"),
-            ("v1", "PersistentVolumeClaim"),
-            ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"),
-            ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot"),
+        for (av, kind, all) in [
+            ("v1", "Pod", false),
+            ("v1", "Secret", false),
+            ("v1", "PersistentVolumeClaim", false),
+            ("snapshot.storage.k8s.io/v1", "VolumeSnapshot", true),
+            (
+                "groupsnapshot.storage.k8s.io/v1",
+                "VolumeGroupSnapshot",
+                true,
+            ),
         ] {
             for n in self.primary.names(av, kind, NS).await.unwrap() {
-                if n.starts_with("us-") {
+                if all || n.starts_with("us-") {
                     out.push(format!("{kind}/{n}"));
                 }
             }
         }
         out
+    }
+
+    /// Deletes the group (the controller runs) and waits until it and everything its cycles
+    /// made are gone.
+    async fn delete_group(&self, name: &str) {
+        let api: kube::Api<understudy_kube::crd::ReplicationGroup> =
+            kube::Api::namespaced(self.primary.client().await.unwrap(), NS);
+        api.delete(name, &Default::default()).await.unwrap();
+        let deadline = Instant::now() + MIN;
+        while api.get_opt(name).await.unwrap().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the group was not deleted: {}",
+                tail(&self.controller_log())
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.wait_clean().await;
     }
 
     async fn wait_clean(&self) {
@@ -206,13 +231,14 @@ async fn start_writer(c: &NodeCluster) {
     let deadline = Instant::now() + MIN;
     loop {
         let pods = c.names("v1", "Pod", NS).await.unwrap();
-        if let Some(p) = pods.iter().find(|p| p.starts_with("writer-")) {
-            if c.wait_pod(NS, p, "Running", MIN).await.is_ok() {
-                let logs = c.pod_logs(NS, p).await.unwrap_or_default();
-                if logs.contains("wrote 301") {
-                    return;
-                }
-            }
+        if let Some(p) = pods.iter().find(|p| p.starts_with("writer-"))
+            && c.wait_pod(NS, p, "Running", MIN).await.is_ok()
+            && c.pod_logs(NS, p)
+                .await
+                .unwrap_or_default()
+                .contains("wrote 301")
+        {
+            return;
         }
         assert!(Instant::now() < deadline, "the writer did not start");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -315,7 +341,13 @@ async fn group_consistency_replicates_a_live_writer_and_every_point_is_a_prefix(
     );
     assert!(status["rpoSeconds"].as_i64().is_some());
     assert!(status["bytesRead"].as_u64().unwrap() > 0);
-    assert_eq!(status["volumes"].as_array().unwrap().len(), 3);
+    let volumes = status["volumes"].as_array().unwrap();
+    assert_eq!(volumes.len(), 3);
+    // After the first point, the kept base snapshots let the driver name the changed blocks.
+    for v in volumes {
+        assert_eq!(v["changeSource"], "csi-delta", "{v}");
+        assert!(v["baseSnapshotHandle"].is_string(), "{v}");
+    }
     bed.kill_controller();
     let group = format!("{NS}.writer");
     let totals = check_every_point(&bed, &group);
@@ -341,8 +373,9 @@ async fn group_consistency_replicates_a_live_writer_and_every_point_is_a_prefix(
         !listing.iter().any(|f| f.contains("us-")),
         "cycle objects captured: {listing:?}"
     );
-    // Restarted, the controller's next cycle cleans up after itself too.
-    bed.wait_clean().await;
+    // Deleting the group removes every snapshot, PVC, Secret and pod its cycles made.
+    bed.start_controller();
+    bed.delete_group("writer").await;
 }
 
 fn walk(dir: &Path) -> Vec<String> {

@@ -4,7 +4,7 @@
 //! SnapshotMetadata API.
 
 use std::time::Duration;
-use understudy_e2e::node::{DRIVER, NodeCluster, PROGRAMS_IMAGE, TOOLS_IMAGE};
+use understudy_e2e::node::{CBT_CLIENT_ROLE, DRIVER, NodeCluster, PROGRAMS_IMAGE, TOOLS_IMAGE};
 use understudy_kube::snapshot_metadata::{Extent, SnapshotMetadata, extents};
 
 macro_rules! cluster {
@@ -312,7 +312,7 @@ async fn changed_block_tracking_through_the_kubernetes_api() {
     let c = cluster!();
     let rbac = format!(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: cbt-client, namespace: default}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: nobody, namespace: default}}\n---\n{}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: cbt-client}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: external-snapshot-metadata-client-runner}}\nsubjects: [{{kind: ServiceAccount, name: cbt-client, namespace: default}}]\n",
-        CLIENT_ROLE
+        CBT_CLIENT_ROLE
     );
     c.create_yaml(&rbac).await.unwrap();
     let yaml = block_pvc("vol", "", "")
@@ -437,19 +437,3 @@ async fn changed_block_tracking_through_the_kubernetes_api() {
     };
     assert_eq!(code, tonic::Code::PermissionDenied);
 }
-
-/// The client role of external-snapshot-metadata v1.0.0 (deploy/snapshot-metadata-client-cluster-role.yaml).
-const CLIENT_ROLE: &str = "apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: external-snapshot-metadata-client-runner}
-rules:
-- apiGroups: [snapshot.storage.k8s.io]
-  resources: [volumesnapshots, volumesnapshotcontents]
-  verbs: [get, list, watch]
-- apiGroups: [cbt.storage.k8s.io]
-  resources: [snapshotmetadataservices]
-  verbs: [get, list]
-- apiGroups: [\"\"]
-  resources: [serviceaccounts/token]
-  verbs: [create, get]
-";

@@ -4,8 +4,8 @@
 
 use super::Context;
 use super::objects::{self, MoverState, object_name};
-use super::scope::{self, Member};
-use crate::mover::MoverTicket;
+use super::scope::{self, Member, Stages};
+use crate::mover::{CbtBase, CbtTicket, MoverTicket};
 use crate::staged::{self, MoverKey, StagedCut};
 use crate::target::{Connector, TargetAddr};
 use anyhow::{Context as _, Result, bail};
@@ -22,7 +22,8 @@ use understudy_kube::crd::replication_group::{
     ReplicationGroupStatus, VolumeStatus,
 };
 use understudy_kube::crd::set_condition;
-use understudy_kube::snapshots::{self, GroupSnapshots, VolumeSnapshot};
+use understudy_kube::snapshot_metadata::Access;
+use understudy_kube::snapshots::{self, GroupSnapshots, VolumeSnapshot, VolumeSnapshotContent};
 
 /// Default time snapshots may take to become ready.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -59,7 +60,7 @@ pub async fn apply(rg: &ReplicationGroup, ctx: &Context) -> Result<Action> {
 
 /// The group is being deleted: remove every object of every cycle.
 pub async fn delete(rg: &ReplicationGroup, ctx: &Context) -> Result<Action> {
-    let left = remove_objects(rg, ctx, None).await?;
+    let left = remove_objects(rg, ctx, Stages::All).await?;
     if left > 0 {
         return Ok(Action::requeue(POLL));
     }
@@ -178,7 +179,7 @@ async fn snapshot(
         // Killed inside this step: a pre hook may have left the application quiesced, and some
         // snapshots may exist. Thaw, forget them, and take the instant again.
         let _ = run_hooks(rg, ctx, &rg.spec.hooks.post, true).await;
-        remove_snapshots(rg, ctx, Some(&cycle.stage)).await?;
+        remove_snapshots(rg, ctx, Stages::Only(&cycle.stage)).await?;
         ctx.started(&cycle.stage);
     }
     let members = scope::members(&ctx.client, rg).await?;
@@ -391,9 +392,19 @@ async fn move_volumes(
     }
     // Tickets first (their keys survive a restart in the Secrets), then the grants, then pods.
     let mut keys = Vec::new();
-    for (i, m, _) in &to_start {
+    for (i, m, vs) in &to_start {
         let name = object_name(&cycle.stage, *i);
-        let ticket = ensure_ticket(rg, ctx, &cycle, m, &name, &target, &target_fp, &labels).await?;
+        let cbt = cbt_ticket(ctx, status, m, vs).await;
+        let ticket = ensure_ticket(
+            rg,
+            ctx,
+            &cycle,
+            (m, &name),
+            (&target, &target_fp),
+            cbt,
+            &labels,
+        )
+        .await?;
         keys.push(MoverKey {
             volume: ticket.volume.clone(),
             fingerprint: Identity::from_pem(ticket.cert_pem.as_bytes(), ticket.key_pem.as_bytes())?
@@ -430,15 +441,13 @@ async fn move_volumes(
 
 /// The ticket of volume `m`'s mover: read back from its Secret, or made (with a new key) and
 /// stored there.
-#[allow(clippy::too_many_arguments)]
 async fn ensure_ticket(
     rg: &ReplicationGroup,
     ctx: &Context,
     cycle: &CycleStatus,
-    m: &Member,
-    name: &str,
-    target: &TargetAddr,
-    target_fp: &str,
+    (m, name): (&Member, &str),
+    (target, target_fp): (&TargetAddr, &str),
+    cbt: Option<CbtTicket>,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<MoverTicket> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &m.namespace);
@@ -461,7 +470,7 @@ async fn ensure_ticket(
         bandwidth_limit_mbit: rg.spec.bandwidth_limit_mbit,
         cert_pem: key.cert_pem,
         key_pem: key.key_pem,
-        cbt: None,
+        cbt,
     };
     let secret = objects::ticket_secret(
         &m.namespace,
@@ -474,6 +483,48 @@ async fn ensure_ticket(
     // Another reconcile may have won the race: the Secret's ticket is the one in force.
     let stored = secrets.get(name).await?;
     objects::ticket_of(&stored)
+}
+
+/// What a mover needs for changed-block tracking: the driver's SnapshotMetadata access (a
+/// token of the agent's ServiceAccount with the service's audience), the snapshot it reads and
+/// the kept base of the last point. `None` (the mover hashes every block) when the driver
+/// serves no SnapshotMetadataService or it cannot be used; the mover's report says why.
+async fn cbt_ticket(
+    ctx: &Context,
+    status: &ReplicationGroupStatus,
+    m: &Member,
+    vs: &VolumeSnapshot,
+) -> Option<CbtTicket> {
+    let content = vs.content()?;
+    let contents: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
+    let driver = contents.get(content).await.ok()?.spec.driver;
+    let access = match Access::discover(
+        &ctx.client,
+        &driver,
+        &ctx.agent_namespace,
+        &ctx.service_account,
+    )
+    .await
+    {
+        Ok(a) => a?,
+        Err(e) => {
+            tracing::warn!(%driver, error = %format!("{e:#}"), "changed-block tracking is not usable; the mover reads every block");
+            return None;
+        }
+    };
+    let pvc = format!("{}/{}", m.namespace, m.pvc);
+    let base = status.volumes.iter().find(|v| v.pvc == pvc).and_then(|v| {
+        Some(CbtBase {
+            handle: v.base_snapshot_handle.clone()?,
+            seq: v.base_sequence?,
+        })
+    });
+    Some(CbtTicket {
+        access,
+        namespace: m.namespace.clone(),
+        snapshot: vs.name_any(),
+        base,
+    })
 }
 
 /// Counts a failed mover run on its ticket Secret; returns the count.
@@ -543,6 +594,19 @@ async fn commit(
     let dir = ctx.state_dir.join(&group);
     std::fs::create_dir_all(&dir)?;
     let done = staged::commit(&connector, &target, cut, &dir, None).await?;
+    let contents: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
+    let mut handles = Vec::new();
+    for (_, vs) in &snaps {
+        let handle = match vs.content() {
+            Some(c) => contents
+                .get(c)
+                .await
+                .ok()
+                .and_then(|c| c.status?.snapshot_handle),
+            None => None,
+        };
+        handles.push((vs.name_any(), handle));
+    }
     let started = parse_time(&cycle.started).unwrap_or(snapshot_ms);
     let seconds = (understudy_common::now_ms() - started) as f64 / 1000.0;
     let (read, sent): (u64, u64) = reports.iter().fold((0, done.sent.bytes), |(r, s), (_, x)| {
@@ -552,13 +616,16 @@ async fn commit(
     status.bytes_sent += sent;
     status.volumes = reports
         .iter()
-        .map(|(m, r)| VolumeStatus {
+        .zip(handles)
+        .map(|((m, r), (snapshot, handle))| VolumeStatus {
             pvc: format!("{}/{}", m.namespace, m.pvc),
             change_source: r.change_source.clone(),
-            reason: (r.change_source == "hash-diff")
-                .then(|| "changed-block tracking is not used by this build's movers".to_string()),
+            reason: r.change_reason.clone(),
             bytes_read: r.bytes_read,
             bytes_sent: r.bytes_sent,
+            base_snapshot: Some(snapshot),
+            base_snapshot_handle: handle,
+            base_sequence: Some(done.seq),
         })
         .collect();
     status.last_point = Some(PointStatus {
@@ -654,14 +721,26 @@ async fn fail(
     Ok(Action::requeue(Duration::from_millis(10)))
 }
 
-/// Step 5: delete what the cycle made, then end it.
+/// Step 5: delete what the cycle made, then end it. A cycle that committed keeps its snapshots
+/// as the next delta's base and drops the older ones; a failed one drops its own.
 async fn clean_up(
     rg: &ReplicationGroup,
     ctx: &Context,
     mut status: ReplicationGroupStatus,
 ) -> Result<Action> {
     let cycle = status.cycle.clone().expect("a cycle");
-    remove_objects(rg, ctx, Some(&cycle.stage)).await?;
+    remove_cycle_objects(rg, ctx, Stages::Only(&cycle.stage)).await?;
+    let committed = cycle.error.is_none()
+        && status
+            .last_point
+            .as_ref()
+            .is_some_and(|p| p.cut_id == cycle.stage);
+    let old = if committed {
+        Stages::AllBut(&cycle.stage)
+    } else {
+        Stages::Only(&cycle.stage)
+    };
+    remove_snapshots(rg, ctx, old).await?;
     status.last_cycle_start = Some(cycle.started.clone());
     status.cycle = None;
     refresh_rpo(&mut status);
@@ -670,14 +749,19 @@ async fn clean_up(
     Ok(Action::requeue(Duration::from_millis(10)))
 }
 
-/// Deletes the mover pods, tickets, restored PVCs and snapshots of `stage` (of every stage when
-/// `None`); returns how many objects were still there.
-async fn remove_objects(
+/// Every object of `stages`, snapshots included; returns how many were still there.
+async fn remove_objects(rg: &ReplicationGroup, ctx: &Context, stages: Stages<'_>) -> Result<usize> {
+    Ok(remove_cycle_objects(rg, ctx, stages).await? + remove_snapshots(rg, ctx, stages).await?)
+}
+
+/// Deletes the mover pods, tickets and restored PVCs of `stages`; returns how many were still
+/// there.
+async fn remove_cycle_objects(
     rg: &ReplicationGroup,
     ctx: &Context,
-    stage: Option<&str>,
+    stages: Stages<'_>,
 ) -> Result<usize> {
-    let selector = scope::selector(rg, stage);
+    let selector = scope::selector(rg, stages);
     let mut left = 0;
     for ns in scope::namespaces(rg) {
         left += objects::delete_matching::<Pod>(&ctx.client, &ns, &selector).await?;
@@ -685,17 +769,16 @@ async fn remove_objects(
         left +=
             objects::delete_matching::<PersistentVolumeClaim>(&ctx.client, &ns, &selector).await?;
     }
-    left += remove_snapshots(rg, ctx, stage).await?;
     Ok(left)
 }
 
-/// Deletes the cycle's snapshots (a group snapshot takes its members with it).
+/// Deletes the snapshots of `stages` (a group snapshot takes its members with it).
 async fn remove_snapshots(
     rg: &ReplicationGroup,
     ctx: &Context,
-    stage: Option<&str>,
+    stages: Stages<'_>,
 ) -> Result<usize> {
-    let selector = scope::selector(rg, stage);
+    let selector = scope::selector(rg, stages);
     let mut left = 0;
     for ns in scope::namespaces(rg) {
         left += objects::delete_matching::<VolumeSnapshot>(&ctx.client, &ns, &selector).await?;

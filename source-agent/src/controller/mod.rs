@@ -40,6 +40,8 @@ pub struct Context {
     pub agent_namespace: String,
     /// Image of the mover pods (holds `/bin/source-agent`).
     pub mover_image: String,
+    /// The agent's ServiceAccount: movers get tokens of it for the SnapshotMetadata API.
+    pub service_account: String,
     /// Scratch space (the manifests' frames while a commit runs).
     pub state_dir: PathBuf,
     /// Metrics.
@@ -60,6 +62,8 @@ pub struct ControllerConfig {
     pub agent_namespace: String,
     /// Image of the mover pods.
     pub mover_image: String,
+    /// The agent's ServiceAccount (in the agent's namespace).
+    pub service_account: String,
     /// Scratch directory.
     pub state_dir: PathBuf,
 }
@@ -94,6 +98,7 @@ pub async fn run(
         client,
         agent_namespace: cfg.agent_namespace,
         mover_image: cfg.mover_image,
+        service_account: cfg.service_account,
         state_dir: cfg.state_dir,
         metrics,
         fresh: Default::default(),

@@ -47,7 +47,6 @@ where
             )
         }),
     }
-    .map_err(Into::into)
 }
 
 /// The PVC a mover reads: restored from `snapshot`, in Block mode, at least `size` big.

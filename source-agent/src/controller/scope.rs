@@ -35,13 +35,25 @@ pub fn labels(rg: &ReplicationGroup, stage: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// A label selector for the objects of the group (of every stage when `stage` is `None`).
-pub fn selector(rg: &ReplicationGroup, stage: Option<&str>) -> String {
-    let mut s = format!("{GROUP_LABEL}={}", label_value(&group_name(rg)));
-    if let Some(st) = stage {
-        s.push_str(&format!(",{STAGE_LABEL}={st}"));
+/// Which stages of a group a selection covers.
+#[derive(Clone, Copy, Debug)]
+pub enum Stages<'a> {
+    /// Every stage.
+    All,
+    /// This one.
+    Only(&'a str),
+    /// Every one but this (the kept base).
+    AllBut(&'a str),
+}
+
+/// A label selector for the objects of the group's `stages`.
+pub fn selector(rg: &ReplicationGroup, stages: Stages<'_>) -> String {
+    let group = format!("{GROUP_LABEL}={}", label_value(&group_name(rg)));
+    match stages {
+        Stages::All => group,
+        Stages::Only(s) => format!("{group},{STAGE_LABEL}={s}"),
+        Stages::AllBut(s) => format!("{group},{STAGE_LABEL}!={s}"),
     }
-    s
 }
 
 /// Label values are at most 63 characters: long group names are shortened with a hash.

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// What to protect, how often, how consistently, and where to.
+// Each printcolumn repeats `type_`: clippy takes them for one attribute given twice.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "understudy.io",
@@ -236,6 +238,15 @@ pub struct VolumeStatus {
     pub bytes_read: u64,
     /// Chunk bytes sent.
     pub bytes_sent: u64,
+    /// The snapshot kept as the base of the next cycle's changed-block delta (the last point's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
+    /// Its CSI handle: the driver can diff against it even after the VolumeSnapshot is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot_handle: Option<String>,
+    /// The point it is the snapshot of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sequence: Option<u64>,
 }
 
 /// The cycle under way.
