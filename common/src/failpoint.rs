@@ -24,6 +24,10 @@ pub const POINTS: &[&str] = &[
     "source.cut.scanning",
     "source.cut.made",
     "source.commit.acked",
+    "controller.snapshots.taken",
+    "controller.movers.started",
+    "controller.point.committed",
+    "controller.cleanup.deleting",
 ];
 
 /// Reads `FAILPOINTS`; call once at start-up and keep the guard for the life of the process.

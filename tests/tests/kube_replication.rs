@@ -87,6 +87,10 @@ impl Bed {
     }
 
     fn start_controller(&mut self) {
+        self.start_controller_env(&[]);
+    }
+
+    fn start_controller_env(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -97,12 +101,38 @@ impl Bed {
             .args(["--agent-namespace", AGENT_NS, "--mover-image", AGENTS_IMAGE])
             .args(["--state-dir", s(&self.pair.path("controller-state"))])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
         self.controller = Some(child);
+    }
+
+    /// Waits until the controller killed itself at a crash point.
+    fn wait_controller_crash(&mut self, point: &str) {
+        let c = self.controller.as_mut().expect("a controller");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    st.signal(),
+                    Some(9),
+                    "the controller exited without crashing at {point}: {}",
+                    tail(&self.controller_log())
+                );
+                self.controller = None;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller never reached {point}: {}",
+                tail(&self.controller_log())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn kill_controller(&mut self) {
@@ -389,4 +419,157 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Waits until the group's Synced condition is False with `reason`; returns the group.
+async fn wait_failed(bed: &Bed, name: &str, reason: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let g = bed.group(name).await;
+        let failed = g["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Synced" && c["status"] == "False" && c["reason"] == reason)
+        });
+        if failed {
+            return g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason}: {}\ncontroller:\n{}",
+            serde_json::to_string_pretty(&g["status"]).unwrap(),
+            tail(&bed.controller_log())
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hooks_quiesce_the_writer_and_failures_give_no_point_and_say_why() {
+    let Some(mut bed) = Bed::start().await else {
+        return;
+    };
+    start_writer(&bed.primary).await;
+    let target = bed.pair.addr.clone();
+    let hook = |verb: &str, on_error: &str| {
+        format!(
+            "{{podSelector: {{app: writer}}, command: [/bin/understudy-testbed-tool, {verb}, --dir, /tmp/quiesce], timeout: 10s, onError: {on_error}}}"
+        )
+    };
+    // `hooks`: per-PVC snapshots taken while the writer is held by the application's own
+    // quiesce (an exec in its container).
+    let hooks = format!(
+        "  hooks:\n    pre: [{}]\n    post: [{}]\n",
+        hook("quiesce", "fail"),
+        hook("resume", "fail")
+    );
+    bed.primary
+        .create_yaml(&group_yaml("quiet", "hooks", &target, &hooks))
+        .await
+        .unwrap();
+    // A pre hook that fails (no such command) with on-error fail: no point, and why.
+    let failing = "  hooks:\n    pre: [{podSelector: {app: writer}, command: [/bin/no-such-hook], onError: fail}]\n";
+    bed.primary
+        .create_yaml(&group_yaml("broken-hook", "hooks", &target, failing))
+        .await
+        .unwrap();
+    // Snapshots that never become ready: a class whose driver nothing serves.
+    bed.primary
+        .create_yaml("apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {name: nowhere}\ndriver: nowhere.understudy.test\ndeletionPolicy: Retain\n")
+        .await
+        .unwrap();
+    bed.primary
+        .create_yaml(&group_yaml(
+            "stuck",
+            "crash",
+            &target,
+            "  volumeSnapshotClassName: nowhere\n  snapshotTimeout: 5s\n",
+        ))
+        .await
+        .unwrap();
+    bed.start_controller();
+    bed.wait_point("quiet", 2, Duration::from_secs(240)).await;
+    let g = wait_failed(&bed, "broken-hook", "SnapshotFailed").await;
+    let err = g["status"]["lastError"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("no-such-hook"),
+        "the error names the hook: {err}"
+    );
+    let g = wait_failed(&bed, "stuck", "SnapshotNotReady").await;
+    let err = g["status"]["lastError"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("not ready after 5s"),
+        "the error says what timed out: {err}"
+    );
+    bed.kill_controller();
+    assert!(bed.pair.points(&format!("{NS}.broken-hook")).is_empty());
+    assert!(bed.pair.points(&format!("{NS}.stuck")).is_empty());
+    check_every_point(&bed, &format!("{NS}.quiet"));
+    bed.start_controller();
+    for g in ["quiet", "broken-hook", "stuck"] {
+        bed.delete_group(g).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_killed_at_each_step_and_a_deleted_mover_leave_no_partial_point_and_nothing_behind()
+ {
+    let Some(mut bed) = Bed::start().await else {
+        return;
+    };
+    start_writer(&bed.primary).await;
+    let target = bed.pair.addr.clone();
+    bed.primary
+        .create_yaml(&group_yaml("writer", "group", &target, ""))
+        .await
+        .unwrap();
+    let group = format!("{NS}.writer");
+    let mut seq = 0;
+    for point in [
+        "controller.snapshots.taken",
+        "controller.movers.started",
+        "controller.point.committed",
+        "controller.cleanup.deleting",
+    ] {
+        bed.start_controller_env(&[("FAILPOINTS", &format!("{point}=return"))]);
+        bed.wait_controller_crash(point);
+        // What the target lists is whole points only, each the writer at one instant.
+        let listed = bed.pair.points(&group);
+        assert!(listed.iter().all(|p| *p <= seq + 1), "{point}: {listed:?}");
+        bed.start_controller();
+        seq = bed
+            .wait_point("writer", seq + 1, Duration::from_secs(240))
+            .await["status"]["lastPoint"]["sequence"]
+            .as_u64()
+            .unwrap();
+        bed.kill_controller();
+    }
+    // A mover pod deleted while it runs is made again and the cycle completes.
+    bed.start_controller();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mover = loop {
+        let pods = bed.primary.names("v1", "Pod", NS).await.unwrap();
+        if let Some(p) = pods.into_iter().find(|p| p.starts_with("us-")) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no mover started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(bed.primary.client().await.unwrap(), NS);
+    pods.delete(&mover, &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    bed.wait_point("writer", seq + 1, Duration::from_secs(240))
+        .await;
+    bed.kill_controller();
+    let totals = check_every_point(&bed, &group);
+    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "{totals:?}");
+    bed.start_controller();
+    bed.delete_group("writer").await;
 }

@@ -192,6 +192,7 @@ async fn snapshot(
     let thawed = run_hooks(rg, ctx, &rg.spec.hooks.post, false).await;
     taken?;
     thawed?;
+    understudy_common::failpoint::hit("controller.snapshots.taken");
     set_phase(status, CyclePhase::WaitingForSnapshots);
     status.cycle.as_mut().expect("a cycle").snapshot_ms = Some(understudy_common::now_ms());
     ctx.set_status(rg, status).await?;
@@ -436,6 +437,7 @@ async fn move_volumes(
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &m.namespace);
         objects::create_once(&pods, &pod).await?;
     }
+    understudy_common::failpoint::hit("controller.movers.started");
     Ok(Action::requeue(POLL))
 }
 
@@ -594,6 +596,7 @@ async fn commit(
     let dir = ctx.state_dir.join(&group);
     std::fs::create_dir_all(&dir)?;
     let done = staged::commit(&connector, &target, cut, &dir, None).await?;
+    understudy_common::failpoint::hit("controller.point.committed");
     let contents: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
     let mut handles = Vec::new();
     for (_, vs) in &snaps {
@@ -730,6 +733,7 @@ async fn clean_up(
 ) -> Result<Action> {
     let cycle = status.cycle.clone().expect("a cycle");
     remove_cycle_objects(rg, ctx, Stages::Only(&cycle.stage)).await?;
+    understudy_common::failpoint::hit("controller.cleanup.deleting");
     let committed = cycle.error.is_none()
         && status
             .last_point
