@@ -78,7 +78,7 @@ pub struct NodeCluster {
     pub node_name: String,
     /// The host's address on the pod bridge: pods reach the host (and hostNetwork pods) here.
     pub bridge_ip: Ipv4Addr,
-    /// The SnapshotMetadataService's address (`127.0.0.1:PORT`) and the CA that signed it.
+    /// The SnapshotMetadataService's address (`<bridge_ip>:PORT`) and the CA that signed it.
     pub snapshot_metadata: (String, String),
     /// The audience the snapshot-metadata sidecar checks tokens for.
     pub snapshot_metadata_audience: String,
@@ -409,11 +409,14 @@ state = "{d}/state"
             &bin.join("csi-snapshot-metadata"),
             &metadata,
         )?;
-        self.snapshot_metadata = (format!("127.0.0.1:{port}"), ca);
+        // The sidecar listens on every interface: advertised on the pod bridge, so that
+        // movers in pods reach it as well as processes on the host.
+        self.snapshot_metadata = (format!("{}:{port}", self.bridge_ip), ca);
         Ok(())
     }
 
-    /// A CA and a serving certificate for the snapshot-metadata sidecar on 127.0.0.1.
+    /// A CA and a serving certificate for the snapshot-metadata sidecar on 127.0.0.1 and the
+    /// host's address on the pod bridge.
     fn snapshot_metadata_tls(&self) -> Result<(PathBuf, PathBuf, String)> {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
         let ca_key = KeyPair::generate()?;
@@ -424,6 +427,9 @@ state = "{d}/state"
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse()?));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::V4(self.bridge_ip)));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))?;
         let (cert_path, key_path) = (

@@ -35,6 +35,9 @@ const MOVER_ATTEMPTS: u32 = 3;
 const ATTEMPTS: &str = "understudy.io/failed-runs";
 /// How long movers' grants last.
 const GRANT_TTL: Duration = Duration::from_secs(6 * 3600);
+/// When the next step runs: after the status written by this one reached the controller's
+/// cache (its watch event usually triggers the step sooner).
+const NEXT_STEP: Duration = Duration::from_millis(300);
 /// How often a cycle under way is looked at.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -147,7 +150,7 @@ async fn maybe_start(
     ctx.set_status(rg, &status).await?;
     ctx.started(&stage);
     tracing::info!(group = %scope::group_name(rg), %stage, "cycle started");
-    Ok(Action::requeue(Duration::from_millis(10)))
+    Ok(Action::requeue(NEXT_STEP))
 }
 
 /// What a cycle cannot work with, found before it makes anything.
@@ -347,7 +350,7 @@ async fn wait_for_snapshots(
     c.snapshot_ms = instant.or(c.snapshot_ms);
     set_phase(status, CyclePhase::Moving);
     ctx.set_status(rg, status).await?;
-    Ok(Action::requeue(Duration::from_millis(10)))
+    Ok(Action::requeue(NEXT_STEP))
 }
 
 /// Step 3: per volume a ticket, a restored PVC and a mover pod; done when every mover is.
@@ -386,7 +389,7 @@ async fn move_volumes(
     if done == snaps.len() {
         set_phase(status, CyclePhase::Committing);
         ctx.set_status(rg, status).await?;
-        return Ok(Action::requeue(Duration::from_millis(10)));
+        return Ok(Action::requeue(NEXT_STEP));
     }
     if to_start.is_empty() {
         return Ok(Action::requeue(POLL));
@@ -672,7 +675,7 @@ async fn commit(
         .observe(seconds);
     tracing::info!(%group, seq = done.seq, read, sent, seconds, "recovery point committed");
     ctx.event(rg, false, "PointCommitted", msg).await;
-    Ok(Action::requeue(Duration::from_millis(10)))
+    Ok(Action::requeue(NEXT_STEP))
 }
 
 /// A step failed: say why (condition, last error, event, metric) and clean the cycle up.
@@ -721,7 +724,7 @@ async fn fail(
         .get_or_create(&Metrics::group(&scope::group_name(rg)))
         .inc();
     ctx.event(rg, true, reason, msg).await;
-    Ok(Action::requeue(Duration::from_millis(10)))
+    Ok(Action::requeue(NEXT_STEP))
 }
 
 /// Step 5: delete what the cycle made, then end it. A cycle that committed keeps its snapshots
@@ -750,7 +753,7 @@ async fn clean_up(
     refresh_rpo(&mut status);
     ctx.set_status(rg, &status).await?;
     ctx.finished(&cycle.stage);
-    Ok(Action::requeue(Duration::from_millis(10)))
+    Ok(Action::requeue(NEXT_STEP))
 }
 
 /// Every object of `stages`, snapshots included; returns how many were still there.

@@ -171,7 +171,16 @@ impl Context {
     ) -> Result<()> {
         let api: Api<ReplicationGroup> =
             Api::namespaced(self.client.clone(), &rg.namespace().unwrap_or_default());
-        let patch = serde_json::json!({"status": status});
+        // A merge patch leaves out what it does not name: what the new status no longer holds
+        // (the cycle that ended, a last error cleared) is removed with explicit nulls.
+        let mut new = serde_json::to_value(status)?;
+        let old = serde_json::to_value(rg.status.clone().unwrap_or_default())?;
+        if let (Some(new), Some(old)) = (new.as_object_mut(), old.as_object()) {
+            for k in old.keys() {
+                new.entry(k.clone()).or_insert(serde_json::Value::Null);
+            }
+        }
+        let patch = serde_json::json!({"status": new});
         api.patch_status(
             &rg.name_any(),
             &PatchParams::default(),
