@@ -18,6 +18,15 @@ pub struct GroupLabel {
     pub group: String,
 }
 
+/// Label set: a group and what named the blocks a volume's read covered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeSourceLabel {
+    /// Group name.
+    pub group: String,
+    /// `csi-delta`, `csi-allocated` or `hash-diff`.
+    pub source: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric an agent exports.
@@ -40,6 +49,9 @@ pub struct Metrics {
     pub failures: Family<GroupLabel, Counter>,
     /// Points committed.
     pub points: Family<GroupLabel, Counter>,
+    /// Volume reads of committed points, by what named their blocks (changed-block tracking
+    /// or hash-diff).
+    pub volume_reads: Family<ChangeSourceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +77,7 @@ impl Metrics {
             }),
             failures: Family::default(),
             points: Family::default(),
+            volume_reads: Family::default(),
         };
         r.register(
             "last_recovery_point_timestamp_seconds",
@@ -101,6 +114,11 @@ impl Metrics {
             "points_committed",
             "Recovery points committed",
             m.points.clone(),
+        );
+        r.register(
+            "volume_reads",
+            "Volume reads of committed points by change source (csi-delta, csi-allocated, hash-diff)",
+            m.volume_reads.clone(),
         );
         *m.registry.lock().expect("registry") = r;
         m

@@ -87,9 +87,6 @@ pub struct MoverArgs {
     /// The volume to read (a block device or an image file).
     #[arg(long)]
     pub device: PathBuf,
-    /// Directory for the frames sent (a few times the changed data at most).
-    #[arg(long, default_value = "/tmp")]
-    pub work_dir: PathBuf,
     /// Where the report goes (JSON), e.g. the pod's termination message path.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -297,7 +294,7 @@ fn mover(a: MoverArgs) -> Result<()> {
         )
     })?;
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(crate::mover::run(&ticket, &a.device, &a.work_dir))?;
+    let report = rt.block_on(crate::mover::run(&ticket, &a.device))?;
     let json = serde_json::to_string(&report)?;
     println!("{json}");
     if let Some(p) = &a.report {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use understudy_common::change::{ChangeSource, HashDiff};
+use understudy_common::cut::spool::SpoolReader;
 use understudy_common::cut::{CutConfig, CutObserver, GroupState, PendingCut, make_cut};
 use understudy_common::metrics::Metrics;
 use understudy_common::protocol::source_session::SourceSession;
@@ -309,8 +310,8 @@ impl SourceAgent {
                 let mut control = link.open_control().await?;
                 let (session, hello) = SourceSession::new(&self.cfg.group, cut.offer.clone());
                 stream::send(&mut control.0, &hello).await?;
-                link.drive(control, session, None, (&spool, &cut.spool), &mut sent)
-                    .await
+                let frames = Arc::new(SpoolReader::open(&spool, cut.spool.clone())?);
+                link.drive(control, session, None, frames, &mut sent).await
             })
             .await;
         report.add(&sent);
@@ -369,14 +370,8 @@ impl SourceAgent {
         });
         let first = session.set_offer(cut.offer.clone(), streams, pushed as u64)?;
         let mut sent = Sent::default();
-        let work = link.finish_pushed(
-            control,
-            session,
-            first,
-            pusher,
-            (&spool, &cut.spool),
-            &mut sent,
-        );
+        let frames = Arc::new(SpoolReader::open(&spool, cut.spool.clone())?);
+        let work = link.finish_pushed(control, session, first, pusher, frames, &mut sent);
         let outcome = self.stop.unless_stopped(work).await;
         report.add(&sent);
         Ok((outcome?, cut))

@@ -3,11 +3,12 @@
 //! end (needs, data streams, commit). The standalone cycle, a mover and the controller's commit
 //! all drive their sessions through it.
 
-use crate::ship::{Limiter, Shipped, push, ship};
+use crate::ship::{Limiter, PushFeed, Shipped, push, ship};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
-use understudy_common::cut::spool::{Feed, SpoolIndex, SpoolReader};
+use understudy_common::cut::snapshot::FrameFeed;
+use understudy_common::cut::spool::{Feed, FrameSource};
 use understudy_common::hash::ChunkHash;
 use understudy_common::protocol::Control;
 use understudy_common::protocol::source_session::{SourceSession, SourceStep};
@@ -54,6 +55,12 @@ pub struct Sent {
     pub already_committed: bool,
 }
 
+/// The task pushing a cut's frames while it is made.
+pub type Pusher = tokio::task::JoinHandle<Result<Shipped>>;
+
+/// Frames a snapshot's scan may have made ahead of the push (64 KiB blocks: 2 MiB).
+const PUSHED_FRAMES_QUEUE: usize = 32;
+
 /// The two halves of the control stream.
 pub type Control2 = (quinn::SendStream, quinn::RecvStream);
 
@@ -73,17 +80,29 @@ impl Link {
     }
 
     /// Starts pushing the frames a spool at `spool` announces on the returned feed.
-    pub fn start_push(&self, spool: &Path) -> (Feed, tokio::task::JoinHandle<Result<Shipped>>) {
+    pub fn start_push(&self, spool: &Path) -> (Feed, Pusher) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let task = push(
+        let feed = PushFeed::Spool {
+            path: spool.to_path_buf(),
+            feed: rx,
+        };
+        (tx, self.spawn_push(feed))
+    }
+
+    /// Starts pushing the frames handed to the returned feed (a snapshot's cut: no spool).
+    pub fn start_push_frames(&self) -> (FrameFeed, Pusher) {
+        let (tx, rx) = tokio::sync::mpsc::channel(PUSHED_FRAMES_QUEUE);
+        (tx, self.spawn_push(PushFeed::Frames(rx)))
+    }
+
+    fn spawn_push(&self, feed: PushFeed) -> Pusher {
+        tokio::spawn(push(
             self.conn.clone(),
-            spool.to_path_buf(),
-            rx,
+            feed,
             self.streams,
             self.limit.clone(),
             self.on_bytes.clone(),
-        );
-        (tx, tokio::spawn(task))
+        ))
     }
 
     /// After the cut is made: hands the offer's first step to the session, waits for the push
@@ -93,8 +112,8 @@ impl Link {
         (mut send, mut recv): Control2,
         session: SourceSession,
         first: SourceStep,
-        pusher: Option<tokio::task::JoinHandle<Result<Shipped>>>,
-        spool: (&Path, &SpoolIndex),
+        pusher: Option<Pusher>,
+        frames: Arc<dyn FrameSource>,
         sent: &mut Sent,
     ) -> Result<Outcome> {
         let first = match first {
@@ -120,17 +139,17 @@ impl Link {
             Some(p) => p.abort(),
             None => {}
         }
-        self.drive((send, recv), session, first, spool, sent).await
+        self.drive((send, recv), session, first, frames, sent).await
     }
 
     /// Runs a session to its end: handles `step` (if any), then each message from the target.
-    /// Chunks the target asks for are read from the spool at `spool`.
+    /// Chunks the target asks for are read from `frames`.
     pub async fn drive(
         &self,
         (mut send, mut recv): Control2,
         mut session: SourceSession,
         mut step: Option<SourceStep>,
-        (spool, index): (&Path, &SpoolIndex),
+        frames: Arc<dyn FrameSource>,
         sent: &mut Sent,
     ) -> Result<Outcome> {
         loop {
@@ -153,8 +172,7 @@ impl Link {
                     }
                 }
                 SourceStep::SendChunks(hashes) => {
-                    let reader = Arc::new(SpoolReader::open(spool, index.clone())?);
-                    let shipped = self.send_chunks(reader, hashes).await?;
+                    let shipped = self.send_chunks(frames.clone(), hashes).await?;
                     sent.chunks += shipped.chunks;
                     sent.bytes += shipped.bytes;
                     let commit = session.commit(shipped.streams, shipped.chunks);
@@ -193,7 +211,7 @@ impl Link {
 
     async fn send_chunks(
         &self,
-        spool: Arc<SpoolReader>,
+        spool: Arc<dyn FrameSource>,
         hashes: Vec<ChunkHash>,
     ) -> Result<Shipped> {
         let total: u64 = hashes.iter().filter_map(|h| spool.len_of(h)).sum();

@@ -5,6 +5,10 @@
 //! the data path grows with the nodes; the source agent commits the staged volumes together as
 //! one recovery point (or not at all).
 //!
+//! The volume a mover reads does not change (it is a snapshot), so nothing is spooled: new
+//! frames go straight to the push as the scan makes them, and a chunk the target asks for later
+//! (or after a rerun) is read from the volume again ([`understudy_common::cut::snapshot`]).
+//!
 //! A mover holds no long-lived secret: its certificate and key were made for this cut by the
 //! source agent, which granted them, over its own pinned session, the right to stage exactly
 //! this volume of this group for this cut, for a limited time ([`MoverTicket`]).
@@ -14,11 +18,11 @@ use crate::ship::Limiter;
 use crate::target::{Connector, TargetAddr};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use understudy_common::change::{ChangeSource, HashDiff, Listed, Unlisted};
 use understudy_common::cut::scan::{ScanObserver, ScanSettings, VolumeScan, scan_volume};
-use understudy_common::cut::spool::{Feed, SpoolWriter};
+use understudy_common::cut::snapshot::{DirectSink, FrameFeed, Reread};
 use understudy_common::hash::ChunkHash;
 use understudy_common::protocol::OfferKind;
 use understudy_common::protocol::source_session::{Offer, SourceSession, SourceStep};
@@ -114,12 +118,15 @@ pub struct MoverReport {
     pub change_reason: Option<String>,
     /// True when the target had already committed the cut (a mover run again after the commit).
     pub already_committed: bool,
+    /// How long the run took (connect, read, send, stage), in ms.
+    #[serde(default)]
+    pub elapsed_ms: u64,
 }
 
-/// Stages `device` as the ticket says; `work` holds the spool of the frames it sends. The
+/// Stages `device` (which must not change meanwhile: a snapshot) as the ticket says. The
 /// blocks to read come from the driver's changed-block tracking where the ticket allows it,
 /// else every block is read and compared with the base (hash-diff).
-pub async fn run(ticket: &MoverTicket, device: &Path, work: &Path) -> Result<MoverReport> {
+pub async fn run(ticket: &MoverTicket, device: &Path) -> Result<MoverReport> {
     let identity = Identity::from_pem(ticket.cert_pem.as_bytes(), ticket.key_pem.as_bytes())
         .context("the mover's ticket holds no usable certificate and key")?;
     let target_fp: Fingerprint = ticket.target_fingerprint.parse()?;
@@ -140,8 +147,13 @@ pub async fn run(ticket: &MoverTicket, device: &Path, work: &Path) -> Result<Mov
         limit: ticket.bandwidth_limit_mbit.map(Limiter::mbit),
         on_bytes: Arc::new(|_| {}),
     };
-    let r = stage(ticket, &source, &link, vol, work)
+    let started = std::time::Instant::now();
+    let r = stage(ticket, &source, &link, vol)
         .await
+        .map(|r| MoverReport {
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            ..r
+        })
         .map_err(|e| link.explain(e));
     connector.shutdown().await;
     r
@@ -154,7 +166,6 @@ async fn stage(
     source: &str,
     link: &Link,
     vol: Volume,
-    work: &Path,
 ) -> Result<MoverReport> {
     let mut control = link.open_control().await?;
     let (mut session, join) = SourceSession::mover(
@@ -174,24 +185,15 @@ async fn stage(
     let latest = session.latest().map(|(seq, _)| seq);
     let (change, change_reason) = choose_change(ticket, latest).await;
     tracing::info!(volume = %ticket.volume, change = change.name(), reason = ?change_reason, "blocks to read");
-    let spool_path = work.join("spool.frames");
     let (feed, pusher) = match session.push_allowed() {
         true => {
-            let (f, p) = link.start_push(&spool_path);
+            let (f, p) = link.start_push_frames();
             (Some(f), Some(p))
         }
         false => (None, None),
     };
     let (base_tx, base_rx) = tokio::sync::mpsc::channel::<Vec<(u64, ChunkHash)>>(4);
-    let scan = spawn_scan(
-        ticket,
-        vol,
-        &spool_path,
-        feed,
-        latest.is_some(),
-        base_rx,
-        change,
-    );
+    let scan = spawn_scan(ticket, vol, feed, latest.is_some(), base_rx, change);
     // Feed the base to the scan as it arrives; the scan's end (or failure) drops the receiver.
     while !session.base_complete() {
         let msg = stream::recv(&mut control.1)
@@ -209,7 +211,12 @@ async fn stage(
     }
     drop(base_tx);
     let scanned = scan.await.context("the scan task failed")?;
-    let (scan, spool, size) = match scanned {
+    let Scanned {
+        scan,
+        frames,
+        pushed,
+        size,
+    } = match scanned {
         Ok(s) => s,
         Err(e) => {
             if let Some(p) = pusher {
@@ -236,20 +243,13 @@ async fn stage(
         parts: None,
     };
     let (streams, pushed) = match pusher {
-        Some(_) => (link.streams as u32, spool.len() as u64),
+        Some(_) => (link.streams as u32, pushed),
         None => (0, 0),
     };
     let first = session.set_offer(offer, streams, pushed)?;
     let mut sent = Sent::default();
     let outcome = link
-        .finish_pushed(
-            control,
-            session,
-            first,
-            pusher,
-            (&spool_path, &spool),
-            &mut sent,
-        )
+        .finish_pushed(control, session, first, pusher, Arc::new(frames), &mut sent)
         .await?;
     if outcome == Outcome::BaseMismatch {
         bail!(
@@ -269,6 +269,7 @@ async fn stage(
         change_source: scan.change_source.to_string(),
         change_reason,
         already_committed: sent.already_committed,
+        elapsed_ms: 0,
     })
 }
 
@@ -348,15 +349,21 @@ async fn cbt_ranges(cbt: &CbtTicket, latest: Option<u64>) -> Result<(Listed, Opt
     ))
 }
 
-type Scanned = (VolumeScan, understudy_common::cut::spool::SpoolIndex, u64);
+/// What the scan found, and how to frame its chunks again.
+struct Scanned {
+    scan: VolumeScan,
+    frames: Reread,
+    /// Distinct new chunks handed to the push.
+    pushed: u64,
+    size: u64,
+}
 
-/// Scans the volume in a blocking task against the base arriving on `base`, spooling (and
-/// announcing on `feed`) the frames of changed blocks.
+/// Scans the volume in a blocking task against the base arriving on `base`, handing the frames
+/// of changed blocks to `feed` (when pushing).
 fn spawn_scan(
     ticket: &MoverTicket,
     vol: Volume,
-    spool_path: &Path,
-    feed: Option<Feed>,
+    feed: Option<FrameFeed>,
     has_base: bool,
     mut base: tokio::sync::mpsc::Receiver<Vec<(u64, ChunkHash)>>,
     change: Arc<dyn ChangeSource>,
@@ -366,10 +373,9 @@ fn spawn_scan(
         zstd_level: ticket.zstd_level,
         workers: ticket.workers.max(1),
     };
-    let (name, spool_path): (String, PathBuf) = (ticket.volume.clone(), spool_path.to_path_buf());
+    let name = ticket.volume.clone();
     tokio::task::spawn_blocking(move || {
-        let mut spool = SpoolWriter::create(&spool_path)?;
-        spool.set_feed(feed);
+        let mut sink = DirectSink::new(feed);
         let mut stream = std::iter::from_fn(move || base.blocking_recv())
             .flatten()
             .map(Ok);
@@ -385,11 +391,17 @@ fn spawn_scan(
             base_stream,
             change.as_ref(),
             settings,
-            &mut spool,
+            &mut sink,
             obs,
         )
         .with_context(|| format!("scan of volume {name} ({}) failed", vol.path().display()))?;
-        let index = spool.finish()?;
-        Ok((scan, index, vol.size()))
+        let at = sink.finish();
+        let size = vol.size();
+        Ok(Scanned {
+            scan,
+            pushed: at.len() as u64,
+            frames: Reread::new(vol, at, settings.block_size, settings.zstd_level),
+            size,
+        })
     })
 }

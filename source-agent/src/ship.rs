@@ -1,9 +1,11 @@
-//! Sends a cut's needed chunks from its spool on parallel QUIC data streams.
+//! Sends a cut's chunks on parallel QUIC data streams: pushed while the cut is made (from its
+//! spool, or handed over by the scan of a snapshot), and those the target asks for after the
+//! offer (from a [`FrameSource`]).
 
 use anyhow::{Context, Result};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use understudy_common::cut::spool::SpoolReader;
+use understudy_common::cut::spool::{FrameSource, SpoolReader};
 use understudy_common::hash::ChunkHash;
 use understudy_common::transport::stream::{self, StreamKind};
 
@@ -49,7 +51,7 @@ pub struct Shipped {
 /// Sends `hashes` over up to `streams` data streams; returns once all were handed to QUIC.
 pub async fn ship(
     conn: &quinn::Connection,
-    spool: Arc<SpoolReader>,
+    spool: Arc<dyn FrameSource>,
     hashes: Vec<ChunkHash>,
     streams: usize,
     limit: Option<Limiter>,
@@ -70,7 +72,7 @@ pub async fn ship(
             limit.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            send_stream(&conn, &spool, &part, limit.as_ref(), &*on_bytes).await
+            send_stream(&conn, &*spool, &part, limit.as_ref(), &*on_bytes).await
         }));
     }
     join_streams(tasks).await
@@ -107,7 +109,7 @@ async fn send_frame(
 
 async fn send_stream(
     conn: &quinn::Connection,
-    spool: &SpoolReader,
+    spool: &dyn FrameSource,
     hashes: &[ChunkHash],
     limit: Option<&Limiter>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
@@ -124,19 +126,61 @@ async fn send_stream(
     Ok((hashes.len() as u64, bytes))
 }
 
-/// Work of one push stream: (offset, length) of frames in the spool file.
-type StreamQueue = tokio::sync::mpsc::Receiver<(u64, u32)>;
+/// Work of one push stream: frames, in order.
+type StreamQueue = tokio::sync::mpsc::Receiver<Vec<u8>>;
 
-/// Frames waiting per push stream; the feed itself is unbounded, so the cut never waits.
-const PUSH_STREAM_QUEUE: usize = 64;
+/// Frames waiting per push stream.
+const PUSH_STREAM_QUEUE: usize = 8;
 
-/// Pushes the frames the cut announces on `feed`, reading each back from the spool file at
-/// `spool` (the page cache), on `streams` push streams, until the feed ends and all are sent.
-/// The streams are opened at once, so their number is known before the offer.
+/// Where the frames to push come from while a cut is made.
+pub enum PushFeed {
+    /// A spool announces them (its file's offsets, unbounded, so the cut never waits); they are
+    /// read back from the file (the page cache).
+    Spool {
+        /// The spool file.
+        path: std::path::PathBuf,
+        /// Its announcements.
+        feed: tokio::sync::mpsc::UnboundedReceiver<Vec<(u64, u32)>>,
+    },
+    /// The scan hands them over (a snapshot's cut, which is not spooled; bounded).
+    Frames(tokio::sync::mpsc::Receiver<Vec<u8>>),
+}
+
+impl PushFeed {
+    /// The next frames in order; `None` once the feed ended.
+    async fn next(&mut self, reader: &mut Option<SpoolReader>) -> Result<Option<Vec<Vec<u8>>>> {
+        match self {
+            PushFeed::Frames(rx) => Ok(rx.recv().await.map(|f| vec![f])),
+            PushFeed::Spool { path, feed } => {
+                let Some(batch) = feed.recv().await else {
+                    return Ok(None);
+                };
+                let r = match reader {
+                    Some(r) => r,
+                    None => reader.insert(SpoolReader::growing(path).with_context(|| {
+                        format!("cannot open the spool {} to push from it", path.display())
+                    })?),
+                };
+                let frames = tokio::task::block_in_place(|| {
+                    batch
+                        .into_iter()
+                        .map(|(offset, len)| {
+                            let mut frame = Vec::new();
+                            r.frame_at(offset, len, &mut frame).map(|()| frame)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                Ok(Some(frames))
+            }
+        }
+    }
+}
+
+/// Pushes the frames of `feed` on `streams` push streams, until the feed ends and all are
+/// sent. The streams are opened at once, so their number is known before the offer.
 pub async fn push(
     conn: quinn::Connection,
-    spool: std::path::PathBuf,
-    mut feed: tokio::sync::mpsc::UnboundedReceiver<Vec<(u64, u32)>>,
+    mut feed: PushFeed,
     streams: usize,
     limit: Option<Limiter>,
     on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
@@ -148,14 +192,15 @@ pub async fn push(
         let s = stream::open_data(&conn, StreamKind::Push).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(PUSH_STREAM_QUEUE);
         lanes.push(tx);
-        let (spool, limit, on_bytes) = (spool.clone(), limit.clone(), on_bytes.clone());
+        let (limit, on_bytes) = (limit.clone(), on_bytes.clone());
         tasks.push(tokio::spawn(async move {
-            push_stream(s, &spool, rx, limit.as_ref(), &*on_bytes).await
+            push_stream(s, rx, limit.as_ref(), &*on_bytes).await
         }));
     }
     let mut next = 0;
-    'feed: while let Some(batch) = feed.recv().await {
-        for frame in batch {
+    let mut reader = None;
+    'feed: while let Some(frames) = feed.next(&mut reader).await? {
+        for frame in frames {
             if lanes[next % n].send(frame).await.is_err() {
                 break 'feed; // that stream failed: its task reports why
             }
@@ -168,22 +213,12 @@ pub async fn push(
 
 async fn push_stream(
     mut s: quinn::SendStream,
-    spool: &std::path::Path,
     mut frames: StreamQueue,
     limit: Option<&Limiter>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(u64, u64)> {
-    let mut reader: Option<SpoolReader> = None;
     let (mut chunks, mut bytes) = (0u64, 0u64);
-    let mut frame = Vec::new();
-    while let Some((offset, len)) = frames.recv().await {
-        let r = match &reader {
-            Some(r) => r,
-            None => reader.insert(SpoolReader::growing(spool).with_context(|| {
-                format!("cannot open the spool {} to push from it", spool.display())
-            })?),
-        };
-        tokio::task::block_in_place(|| r.frame_at(offset, len, &mut frame))?;
+    while let Some(frame) = frames.recv().await {
         send_frame(&mut s, &frame, limit, on_bytes).await?;
         chunks += 1;
         bytes += frame.len() as u64;

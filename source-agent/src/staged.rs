@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::sync::Arc;
 use understudy_common::cut::CapturedManifests;
-use understudy_common::cut::spool::SpoolWriter;
+use understudy_common::cut::spool::{SpoolReader, SpoolWriter};
 use understudy_common::protocol::source_session::{Offer, SourceSession};
 use understudy_common::protocol::{Control, MoverGrant, OfferKind};
 use understudy_common::store::{CutMeta, VolumeMeta};
@@ -157,8 +157,9 @@ pub async fn commit(
         };
         let first = session.set_offer(offer, 0, 0)?;
         let mut sent = Sent::default();
+        let frames = Arc::new(SpoolReader::open(&spool_path, index)?);
         let outcome = link
-            .drive(control, session, Some(first), (&spool_path, &index), &mut sent)
+            .drive(control, session, Some(first), frames, &mut sent)
             .await?;
         match outcome {
             Outcome::Committed(seq) => Ok(StagedCommit { seq, sent }),

@@ -10,6 +10,15 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The controller's crash points, each armed in turn by `kube_replication.rs` (the controller
+/// runs against the two-cluster test bed, so these are tested there, not in `crash_points.rs`).
+pub const CONTROLLER_POINTS: &[&str] = &[
+    "controller.snapshots.taken",
+    "controller.movers.started",
+    "controller.point.committed",
+    "controller.cleanup.deleting",
+];
+
 /// A seeded random source for a crash run. The seed comes from `var` when set (to replay a
 /// failure), else from the clock; it is printed either way.
 pub fn seeded(var: &str) -> (u64, StdRng) {

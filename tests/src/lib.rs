@@ -6,6 +6,7 @@ pub mod crash;
 pub mod node;
 pub mod oci;
 pub mod relay;
+pub mod replication;
 pub mod testbed;
 
 use anyhow::{Context, Result, bail};
@@ -498,4 +499,24 @@ impl Drop for SmallFs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         let _ = &self.dev; // detached by its own Drop, after the unmount
     }
+}
+
+/// A TCP port free on 127.0.0.1 now (for servers whose address is given up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// The Prometheus text an agent serves on `addr`'s `/metrics`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics address");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the response");
+    out
 }

@@ -494,6 +494,14 @@ state = "{d}/state"
         Ok(())
     }
 
+    /// The file holding a volume of the test driver, by its handle (a PV's
+    /// `spec.csi.volumeHandle`).
+    pub fn volume_image(&self, handle: &str) -> PathBuf {
+        self.path("csi-state")
+            .join("volumes")
+            .join(format!("{handle}.img"))
+    }
+
     /// The last lines of a node daemon's or a control-plane component's log.
     pub fn log(&self, name: &str) -> String {
         self.api.log_tail(name)

@@ -7,206 +7,12 @@
 //! project's test driver (no reference driver is served here); everything else is real.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use understudy_e2e::node::{AGENTS_IMAGE, CBT_CLIENT_ROLE, NodeCluster, PROGRAMS_IMAGE};
-use understudy_e2e::{Pair, bin, s};
-
-const MIN: Duration = Duration::from_secs(60);
-const NS: &str = "shop";
-const AGENT_NS: &str = "understudy-system";
-
-/// Both clusters, the target agent on the standby's bridge, the source's Secret and the CRDs on
-/// the primary; the controller is started by [`Bed::start_controller`].
-struct Bed {
-    primary: NodeCluster,
-    _standby: NodeCluster,
-    pair: Pair,
-    controller: Option<Child>,
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        self.kill_controller();
-    }
-}
-
-impl Bed {
-    async fn start() -> Option<Self> {
-        let (primary, standby) = tokio::join!(NodeCluster::start(), NodeCluster::start());
-        let (Some(primary), Some(standby)) = (primary.unwrap(), standby.unwrap()) else {
-            return None;
-        };
-        primary.import_agents().unwrap();
-        let mut pair = Pair::new();
-        pair.addr = format!("{}:0", standby.bridge_ip);
-        pair.start_target(&[]);
-        let client = primary.client().await.unwrap();
-        let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            kube::Api::all(client.clone());
-        for crd in understudy_kube::crd::all() {
-            crds.create(&Default::default(), &crd).await.unwrap();
-        }
-        let ident =
-            |f: &str| std::fs::read_to_string(pair.source_dir.join("identity").join(f)).unwrap();
-        let target_fp = understudy_common::transport::Peers::load(&pair.source_dir)
-            .unwrap()
-            .fingerprints()
-            .remove(0);
-        let secret = serde_json::json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "standby", "namespace": AGENT_NS},
-            "stringData": {"cert.pem": ident("cert.pem"), "key.pem": ident("key.pem"), "target-fingerprint": target_fp.to_string()},
-        });
-        // The agent's namespace: its Secret, and its ServiceAccount with the changed-block
-        // tracking client role (movers get tokens of it).
-        primary
-            .create_yaml(&format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {AGENT_NS}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\n{}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: understudy-source, namespace: {AGENT_NS}}}\n---\n{CBT_CLIENT_ROLE}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: understudy-source-cbt}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: external-snapshot-metadata-client-runner}}\nsubjects: [{{kind: ServiceAccount, name: understudy-source, namespace: {AGENT_NS}}}]\n",
-                serde_json::to_string(&secret).unwrap()
-            ))
-            .await
-            .unwrap();
-        // The CRD serves once Established.
-        for _ in 0..100 {
-            if primary
-                .names("understudy.io/v1alpha1", "ReplicationGroup", NS)
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Some(Bed {
-            primary,
-            _standby: standby,
-            pair,
-            controller: None,
-        })
-    }
-
-    fn start_controller(&mut self) {
-        self.start_controller_env(&[]);
-    }
-
-    fn start_controller_env(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.pair.path("controller.log"))
-            .unwrap();
-        let child = Command::new(bin("source-agent"))
-            .args(["controller", "--kubeconfig", s(&self.primary.kubeconfig)])
-            .args(["--agent-namespace", AGENT_NS, "--mover-image", AGENTS_IMAGE])
-            .args(["--state-dir", s(&self.pair.path("controller-state"))])
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.controller = Some(child);
-    }
-
-    fn kill_controller(&mut self) {
-        if let Some(mut c) = self.controller.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn controller_log(&self) -> String {
-        std::fs::read_to_string(self.pair.path("controller.log")).unwrap_or_default()
-    }
-
-    async fn group(&self, name: &str) -> serde_json::Value {
-        self.primary
-            .get("understudy.io/v1alpha1", "ReplicationGroup", NS, name)
-            .await
-            .unwrap()
-            .expect("the group exists")
-    }
-
-    /// Waits until the group's last point is at least `seq`.
-    async fn wait_point(&self, name: &str, seq: u64, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let g = self.group(name).await;
-            if g["status"]["lastPoint"]["sequence"].as_u64().unwrap_or(0) >= seq {
-                return g;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no point {seq} after {timeout:?}: {}\ncontroller:\n{}\ntarget:\n{}",
-                serde_json::to_string_pretty(&g["status"]).unwrap(),
-                tail(&self.controller_log()),
-                tail(&self.pair.target_log())
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// Objects the cycles made that still exist: every snapshot and group snapshot (the
-    /// application takes none itself), and the cycles' pods, Secrets and PVCs.
-    async fn leftovers(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (av, kind, all) in [
-            ("v1", "Pod", false),
-            ("v1", "Secret", false),
-            ("v1", "PersistentVolumeClaim", false),
-            ("snapshot.storage.k8s.io/v1", "VolumeSnapshot", true),
-            (
-                "groupsnapshot.storage.k8s.io/v1",
-                "VolumeGroupSnapshot",
-                true,
-            ),
-        ] {
-            for n in self.primary.names(av, kind, NS).await.unwrap() {
-                if all || n.starts_with("us-") {
-                    out.push(format!("{kind}/{n}"));
-                }
-            }
-        }
-        out
-    }
-
-    /// Deletes the group (the controller runs) and waits until it and everything its cycles
-    /// made are gone.
-    async fn delete_group(&self, name: &str) {
-        let api: kube::Api<understudy_kube::crd::ReplicationGroup> =
-            kube::Api::namespaced(self.primary.client().await.unwrap(), NS);
-        api.delete(name, &Default::default()).await.unwrap();
-        let deadline = Instant::now() + MIN;
-        while api.get_opt(name).await.unwrap().is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "the group was not deleted: {}",
-                tail(&self.controller_log())
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        self.wait_clean().await;
-    }
-
-    async fn wait_clean(&self) {
-        let deadline = Instant::now() + MIN;
-        loop {
-            let left = self.leftovers().await;
-            if left.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "left behind: {left:?}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
+use understudy_e2e::crash::{CONTROLLER_POINTS, crash_at};
+use understudy_e2e::node::{NodeCluster, PROGRAMS_IMAGE, TOOLS_IMAGE};
+use understudy_e2e::replication::{Bed, MIN, NS, group_yaml, tail};
+use understudy_e2e::{bin, s, scrape};
 
 /// The writer application: its PVCs and a Deployment writing records round-robin to the two
 /// Block PVCs and a file on the Filesystem PVC.
@@ -222,12 +28,6 @@ fn writer_app() -> String {
         + &format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: writer, namespace: {NS}, labels: {{app: writer}}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: writer}}}}\n  template:\n    metadata: {{labels: {{app: writer}}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n      - name: main\n        image: {PROGRAMS_IMAGE}\n        imagePullPolicy: Never\n        args: [write-records, /dev/v0, /dev/v1, /data/records, --pause-ms, '3', --quiesce-dir, /tmp/quiesce]\n        volumeDevices: [{{name: a, devicePath: /dev/v0}}, {{name: b, devicePath: /dev/v1}}]\n        volumeMounts: [{{name: logs, mountPath: /data}}]\n      volumes:\n      - {{name: a, persistentVolumeClaim: {{claimName: data-a}}}}\n      - {{name: b, persistentVolumeClaim: {{claimName: data-b}}}}\n      - {{name: logs, persistentVolumeClaim: {{claimName: logs}}}}\n"
         )
-}
-
-fn group_yaml(name: &str, consistency: &str, target: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: understudy.io/v1alpha1\nkind: ReplicationGroup\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  selector: {{app: writer}}\n  interval: 10s\n  consistency: {consistency}\n  target: {{address: '{target}', secretName: standby}}\n{extra}"
-    )
 }
 
 /// Waits until the writer pod runs and has written records.
@@ -394,4 +194,358 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Waits for a mover pod of the group's cycle that runs, and deletes it at once (no grace:
+/// its process is killed mid-transfer); returns its name.
+async fn delete_a_running_mover(c: &NodeCluster) -> String {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(c.client().await.unwrap(), NS);
+    let deadline = Instant::now() + 3 * MIN;
+    loop {
+        let movers = pods
+            .list(&kube::api::ListParams::default().labels("understudy.io/role=mover"))
+            .await
+            .unwrap();
+        let running = movers
+            .items
+            .iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+        if let Some(p) = running {
+            let name = kube::ResourceExt::name_any(p);
+            let now = kube::api::DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            };
+            pods.delete(&name, &now).await.unwrap();
+            return name;
+        }
+        assert!(Instant::now() < deadline, "no mover pod ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The controller SIGKILLed at each of its steps (each crash point in turn), and a mover pod
+/// deleted while it runs: every cycle completes or is redone, the target lists complete
+/// points only (each fails over to a prefix of the writer), and after each cycle exactly the
+/// base snapshots are left (counted). That a mover run again resends no chunk the target
+/// already holds durably is `movers.rs`'s `a_killed_mover_run_again_resends_nothing_durable`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_killed_at_each_step_and_a_deleted_mover_leave_complete_points_only() {
+    let Some(mut bed) = Bed::start().await else {
+        return;
+    };
+    start_writer(&bed.primary).await;
+    let target = bed.pair.addr.clone();
+    // Movers capped at 16 Mbit/s so the first one is still sending when it is deleted.
+    bed.primary
+        .create_yaml(&group_yaml(
+            "writer",
+            "group",
+            &target,
+            "  bandwidthLimitMbit: 16\n",
+        ))
+        .await
+        .unwrap();
+    let group = format!("{NS}.writer");
+    bed.start_controller();
+    let deleted = delete_a_running_mover(&bed.primary).await;
+    let g = bed.wait_point("writer", 1, 4 * MIN).await;
+    let mut seq = g["status"]["lastPoint"]["sequence"].as_u64().unwrap();
+    bed.wait_settled("writer", 3, 1).await;
+    bed.kill_controller();
+    assert!(
+        bed.controller_log().contains(&deleted),
+        "the controller did not notice {deleted} had gone:\n{}",
+        tail(&bed.controller_log())
+    );
+    for point in CONTROLLER_POINTS {
+        bed.patch_spec("writer", serde_json::json!({"paused": false}))
+            .await;
+        bed.start_controller_env(&[("FAILPOINTS", &crash_at(point, 1))]);
+        bed.wait_controller_crash(point).await;
+        let listed = bed.pair.points(&group);
+        assert!(
+            listed.iter().all(|&p| p <= seq + 1),
+            "after a crash at {point}: points {listed:?}, the last committed was {seq}"
+        );
+        bed.start_controller();
+        let g = bed.wait_point("writer", seq + 1, 4 * MIN).await;
+        seq = g["status"]["lastPoint"]["sequence"].as_u64().unwrap();
+        bed.wait_settled("writer", 3, 1).await;
+        bed.kill_controller();
+    }
+    let totals = check_every_point(&bed, &group);
+    assert!(totals.len() > CONTROLLER_POINTS.len(), "{totals:?}");
+    bed.start_controller();
+    bed.delete_group("writer").await;
+}
+
+/// The quiesce hooks of the writer: `quiesce` asks it to stop and waits until it holds still,
+/// `resume` lets it go on.
+fn writer_hooks(pre: &[&str]) -> serde_json::Value {
+    let hook = |cmd: &[&str]| {
+        serde_json::json!({
+            "podSelector": {"app": "writer"},
+            "container": "main",
+            "command": cmd,
+            "timeout": "20s",
+        })
+    };
+    serde_json::json!({
+        "pre": [hook(pre)],
+        "post": [hook(&["/bin/understudy-testbed-tool", "resume", "--dir", "/tmp/quiesce"])],
+    })
+}
+
+/// `hooks` consistency: per-PVC snapshots taken while the hook holds the writer still, so every
+/// point is a prefix. Then a pre hook that fails (on-error fail) gives no point, a
+/// `SnapshotFailed` condition naming the hook, and nothing left of its cycle; then a snapshot
+/// class whose driver does not exist gives snapshots that never become ready: the cycle times
+/// out with `SnapshotNotReady` and its snapshots are deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_leave_nothing() {
+    let Some(mut bed) = Bed::start().await else {
+        return;
+    };
+    start_writer(&bed.primary).await;
+    let target = bed.pair.addr.clone();
+    let quiesce = [
+        "/bin/understudy-testbed-tool",
+        "quiesce",
+        "--dir",
+        "/tmp/quiesce",
+    ];
+    let hooks = serde_json::to_string(&writer_hooks(&quiesce)).unwrap();
+    bed.primary
+        .create_yaml(&group_yaml(
+            "writer",
+            "hooks",
+            &target,
+            &format!("  hooks: {hooks}\n"),
+        ))
+        .await
+        .unwrap();
+    bed.start_controller();
+    let g = bed.wait_point("writer", 2, 4 * MIN).await;
+    let seq = g["status"]["lastPoint"]["sequence"].as_u64().unwrap();
+    bed.wait_settled("writer", 3, 0).await;
+    let group = format!("{NS}.writer");
+    let totals = check_every_point(&bed, &group);
+    assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
+
+    // A pre hook that fails: no snapshot is taken, the condition names the hook.
+    bed.patch_spec(
+        "writer",
+        serde_json::json!({"paused": false, "hooks": writer_hooks(&["/bin/understudy-testbed-tool", "no-such-command"])}),
+    )
+    .await;
+    let msg = bed.wait_failed("writer", "SnapshotFailed").await;
+    assert!(
+        msg.contains("no-such-command") && msg.contains("exited with"),
+        "{msg}"
+    );
+    bed.wait_settled("writer", 3, 0).await;
+    assert_eq!(
+        bed.group("writer").await["status"]["lastPoint"]["sequence"],
+        seq
+    );
+
+    // Snapshots that never become ready: a class of a driver no node runs, retaining its
+    // contents; the cycle's snapshots go with their contents all the same.
+    let contents = || async {
+        bed.primary
+            .names("snapshot.storage.k8s.io/v1", "VolumeSnapshotContent", "")
+            .await
+            .unwrap()
+            .len()
+    };
+    let before = contents().await;
+    bed.primary
+        .create_yaml("apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {name: nowhere}\ndriver: nowhere.understudy.io\ndeletionPolicy: Retain\n")
+        .await
+        .unwrap();
+    bed.patch_spec(
+        "writer",
+        serde_json::json!({"paused": false, "hooks": writer_hooks(&quiesce), "volumeSnapshotClassName": "nowhere", "snapshotTimeout": "5s"}),
+    )
+    .await;
+    let msg = bed.wait_failed("writer", "SnapshotNotReady").await;
+    assert!(msg.contains("was not ready after 5s"), "{msg}");
+    bed.wait_settled("writer", 3, 0).await;
+    assert_eq!(
+        bed.group("writer").await["status"]["lastPoint"]["sequence"],
+        seq
+    );
+    let deadline = Instant::now() + MIN;
+    while contents().await != before {
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out cycle's snapshot contents were left"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bed.delete_group("writer").await;
+}
+
+const KIB64: u64 = 64 << 10;
+
+/// Runs a pod that writes random 64 KiB blocks at the given block indexes of the `disk` PVC.
+async fn write_blocks(c: &NodeCluster, pod: &str, blocks: &[u64]) {
+    let dd: Vec<String> = blocks
+        .iter()
+        .map(|b| format!("dd if=/dev/urandom of=/dev/disk bs=65536 seek={b} count=1 conv=notrunc"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {NS}}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: dd\n    image: {TOOLS_IMAGE}\n    imagePullPolicy: Never\n    command: [sh, -c, '{} && sync']\n    volumeDevices: [{{name: d, devicePath: /dev/disk}}]\n  volumes: [{{name: d, persistentVolumeClaim: {{claimName: disk}}}}]\n",
+        dd.join(" && ")
+    );
+    c.run_pod(&yaml, NS, pod).await.unwrap();
+}
+
+/// The one volume's status of the group's last point, with the point.
+async fn last_volume(bed: &Bed, name: &str, seq: u64) -> (u64, serde_json::Value) {
+    let g = bed.wait_point(name, seq, 3 * MIN).await;
+    let v = g["status"]["volumes"][0].clone();
+    (g["status"]["lastPoint"]["sequence"].as_u64().unwrap(), v)
+}
+
+/// Fails point `seq` over and checks the volume is bit-exact with the PVC's data now (the
+/// application writes nothing between cycles here).
+async fn assert_exact(bed: &Bed, seq: u64) {
+    let pvc = bed
+        .primary
+        .get("v1", "PersistentVolumeClaim", NS, "disk")
+        .await
+        .unwrap()
+        .unwrap();
+    let pv = bed
+        .primary
+        .get(
+            "v1",
+            "PersistentVolume",
+            "",
+            pvc["spec"]["volumeName"].as_str().unwrap(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let live = bed
+        .primary
+        .volume_image(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap());
+    let out = bed.pair.path(&format!("failover-{seq}"));
+    bed.pair
+        .failover(&format!("{NS}.blocks"), &seq.to_string(), &out, &[]);
+    let restored = out.join("volumes").join(format!("{NS}.disk.img"));
+    assert!(
+        std::fs::read(&restored).unwrap() == std::fs::read(&live).unwrap(),
+        "point {seq} is not the volume's data"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Changed-block tracking through the driver's SnapshotMetadata service: the first point reads
+/// only the allocated ranges; after N blocks change, the next cycle reads and sends only those
+/// N (the mover's counts in status); with the SnapshotMetadataService removed, the mover hashes
+/// every block instead and status says why; every point is bit-exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_block_tracking_reads_only_changed_blocks_and_falls_back_to_hash_diff() {
+    let Some(mut bed) = Bed::start().await else {
+        return;
+    };
+    bed.primary
+        .create_yaml(&format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: disk, namespace: {NS}, labels: {{app: blocks}}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  resources: {{requests: {{storage: 64Mi}}}}\n"
+        ))
+        .await
+        .unwrap();
+    write_blocks(&bed.primary, "fill-0", &(0..64).collect::<Vec<_>>()).await;
+    let target = bed.pair.addr.clone();
+    bed.primary
+        .create_yaml(
+            &group_yaml("blocks", "crash", &target, "")
+                .replace("selector: {app: writer}", "selector: {app: blocks}"),
+        )
+        .await
+        .unwrap();
+    bed.start_controller();
+    let (seq, v) = last_volume(&bed, "blocks", 1).await;
+    assert_eq!(v["changeSource"], "csi-allocated", "{v}");
+    assert_eq!(
+        v["bytesRead"],
+        64 * KIB64,
+        "the first point reads the 4 MiB written: {v}"
+    );
+    bed.wait_settled("blocks", 1, 0).await;
+    assert_exact(&bed, seq).await;
+
+    // N blocks change (one inside the first 4 MiB, the others in holes): the delta names them.
+    let changed = [3, 100, 250, 500, 1000];
+    write_blocks(&bed.primary, "change-1", &changed).await;
+    bed.patch_spec("blocks", serde_json::json!({"paused": false}))
+        .await;
+    let (seq, v) = last_volume(&bed, "blocks", seq + 1).await;
+    let n = changed.len() as u64;
+    assert_eq!(v["changeSource"], "csi-delta", "{v}");
+    assert_eq!(
+        v["bytesRead"],
+        n * KIB64,
+        "only the changed blocks are read: {v}"
+    );
+    let sent = v["bytesSent"].as_u64().unwrap();
+    assert!(
+        (n * KIB64..(n + 1) * KIB64).contains(&sent),
+        "only the changed blocks are sent (random data: about {n} x 64 KiB of frames): {v}"
+    );
+    bed.wait_settled("blocks", 1, 0).await;
+    assert_exact(&bed, seq).await;
+
+    // No SnapshotMetadataService: hash-diff, said in status, and still only the change is sent.
+    let services: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+        bed.primary.client().await.unwrap(),
+        &kube::api::ApiResource {
+            group: "cbt.storage.k8s.io".into(),
+            version: "v1beta1".into(),
+            api_version: "cbt.storage.k8s.io/v1beta1".into(),
+            kind: "SnapshotMetadataService".into(),
+            plural: "snapshotmetadataservices".into(),
+        },
+    );
+    for s in services.list(&Default::default()).await.unwrap() {
+        services
+            .delete(&kube::ResourceExt::name_any(&s), &Default::default())
+            .await
+            .unwrap();
+    }
+    write_blocks(&bed.primary, "change-2", &[7, 600]).await;
+    bed.patch_spec("blocks", serde_json::json!({"paused": false}))
+        .await;
+    let (seq, v) = last_volume(&bed, "blocks", seq + 1).await;
+    assert_eq!(v["changeSource"], "hash-diff", "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SnapshotMetadata")),
+        "status says why every block is read: {v}"
+    );
+    let sent = v["bytesSent"].as_u64().unwrap();
+    assert!((2 * KIB64..3 * KIB64).contains(&sent), "{v}");
+    bed.wait_settled("blocks", 1, 0).await;
+    assert_exact(&bed, seq).await;
+    // The controller's metrics count the reads by change source, with the group's RPO.
+    let text = scrape(&bed.metrics);
+    let group = format!("{NS}.blocks");
+    for line in [
+        format!("understudy_volume_reads_total{{group=\"{group}\",source=\"csi-allocated\"}} 1"),
+        format!("understudy_volume_reads_total{{group=\"{group}\",source=\"csi-delta\"}} 1"),
+        format!("understudy_volume_reads_total{{group=\"{group}\",source=\"hash-diff\"}} 1"),
+        format!("understudy_points_committed_total{{group=\"{group}\"}} 3"),
+        format!("understudy_rpo_seconds{{group=\"{group}\"}}"),
+        format!("understudy_cycle_duration_seconds_count{{group=\"{group}\"}} 3"),
+    ] {
+        assert!(text.contains(&line), "missing {line} in:\n{text}");
+    }
+    bed.patch_spec("blocks", serde_json::json!({"paused": false}))
+        .await;
+    bed.delete_group("blocks").await;
 }

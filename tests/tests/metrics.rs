@@ -1,25 +1,7 @@
 //! The target serves Prometheus metrics: after a commit, the group's last point time, RPO, stored
 //! bytes and committed points are exported.
 
-use std::io::{Read, Write};
 use understudy_e2e::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 #[test]
 fn target_exports_rpo_and_last_point_after_a_commit() {

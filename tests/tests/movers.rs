@@ -65,15 +65,7 @@ fn spawn_mover(p: &Pair, t: &MoverTicket, device: &Path) -> std::process::Child 
     let tf = dir.join("ticket.json");
     std::fs::write(&tf, serde_json::to_vec(t).unwrap()).unwrap();
     Command::new(bin("source-agent"))
-        .args([
-            "mover",
-            "--ticket",
-            s(&tf),
-            "--device",
-            s(device),
-            "--work-dir",
-            s(&dir),
-        ])
+        .args(["mover", "--ticket", s(&tf), "--device", s(device)])
         .args(["--report", s(&dir.join("report.json"))])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -289,3 +289,19 @@ pub async fn allow_volume_mode_change(client: &Client, content: &str) -> Result<
         .with_context(|| format!("cannot annotate VolumeSnapshotContent {content} to allow restoring it as Block: the agent needs patch on volumesnapshotcontents"))?;
     Ok(())
 }
+
+/// Makes a snapshot content go with its VolumeSnapshot: its deletion policy becomes `Delete`
+/// (a cycle's snapshots are transient, also under a class that retains). A content already
+/// gone is fine.
+pub async fn delete_with_snapshot(client: &Client, content: &str) -> Result<()> {
+    let api: Api<VolumeSnapshotContent> = Api::all(client.clone());
+    let patch = serde_json::json!({"spec": {"deletionPolicy": "Delete"}});
+    match api
+        .patch(content, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot set VolumeSnapshotContent {content} to be deleted with its snapshot: the agent needs patch on volumesnapshotcontents"))),
+    }
+}

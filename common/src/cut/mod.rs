@@ -8,6 +8,7 @@ pub mod instant;
 pub mod make;
 pub mod manifests;
 pub mod scan;
+pub mod snapshot;
 pub mod spool;
 pub mod state;
 

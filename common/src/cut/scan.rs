@@ -9,7 +9,7 @@
 //! the spool. Memory is a constant (the pool's window of batches) plus the changes; a hole costs
 //! nothing, an unchanged block one comparison.
 
-use super::spool::SpoolWriter;
+use super::spool::FrameSink;
 use crate::block_map::BlockChange;
 use crate::change::{Candidates, ChangeSource, Unlisted, batches};
 use crate::chunk;
@@ -90,7 +90,7 @@ pub fn scan_volume(
     base: Option<BaseStream<'_>>,
     change: &dyn ChangeSource,
     s: ScanSettings,
-    spool: &mut SpoolWriter,
+    spool: &mut dyn FrameSink,
     obs: ScanObserver<'_>,
 ) -> Result<VolumeScan> {
     let size = vol.size();
@@ -229,7 +229,7 @@ struct Merge {
 }
 
 impl Merge {
-    fn take(&mut self, done: Done, spool: &mut SpoolWriter) -> Result<()> {
+    fn take(&mut self, done: Done, spool: &mut dyn FrameSink) -> Result<()> {
         match done {
             Done::Scanned {
                 data,
@@ -241,7 +241,7 @@ impl Merge {
                 data.iter().for_each(|(i, h)| self.digest.push(*i, h));
                 for (i, block, frame) in changed {
                     if let (Some(frame), BlockRef::Data(h)) = (frame, block) {
-                        spool.add(h, frame)?;
+                        spool.put(i, h, frame)?;
                     }
                     self.changes.push((i, block));
                 }

@@ -16,6 +16,36 @@ pub type SpoolIndex = HashMap<ChunkHash, (u64, u32)>;
 /// link's pace, so the scan never waits for the network.
 pub type Feed = tokio::sync::mpsc::UnboundedSender<Vec<(u64, u32)>>;
 
+/// Where a scan puts the frames of the blocks it found changed: a spool file, or (for a volume
+/// that does not change) straight to the push ([`super::snapshot`]).
+pub trait FrameSink {
+    /// Takes the frame of chunk `hash`, the data of block `index` (each hash once is enough).
+    fn put(&mut self, index: u64, hash: ChunkHash, frame: Vec<u8>) -> Result<()>;
+}
+
+/// Where the frames a session is asked for are read from.
+pub trait FrameSource: Send + Sync {
+    /// Frame length of a chunk (an estimate where frames are made on demand), if held.
+    fn len_of(&self, h: &ChunkHash) -> Option<u64>;
+    /// The frame of a chunk, into `buf` (a buffer the caller keeps between chunks).
+    fn frame_into(&self, h: &ChunkHash, buf: &mut Vec<u8>) -> Result<()>;
+}
+
+impl FrameSink for SpoolWriter {
+    fn put(&mut self, _index: u64, hash: ChunkHash, frame: Vec<u8>) -> Result<()> {
+        self.add(hash, frame)
+    }
+}
+
+impl FrameSource for SpoolReader {
+    fn len_of(&self, h: &ChunkHash) -> Option<u64> {
+        SpoolReader::len_of(self, h)
+    }
+    fn frame_into(&self, h: &ChunkHash, buf: &mut Vec<u8>) -> Result<()> {
+        SpoolReader::frame_into(self, h, buf)
+    }
+}
+
 /// Appends frames to a spool file, each hash once.
 pub struct SpoolWriter {
     out: BufWriter<File>,

@@ -364,13 +364,13 @@ async fn move_volumes(
     let labels = scope::labels(rg, &cycle.stage);
     let (connector, target, target_fp) = connector(rg, ctx).await?;
     let mut to_start = Vec::new();
-    let mut done = 0;
+    let (mut done, mut running) = (0, 0);
     for (i, (m, vs)) in snaps.iter().enumerate() {
         let name = object_name(&cycle.stage, i);
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &m.namespace);
         match objects::mover_state(&pods, &name).await? {
             MoverState::Done(_) => done += 1,
-            MoverState::Running => {}
+            MoverState::Running => running += 1,
             MoverState::Failed(why) => {
                 let runs = record_failed_run(ctx, &m.namespace, &name).await?;
                 if runs >= MOVER_ATTEMPTS {
@@ -391,6 +391,11 @@ async fn move_volumes(
         ctx.set_status(rg, status).await?;
         return Ok(Action::requeue(NEXT_STEP));
     }
+    let limit = rg
+        .spec
+        .max_parallel_movers
+        .map_or(usize::MAX, |n| n.max(1) as usize);
+    to_start.truncate(limit.saturating_sub(running));
     if to_start.is_empty() {
         return Ok(Action::requeue(POLL));
     }
@@ -457,6 +462,8 @@ async fn ensure_ticket(
 ) -> Result<MoverTicket> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &m.namespace);
     if let Some(s) = secrets.get_opt(name).await? {
+        // The ticket outlives its pod: a pod that is gone was deleted or evicted mid-run.
+        tracing::warn!(pod = %format!("{}/{name}", m.namespace), "the mover pod is not there though its ticket is (deleted, evicted, or never started by a controller that stopped); starting it");
         return objects::ticket_of(&s);
     }
     let group = scope::group_name(rg);
@@ -629,6 +636,7 @@ async fn commit(
             reason: r.change_reason.clone(),
             bytes_read: r.bytes_read,
             bytes_sent: r.bytes_sent,
+            mover_ms: r.elapsed_ms,
             base_snapshot: Some(snapshot),
             base_snapshot_handle: handle,
             base_sequence: Some(done.seq),
@@ -673,6 +681,13 @@ async fn commit(
         .cycle_seconds
         .get_or_create(&label)
         .observe(seconds);
+    for (_, r) in &reports {
+        let source = understudy_common::metrics::ChangeSourceLabel {
+            group: group.clone(),
+            source: r.change_source.clone(),
+        };
+        ctx.metrics.volume_reads.get_or_create(&source).inc();
+    }
     tracing::info!(%group, seq = done.seq, read, sent, seconds, "recovery point committed");
     ctx.event(rg, false, "PointCommitted", msg).await;
     Ok(Action::requeue(NEXT_STEP))
@@ -788,6 +803,16 @@ async fn remove_snapshots(
     let selector = scope::selector(rg, stages);
     let mut left = 0;
     for ns in scope::namespaces(rg) {
+        let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+        for vs in api
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+        {
+            if let Some(content) = vs.content() {
+                snapshots::delete_with_snapshot(&ctx.client, content).await?;
+            }
+        }
         left += objects::delete_matching::<VolumeSnapshot>(&ctx.client, &ns, &selector).await?;
         if rg.spec.consistency == Consistency::Group {
             let resource = snapshots::group_snapshot_resource(&ctx.client).await?;

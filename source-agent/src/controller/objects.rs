@@ -123,20 +123,15 @@ pub fn mover_pod(
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["/bin/source-agent", "mover", "--ticket", "/ticket/ticket.json",
-                            "--device", DEVICE_PATH, "--work-dir", "/work",
-                            "--report", "/dev/termination-log"],
+                            "--device", DEVICE_PATH, "--report", "/dev/termination-log"],
                 "volumeDevices": [{"name": "data", "devicePath": DEVICE_PATH}],
-                "volumeMounts": [
-                    {"name": "ticket", "mountPath": "/ticket", "readOnly": true},
-                    {"name": "work", "mountPath": "/work"}
-                ],
+                "volumeMounts": [{"name": "ticket", "mountPath": "/ticket", "readOnly": true}],
                 "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": false, "privileged": false},
                 "terminationMessagePolicy": "File",
             }],
             "volumes": [
                 {"name": "data", "persistentVolumeClaim": {"claimName": name}},
-                {"name": "ticket", "secret": {"secretName": name}},
-                {"name": "work", "emptyDir": {}}
+                {"name": "ticket", "secret": {"secretName": name}}
             ],
         }
     });

@@ -1,6 +1,7 @@
 //! `understudy-testbed-tool`: small programs the test bed runs inside pods (image
 //! `understudy.local/programs:1`): a UDP echo server and client for the cross-cluster path, and a
-//! writer and checker of sequence-numbered records for snapshot-consistency tests.
+//! writer and checker of sequence-numbered records for snapshot-consistency tests, and a
+//! scribbler that changes a fraction of a volume's blocks (benchmarks).
 
 use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, UdpSocket};
@@ -70,6 +71,23 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Overwrites a fraction of each device's 64 KiB blocks, at distinct random places, with
+    /// random data, made durable; with `--every-ms`, again each period (spread over it),
+    /// until killed. Prints per round the blocks and bytes written.
+    Scribble {
+        /// Block devices or files.
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+        /// Fraction of the blocks to change per round (0.01: 1%).
+        #[arg(long)]
+        fraction: f64,
+        /// Seed of the places and data.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Repeat every this many milliseconds, forever.
+        #[arg(long)]
+        every_ms: Option<u64>,
+    },
     /// Prints, per device, how many records it holds from 0 on with no gap; fails on a gap or
     /// on a damaged record.
     CheckRecords {
@@ -97,6 +115,12 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_file(dir.join("quiesce"));
             Ok(())
         }
+        Cmd::Scribble {
+            devices,
+            fraction,
+            seed,
+            every_ms,
+        } => scribble(&devices, fraction, seed, every_ms),
         Cmd::CheckRecords {
             devices,
             writer_devices,
@@ -237,4 +261,61 @@ fn check_records(devices: &[PathBuf], n: u64) -> Result<()> {
     }
     println!("{}", serde_json::json!({ "counts": counts }));
     Ok(())
+}
+
+/// The scribbler's block.
+const SCRIBBLE_BLOCK: u64 = 64 << 10;
+
+fn scribble(devices: &[PathBuf], fraction: f64, seed: u64, every_ms: Option<u64>) -> Result<()> {
+    use rand::{RngExt, SeedableRng};
+    if !(0.0..=1.0).contains(&fraction) {
+        bail!("--fraction {fraction} is not between 0 and 1");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let files: Vec<(File, u64)> = devices
+        .iter()
+        .map(|d| {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(d)
+                .with_context(|| format!("opening {}", d.display()))?;
+            let size = size_of(&f).with_context(|| format!("sizing {}", d.display()))?;
+            Ok((f, size / SCRIBBLE_BLOCK))
+        })
+        .collect::<Result<_>>()?;
+    let mut data = vec![0u8; SCRIBBLE_BLOCK as usize];
+    loop {
+        let round = std::time::Instant::now();
+        let per_device: Vec<u64> = files
+            .iter()
+            .map(|(_, blocks)| (*blocks as f64 * fraction).round() as u64)
+            .collect();
+        let total: u64 = per_device.iter().sum();
+        let pause = every_ms.map(|p| Duration::from_millis(p) / total.max(1) as u32);
+        for ((f, blocks), n) in files.iter().zip(&per_device) {
+            let places = rand::seq::index::sample(&mut rng, *blocks as usize, *n as usize);
+            for b in places {
+                rng.fill(&mut data[..]);
+                f.write_all_at(&data, b as u64 * SCRIBBLE_BLOCK)?;
+                if let Some(p) = pause {
+                    f.sync_data()?;
+                    std::thread::sleep(p.saturating_sub(Duration::from_micros(100)));
+                }
+            }
+            f.sync_data()?;
+        }
+        println!(
+            "{{\"blocks\": {total}, \"bytes\": {}}}",
+            total * SCRIBBLE_BLOCK
+        );
+        let Some(p) = every_ms else { return Ok(()) };
+        std::thread::sleep(Duration::from_millis(p).saturating_sub(round.elapsed()));
+    }
+}
+
+/// A file's or block device's size.
+fn size_of(f: &File) -> Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    Ok(f.seek(SeekFrom::End(0))?)
 }

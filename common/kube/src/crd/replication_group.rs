@@ -88,6 +88,10 @@ pub struct ReplicationGroupSpec {
     /// Cap on each mover's chunk data sent, in megabits per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_limit_mbit: Option<u32>,
+    /// Movers of a cycle that run at once (default: one per volume, all in parallel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_parallel_movers: Option<u32>,
     /// How long snapshots may take to become ready to use, e.g. `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_timeout: Option<String>,
@@ -238,6 +242,9 @@ pub struct VolumeStatus {
     pub bytes_read: u64,
     /// Chunk bytes sent.
     pub bytes_sent: u64,
+    /// How long its mover took (connect, read, send, stage), in ms.
+    #[serde(default)]
+    pub mover_ms: u64,
     /// The snapshot kept as the base of the next cycle's changed-block delta (the last point's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_snapshot: Option<String>,
