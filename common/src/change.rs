@@ -70,15 +70,10 @@ impl ChangeSource for HashDiff {
         block_size: u32,
         _has_base: bool,
     ) -> Result<Candidates<'a>> {
-        let bs = block_size as u64;
-        let blocks = vol.size().div_ceil(bs);
-        let extents = vol
-            .data_extents(0, vol.size())
-            .into_iter()
-            .map(move |e| Ok((e.start / bs)..(e.end.div_ceil(bs)).min(blocks)));
+        let extents = vol.data_extents(0, vol.size()).into_iter();
         Ok(Candidates {
             unlisted: Unlisted::Holes,
-            ranges: Box::new(Coalesce::new(extents)),
+            ranges: Box::new(Coalesce::new(block_ranges(extents, vol.size(), block_size))),
         })
     }
 }
@@ -113,8 +108,6 @@ impl ChangeSource for Listed {
             "{}: volume {name} has no base, so only the allocated ranges can name its blocks",
             self.name
         );
-        let bs = block_size as u64;
-        let blocks = vol.size().div_ceil(bs);
         let mut last = 0u64;
         for e in &self.extents {
             anyhow::ensure!(
@@ -126,15 +119,23 @@ impl ChangeSource for Listed {
             );
             last = e.end;
         }
-        let ranges = self
-            .extents
-            .iter()
-            .map(move |e| Ok((e.start / bs).min(blocks)..e.end.div_ceil(bs).min(blocks)));
+        let ranges = block_ranges(self.extents.iter().cloned(), vol.size(), block_size);
         Ok(Candidates {
             unlisted: self.unlisted,
             ranges: Box::new(Coalesce::new(ranges)),
         })
     }
+}
+
+/// Byte ranges rounded out to whole blocks, clamped to a volume of `size` bytes.
+fn block_ranges(
+    bytes: impl Iterator<Item = Range<u64>>,
+    size: u64,
+    block_size: u32,
+) -> impl Iterator<Item = Result<Range<u64>>> {
+    let bs = block_size as u64;
+    let blocks = size.div_ceil(bs);
+    bytes.map(move |e| Ok((e.start / bs).min(blocks)..e.end.div_ceil(bs).min(blocks)))
 }
 
 /// Merges touching or overlapping ranges of an increasing stream (extents rounded out to whole

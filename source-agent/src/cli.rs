@@ -247,11 +247,7 @@ fn run(a: Box<RunArgs>) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let stop = Stop::on_signals()?;
-        let metrics = Arc::new(Metrics::new());
-        if let Some(m) = a.metrics_addr {
-            let bound = metrics.clone().serve(m).await?;
-            tracing::info!(%bound, "serving metrics");
-        }
+        let metrics = serve_metrics(a.metrics_addr).await?;
         let agent = SourceAgent::new(cfg, metrics, stop.clone())?;
         agent.preflight()?;
         let s = Schedule {
@@ -282,6 +278,16 @@ fn run(a: Box<RunArgs>) -> Result<ExitCode> {
     })
 }
 
+/// The agent's metrics, served on `addr` when given.
+async fn serve_metrics(addr: Option<std::net::SocketAddr>) -> Result<Arc<Metrics>> {
+    let metrics = Arc::new(Metrics::new());
+    if let Some(m) = addr {
+        let bound = metrics.clone().serve(m).await?;
+        tracing::info!(%bound, "serving metrics");
+    }
+    Ok(metrics)
+}
+
 /// Runs a mover: stages the device's volume, prints and writes the report.
 fn mover(a: MoverArgs) -> Result<()> {
     use anyhow::Context;
@@ -309,11 +315,7 @@ fn controller(a: ControllerArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let stop = Stop::on_signals()?;
-        let metrics = Arc::new(Metrics::new());
-        if let Some(m) = a.metrics_addr {
-            let bound = metrics.clone().serve(m).await?;
-            tracing::info!(%bound, "serving metrics");
-        }
+        let metrics = serve_metrics(a.metrics_addr).await?;
         let client = understudy_kube::connect(a.kubeconfig.as_deref()).await?;
         let cfg = crate::controller::ControllerConfig {
             namespace: a.namespace,

@@ -924,15 +924,7 @@ pub fn node_testbed_dir() -> Option<PathBuf> {
 }
 
 /// What a command run in a container returned.
-#[derive(Debug)]
-pub struct ExecOutput {
-    /// Its standard output.
-    pub stdout: String,
-    /// Its standard error.
-    pub stderr: String,
-    /// Its exit code (0 on success).
-    pub code: i32,
-}
+pub use understudy_kube::exec::ExecOutput;
 
 impl NodeCluster {
     /// Waits until a pod is in `phase` (`Running`, `Succeeded`), failing early if it fails.
@@ -981,7 +973,8 @@ impl NodeCluster {
         Ok(pods.logs(name, &params).await?)
     }
 
-    /// Runs a command in a container through `pods/exec` (the path hooks take).
+    /// Runs a command in a container through `pods/exec` (the path hooks take: the agent's own
+    /// [`understudy_kube::exec::exec`]), within two minutes.
     pub async fn exec(
         &self,
         namespace: &str,
@@ -989,53 +982,16 @@ impl NodeCluster {
         container: &str,
         command: &[&str],
     ) -> Result<ExecOutput> {
-        use tokio::io::AsyncReadExt;
-        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
-            kube::Api::namespaced(self.api.client().await?, namespace);
-        let params = kube::api::AttachParams::default()
-            .container(container)
-            .stdout(true)
-            .stderr(true);
-        // Just after a pod turns Running the kubelet may not know its container yet.
-        let mut tries = 0;
-        let mut proc = loop {
-            match pods.exec(pod, command.iter().copied(), &params).await {
-                Ok(p) => break p,
-                Err(e) if tries < 20 && e.to_string().contains("container not found") => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(e).with_context(|| format!("exec in {namespace}/{pod}")),
-            }
-        };
-        let (mut out, mut err) = (String::new(), String::new());
-        let mut so = proc.stdout().context("no stdout")?;
-        let mut se = proc.stderr().context("no stderr")?;
-        let status = proc.take_status().context("no status")?;
-        let (a, b) = tokio::join!(so.read_to_string(&mut out), se.read_to_string(&mut err));
-        a?;
-        b?;
-        let status = status.await;
-        proc.join().await.ok();
-        let code = match status {
-            Some(s) if s.status.as_deref() == Some("Success") => 0,
-            Some(s) => s
-                .details
-                .and_then(|d| d.causes)
-                .and_then(|c| {
-                    c.into_iter()
-                        .find(|c| c.reason.as_deref() == Some("ExitCode"))
-                })
-                .and_then(|c| c.message)
-                .and_then(|m| m.parse().ok())
-                .unwrap_or(-1),
-            None => -1,
-        };
-        Ok(ExecOutput {
-            stdout: out,
-            stderr: err,
-            code,
-        })
+        let command: Vec<String> = command.iter().map(|c| c.to_string()).collect();
+        understudy_kube::exec::exec(
+            &self.api.client().await?,
+            namespace,
+            pod,
+            Some(container),
+            &command,
+            Duration::from_secs(120),
+        )
+        .await
     }
 }
 
