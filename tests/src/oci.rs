@@ -17,6 +17,9 @@ use std::process::Command;
 enum Entry {
     /// A host file copied in, with its mode.
     File(PathBuf),
+    /// A host program copied in without its debug information (`objcopy --strip-debug`): the
+    /// agents' debug builds are mostly DWARF, which would make the image ten times larger.
+    Program(PathBuf),
     /// A symbolic link to a path.
     Symlink(String),
 }
@@ -89,7 +92,11 @@ impl Image {
                 self = self.file(lib, &real);
             }
         }
-        Ok(self.file(path, host))
+        self.entries.push((
+            path.trim_start_matches('/').into(),
+            Entry::Program(host.to_path_buf()),
+        ));
+        Ok(self)
     }
 
     /// The busybox-based tools image: a shell and the usual applets.
@@ -165,11 +172,12 @@ impl Image {
         if out.exists() {
             return Ok(out);
         }
+        remove_older(cache, &safe);
         // Unique temporary names: clusters starting at once may build the same archive.
         let unique = format!("{}-{:?}", std::process::id(), std::thread::current().id())
             .replace(|c: char| !c.is_ascii_alphanumeric(), "");
         let layer_path = out.with_extension(format!("layer.{unique}.tmp"));
-        self.write_layer(&layer_path)?;
+        self.write_layer(&layer_path, &unique)?;
         let layer_digest = sha256_file(&layer_path)?;
         let layer_size = std::fs::metadata(&layer_path)?.len();
         let config = serde_json::to_vec(&json!({
@@ -212,7 +220,7 @@ impl Image {
         Ok(out)
     }
 
-    fn write_layer(&self, path: &Path) -> Result<()> {
+    fn write_layer(&self, path: &Path, unique: &str) -> Result<()> {
         let mut ar = tar::Builder::new(File::create(path)?);
         ar.follow_symlinks(true);
         // Plain entries only: containerd does not take GNU sparse ones (type S).
@@ -237,6 +245,15 @@ impl Image {
                 Entry::File(host) => ar
                     .append_path_with_name(host, p)
                     .with_context(|| format!("adding {}", host.display()))?,
+                Entry::Program(host) => {
+                    let stripped = path.with_extension(format!("strip.{unique}.tmp"));
+                    strip_debug(host, &stripped)?;
+                    let added = ar
+                        .append_path_with_name(&stripped, p)
+                        .with_context(|| format!("adding {}", host.display()));
+                    std::fs::remove_file(&stripped)?;
+                    added?
+                }
                 Entry::Symlink(to) => {
                     let mut h = tar::Header::new_gnu();
                     h.set_entry_type(tar::EntryType::Symlink);
@@ -254,18 +271,50 @@ impl Image {
     fn inputs_key(&self) -> Result<String> {
         let mut h = Sha256::new();
         // The archive layout's version: a change in how archives are written rebuilds them.
-        h.update(b"understudy-oci-2");
+        h.update(b"understudy-oci-3");
         h.update(self.name.as_bytes());
         h.update(self.entrypoint.join("\0").as_bytes());
         for (p, e) in &self.entries {
             h.update(p.as_bytes());
             match e {
-                Entry::File(host) => h.update(sha256_file(host)?.as_bytes()),
+                Entry::File(host) | Entry::Program(host) => h.update(sha256_file(host)?.as_bytes()),
                 Entry::Symlink(to) => h.update(to.as_bytes()),
             }
         }
         Ok(hex::encode(h.finalize()))
     }
+}
+
+/// Removes the cached archives of an earlier content of the image named `safe`: each holds
+/// a whole build of its programs.
+fn remove_older(cache: &Path, safe: &str) {
+    let prefix = format!("{safe}-");
+    for e in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix(&prefix)
+            && rest.len() == "0123456789abcdef.tar".len()
+            && rest.ends_with(".tar")
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Copies `host` to `to` without debug sections, keeping its mode.
+fn strip_debug(host: &Path, to: &Path) -> Result<()> {
+    let out = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(host)
+        .arg(to)
+        .output()
+        .context("running objcopy (binutils)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "objcopy --strip-debug {} failed: {}",
+        host.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 fn append_bytes<W: Write>(ar: &mut tar::Builder<W>, path: &str, data: &[u8]) -> Result<()> {

@@ -233,7 +233,12 @@ impl Bed {
     /// Pauses the group and waits until it has no cycle under way and its cycles left exactly
     /// the last point's snapshots (the next delta's base: one per volume, and their group
     /// snapshot with `group` consistency), counted; nothing else. The group stays paused.
-    pub async fn wait_settled(&self, name: &str, volumes: usize, group_snapshots: usize) {
+    pub async fn wait_settled(
+        &self,
+        name: &str,
+        volumes: usize,
+        group_snapshots: usize,
+    ) -> serde_json::Value {
         self.patch_spec(name, serde_json::json!({"paused": true}))
             .await;
         let deadline = Instant::now() + 2 * MIN;
@@ -248,7 +253,7 @@ impl Bed {
                 && groups == group_snapshots
                 && left.len() == snapshots + groups
             {
-                return;
+                return g;
             }
             assert!(
                 Instant::now() < deadline,
@@ -272,8 +277,9 @@ impl Bed {
         .unwrap();
     }
 
-    /// Waits until the group's Synced condition is False with `reason`; returns its message.
-    pub async fn wait_failed(&self, name: &str, reason: &str) -> String {
+    /// Waits until the group's Synced condition is False with `reason` and a message that
+    /// contains `says`; returns the message.
+    pub async fn wait_failed(&self, name: &str, reason: &str, says: &str) -> String {
         let deadline = Instant::now() + 3 * MIN;
         loop {
             let g = self.group(name).await;
@@ -286,12 +292,13 @@ impl Bed {
             if let Some(c) = synced
                 && c["status"] == "False"
                 && c["reason"] == reason
+                && c["message"].as_str().is_some_and(|m| m.contains(says))
             {
                 return c["message"].as_str().unwrap_or_default().to_string();
             }
             assert!(
                 Instant::now() < deadline,
-                "the group did not fail with {reason}: {}\ncontroller:\n{}",
+                "the group did not fail with {reason} saying {says:?}: {}\ncontroller:\n{}",
                 serde_json::to_string_pretty(&g["status"]).unwrap(),
                 tail(&self.controller_log())
             );

@@ -321,7 +321,8 @@ impl TestCluster {
     }
 
     async fn wait_ready(&mut self) -> Result<kube::Client> {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        // Generous: on two busy cores etcd's fsyncs can hold the bootstrap hooks for a minute.
+        let deadline = Instant::now() + Duration::from_secs(180);
         let mut last = String::new();
         while Instant::now() < deadline {
             let mut exited = None;
@@ -347,7 +348,7 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         bail!(
-            "kube-apiserver not ready after 90 s ({last}):\n{}",
+            "kube-apiserver not ready after 180 s ({last}):\n{}",
             self.log_tail("kube-apiserver")
         )
     }

@@ -250,9 +250,10 @@ async fn the_controller_killed_at_each_step_and_a_deleted_mover_leave_complete_p
     let group = format!("{NS}.writer");
     bed.start_controller();
     let deleted = delete_a_running_mover(&bed.primary).await;
-    let g = bed.wait_point("writer", 1, 4 * MIN).await;
+    bed.wait_point("writer", 1, 4 * MIN).await;
+    // A cycle in flight when the group is paused still commits: read the point after it.
+    let g = bed.wait_settled("writer", 3, 1).await;
     let mut seq = g["status"]["lastPoint"]["sequence"].as_u64().unwrap();
-    bed.wait_settled("writer", 3, 1).await;
     bed.kill_controller();
     assert!(
         bed.controller_log().contains(&deleted),
@@ -270,9 +271,9 @@ async fn the_controller_killed_at_each_step_and_a_deleted_mover_leave_complete_p
             "after a crash at {point}: points {listed:?}, the last committed was {seq}"
         );
         bed.start_controller();
-        let g = bed.wait_point("writer", seq + 1, 4 * MIN).await;
+        bed.wait_point("writer", seq + 1, 4 * MIN).await;
+        let g = bed.wait_settled("writer", 3, 1).await;
         seq = g["status"]["lastPoint"]["sequence"].as_u64().unwrap();
-        bed.wait_settled("writer", 3, 1).await;
         bed.kill_controller();
     }
     let totals = check_every_point(&bed, &group);
@@ -301,8 +302,9 @@ fn writer_hooks(pre: &[&str]) -> serde_json::Value {
 /// `hooks` consistency: per-PVC snapshots taken while the hook holds the writer still, so every
 /// point is a prefix. Then a pre hook that fails (on-error fail) gives no point, a
 /// `SnapshotFailed` condition naming the hook, and nothing left of its cycle; then a snapshot
-/// class whose driver does not exist gives snapshots that never become ready: the cycle times
-/// out with `SnapshotNotReady` and its snapshots are deleted.
+/// class whose driver does not exist gives snapshots that are never cut: the quiesce window
+/// closes after `snapshotTimeout` (the writer resumes), the cycle fails with `SnapshotFailed`,
+/// its snapshots are deleted and their contents set to go with them.
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_leave_nothing() {
     let Some(mut bed) = Bed::start().await else {
@@ -327,9 +329,10 @@ async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_lea
         .await
         .unwrap();
     bed.start_controller();
-    let g = bed.wait_point("writer", 2, 4 * MIN).await;
+    bed.wait_point("writer", 2, 4 * MIN).await;
+    // A cycle in flight when the group is paused still commits: read the point after it.
+    let g = bed.wait_settled("writer", 3, 0).await;
     let seq = g["status"]["lastPoint"]["sequence"].as_u64().unwrap();
-    bed.wait_settled("writer", 3, 0).await;
     let group = format!("{NS}.writer");
     let totals = check_every_point(&bed, &group);
     assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
@@ -340,27 +343,28 @@ async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_lea
         serde_json::json!({"paused": false, "hooks": writer_hooks(&["/bin/understudy-testbed-tool", "no-such-command"])}),
     )
     .await;
-    let msg = bed.wait_failed("writer", "SnapshotFailed").await;
-    assert!(
-        msg.contains("no-such-command") && msg.contains("exited with"),
-        "{msg}"
-    );
+    let msg = bed
+        .wait_failed("writer", "SnapshotFailed", "no-such-command")
+        .await;
+    assert!(msg.contains("exited with"), "{msg}");
     bed.wait_settled("writer", 3, 0).await;
     assert_eq!(
         bed.group("writer").await["status"]["lastPoint"]["sequence"],
         seq
     );
 
-    // Snapshots that never become ready: a class of a driver no node runs, retaining its
-    // contents; the cycle's snapshots go with their contents all the same.
-    let contents = || async {
-        bed.primary
-            .names("snapshot.storage.k8s.io/v1", "VolumeSnapshotContent", "")
-            .await
-            .unwrap()
-            .len()
-    };
-    let before = contents().await;
+    // Snapshots that are never cut: a class of a driver no node runs, retaining its contents.
+    // The cycle's snapshots go, and their contents are no longer retained: each is being
+    // deleted with policy Delete, which its driver's csi-snapshotter would finish (Kubernetes
+    // keeps a content until its driver has deleted the snapshot; this driver does not exist).
+    let contents_api: kube::Api<understudy_kube::snapshots::VolumeSnapshotContent> =
+        kube::Api::all(bed.primary.client().await.unwrap());
+    let before = contents_api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .len();
     bed.primary
         .create_yaml("apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {name: nowhere}\ndriver: nowhere.understudy.io\ndeletionPolicy: Retain\n")
         .await
@@ -370,18 +374,40 @@ async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_lea
         serde_json::json!({"paused": false, "hooks": writer_hooks(&quiesce), "volumeSnapshotClassName": "nowhere", "snapshotTimeout": "5s"}),
     )
     .await;
-    let msg = bed.wait_failed("writer", "SnapshotNotReady").await;
-    assert!(msg.contains("was not ready after 5s"), "{msg}");
+    // Not cut while the writer is held: the window closes after snapshotTimeout.
+    bed.wait_failed(
+        "writer",
+        "SnapshotFailed",
+        "0 of 3 snapshots were cut within 5s while the application was quiesced",
+    )
+    .await;
     bed.wait_settled("writer", 3, 0).await;
     assert_eq!(
         bed.group("writer").await["status"]["lastPoint"]["sequence"],
         seq
     );
     let deadline = Instant::now() + MIN;
-    while contents().await != before {
+    loop {
+        let all = contents_api.list(&Default::default()).await.unwrap().items;
+        let retained: Vec<_> = all
+            .iter()
+            .filter(|c| c.spec.driver == "nowhere.understudy.io")
+            .filter(|c| {
+                c.metadata.deletion_timestamp.is_none() || c.spec.deletion_policy != "Delete"
+            })
+            .collect();
+        let others = all.len()
+            - all
+                .iter()
+                .filter(|c| c.spec.driver == "nowhere.understudy.io")
+                .count();
+        if retained.is_empty() && others == before {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "the timed-out cycle's snapshot contents were left"
+            "the failed cycle's snapshot contents are retained (of {before} before):\n{}",
+            serde_json::to_string_pretty(&retained).unwrap()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

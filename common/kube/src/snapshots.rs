@@ -168,6 +168,15 @@ impl VolumeSnapshot {
             .and_then(|s| s.bound_volume_snapshot_content_name.as_deref())
     }
 
+    /// The name of its content: the bound one, or before it is bound the name the
+    /// snapshot-controller gives the content it creates (`snapcontent-<snapshot uid>`).
+    pub fn content_name(&self) -> Option<String> {
+        match self.content() {
+            Some(c) => Some(c.to_string()),
+            None => Some(format!("snapcontent-{}", self.metadata.uid.as_deref()?)),
+        }
+    }
+
     /// When it was cut, in ms since the Unix epoch.
     pub fn created_ms(&self) -> Option<i64> {
         let t = self.status.as_ref()?.creation_time.as_deref()?;

@@ -40,6 +40,8 @@ const GRANT_TTL: Duration = Duration::from_secs(6 * 3600);
 const NEXT_STEP: Duration = Duration::from_millis(300);
 /// How often a cycle under way is looked at.
 const POLL: Duration = Duration::from_secs(1);
+/// How often the quiesce window looks whether the snapshots are cut.
+const CUT_POLL: Duration = Duration::from_millis(100);
 
 /// Reconciles a group that is not being deleted.
 pub async fn apply(rg: &ReplicationGroup, ctx: &Context) -> Result<Action> {
@@ -189,7 +191,11 @@ async fn snapshot(
     let labels = scope::labels(rg, &cycle.stage);
     let taken = async {
         run_hooks(rg, ctx, &rg.spec.hooks.pre, false).await?;
-        take_snapshots(rg, ctx, &cycle.stage, &members, &labels).await
+        take_snapshots(rg, ctx, &cycle.stage, &members, &labels).await?;
+        if !rg.spec.hooks.pre.is_empty() {
+            wait_until_cut(rg, ctx, &cycle.stage, members.len()).await?;
+        }
+        Ok::<_, anyhow::Error>(())
     }
     .await;
     let thawed = run_hooks(rg, ctx, &rg.spec.hooks.post, false).await;
@@ -234,6 +240,57 @@ async fn take_snapshots(
         objects::create_once(&api, &vs).await?;
     }
     Ok(())
+}
+
+/// Holds the quiesce window open until the storage has cut every snapshot (each has its
+/// `creationTime`): creating the objects only asks for the cut, which the CSI sidecars make
+/// later. At most `spec.snapshotTimeout`, so an application is never left quiesced for long.
+async fn wait_until_cut(
+    rg: &ReplicationGroup,
+    ctx: &Context,
+    stage: &str,
+    volumes: usize,
+) -> Result<()> {
+    let timeout = snapshot_timeout(rg)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let snaps = cycle_snapshots(rg, ctx, stage).await?;
+        if let Some((m, vs)) = snaps.iter().find(|(_, vs)| vs.error().is_some()) {
+            bail!(
+                "VolumeSnapshot {}/{} of PVC {} failed: {}",
+                m.namespace,
+                vs.name_any(),
+                m.pvc,
+                vs.error().unwrap_or_default()
+            );
+        }
+        let cut = snaps
+            .iter()
+            .filter(|(_, vs)| vs.created_ms().is_some())
+            .count();
+        if snaps.len() == volumes && cut == volumes {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{cut} of {volumes} snapshots were cut within {timeout:?} while the application was quiesced (spec.snapshotTimeout): check the CSI driver and its csi-snapshotter (`kubectl describe volumesnapshot -A -l {}={stage}`)",
+                scope::STAGE_LABEL
+            );
+        }
+        tokio::time::sleep(CUT_POLL).await;
+    }
+}
+
+/// `spec.snapshotTimeout`, or the default.
+fn snapshot_timeout(rg: &ReplicationGroup) -> Result<Duration> {
+    Ok(rg
+        .spec
+        .snapshot_timeout
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()
+        .context("spec.snapshotTimeout is not a duration (e.g. `5m`)")?
+        .unwrap_or(SNAPSHOT_TIMEOUT))
 }
 
 /// The cycle's snapshots with the PVC each is of, in the group's order.
@@ -287,14 +344,7 @@ async fn wait_for_snapshots(
     status: &mut ReplicationGroupStatus,
 ) -> Result<Action> {
     let cycle = status.cycle.clone().expect("a cycle");
-    let timeout = rg
-        .spec
-        .snapshot_timeout
-        .as_deref()
-        .map(humantime::parse_duration)
-        .transpose()
-        .context("spec.snapshotTimeout is not a duration (e.g. `5m`)")?
-        .unwrap_or(SNAPSHOT_TIMEOUT);
+    let timeout = snapshot_timeout(rg)?;
     let started = cycle.snapshot_ms.unwrap_or_else(understudy_common::now_ms);
     let late = understudy_common::now_ms() - started > timeout.as_millis() as i64;
     if rg.spec.consistency == Consistency::Group {
@@ -809,8 +859,10 @@ async fn remove_snapshots(
             .await?
             .items
         {
-            if let Some(content) = vs.content() {
-                snapshots::delete_with_snapshot(&ctx.client, content).await?;
+            // Also before the snapshot is bound: a content made while its status lags
+            // (a throttled snapshot-controller) would otherwise be retained.
+            if let Some(content) = vs.content_name() {
+                snapshots::delete_with_snapshot(&ctx.client, &content).await?;
             }
         }
         left += objects::delete_matching::<VolumeSnapshot>(&ctx.client, &ns, &selector).await?;
