@@ -503,11 +503,17 @@ impl Drop for SmallFs {
 
 /// A TCP port free on 127.0.0.1 now (for servers whose address is given up front).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local address")
-        .port()
+    let [p] = free_ports();
+    p
+}
+
+/// `N` distinct TCP ports free on 127.0.0.1 now: each is held until all are chosen, so the
+/// kernel cannot hand out one twice (a server given two of them would fail to bind).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("local address").port())
 }
 
 /// The Prometheus text an agent serves on `addr`'s `/metrics`.

@@ -293,7 +293,7 @@ state = "{d}/state"
 
     fn start_kubelet(&mut self, bin: &Path) -> Result<()> {
         let root = self.kubelet_root();
-        let (port, healthz) = (free_port(), free_port());
+        let [port, healthz] = crate::free_ports();
         let config = serde_json::json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -393,14 +393,14 @@ state = "{d}/state"
             &[kubeconfig.clone(), "--leader-election=false".into()],
         )?;
         let (cert, key, ca) = self.snapshot_metadata_tls()?;
-        let port = free_port();
+        let [port, http] = crate::free_ports();
         let metadata = vec![
             csi_address,
             kubeconfig,
             format!("--tls-cert={}", cert.display()),
             format!("--tls-key={}", key.display()),
             format!("--port={port}"),
-            format!("--http-endpoint=127.0.0.1:{}", free_port()),
+            format!("--http-endpoint=127.0.0.1:{http}"),
             format!("--audience={}", self.snapshot_metadata_audience),
             "--timeout=60s".into(),
         ];
@@ -860,13 +860,6 @@ fn make_bridge() -> Result<(String, Ipv4Addr)> {
     bail!("no free bridge name usbr1..usbr250: remove stale ones with `ip link delete usbrN`")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn wait_for_path(path: &Path, what: &str, log: impl Fn() -> String) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !path.exists() {
@@ -971,6 +964,26 @@ impl NodeCluster {
             ..Default::default()
         };
         Ok(pods.logs(name, &params).await?)
+    }
+
+    /// Deletes every SnapshotMetadataService: the cluster then offers no changed-block
+    /// tracking (the agents fall back to hash-diff).
+    pub async fn remove_snapshot_metadata_services(&self) -> Result<()> {
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+            self.api.client().await?,
+            &kube::api::ApiResource {
+                group: "cbt.storage.k8s.io".into(),
+                version: "v1beta1".into(),
+                api_version: "cbt.storage.k8s.io/v1beta1".into(),
+                kind: "SnapshotMetadataService".into(),
+                plural: "snapshotmetadataservices".into(),
+            },
+        );
+        for s in api.list(&Default::default()).await? {
+            api.delete(&kube::ResourceExt::name_any(&s), &Default::default())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Runs a command in a container through `pods/exec` (the path hooks take: the agent's own

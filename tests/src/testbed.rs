@@ -5,7 +5,6 @@
 //! and deletes everything.
 
 use anyhow::{Context, Result, bail};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -124,13 +123,6 @@ impl TestCluster {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 struct Certs {
     ca: PathBuf,
     server_cert: PathBuf,
@@ -200,7 +192,7 @@ impl TestCluster {
             root.join("tokens.csv"),
             format!("{token},understudy-test,understudy-test,\"system:masters\"\n"),
         )?;
-        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let [etcd_port, peer_port, api_port] = crate::free_ports();
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = root.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &certs.ca, &token))?;

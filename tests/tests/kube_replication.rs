@@ -527,22 +527,10 @@ async fn changed_block_tracking_reads_only_changed_blocks_and_falls_back_to_hash
     assert_exact(&bed, seq).await;
 
     // No SnapshotMetadataService: hash-diff, said in status, and still only the change is sent.
-    let services: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
-        bed.primary.client().await.unwrap(),
-        &kube::api::ApiResource {
-            group: "cbt.storage.k8s.io".into(),
-            version: "v1beta1".into(),
-            api_version: "cbt.storage.k8s.io/v1beta1".into(),
-            kind: "SnapshotMetadataService".into(),
-            plural: "snapshotmetadataservices".into(),
-        },
-    );
-    for s in services.list(&Default::default()).await.unwrap() {
-        services
-            .delete(&kube::ResourceExt::name_any(&s), &Default::default())
-            .await
-            .unwrap();
-    }
+    bed.primary
+        .remove_snapshot_metadata_services()
+        .await
+        .unwrap();
     write_blocks(&bed.primary, "change-2", &[7, 600]).await;
     bed.patch_spec("blocks", serde_json::json!({"paused": false}))
         .await;

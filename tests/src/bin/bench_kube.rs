@@ -258,7 +258,7 @@ async fn cbt(bed: &mut Bed, gib: u64) -> Result<()> {
     let read_once = read_once_s(bed, "disk", (gib << 30) / BLOCK / 100).await?;
     resume(bed, "bench").await;
     let delta = next_point(bed, "bench", first.seq, 1, 0).await;
-    remove_snapshot_metadata_services(&bed.primary).await?;
+    bed.primary.remove_snapshot_metadata_services().await?;
     scribble(&bed.primary, "change-2", &pvc, 0.01, 3).await?;
     resume(bed, "bench").await;
     let hashed = next_point(bed, "bench", delta.seq, 1, 0).await;
@@ -312,24 +312,6 @@ async fn pvc_image(bed: &Bed, pvc: &str) -> Result<std::path::PathBuf> {
     Ok(bed
         .primary
         .volume_image(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap_or("")))
-}
-
-async fn remove_snapshot_metadata_services(c: &NodeCluster) -> Result<()> {
-    let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
-        c.client().await?,
-        &kube::api::ApiResource {
-            group: "cbt.storage.k8s.io".into(),
-            version: "v1beta1".into(),
-            api_version: "cbt.storage.k8s.io/v1beta1".into(),
-            kind: "SnapshotMetadataService".into(),
-            plural: "snapshotmetadataservices".into(),
-        },
-    );
-    for s in api.list(&Default::default()).await? {
-        api.delete(&kube::ResourceExt::name_any(&s), &Default::default())
-            .await?;
-    }
-    Ok(())
 }
 
 async fn parallel(bed: &mut Bed, volumes: usize, gib: u64) -> Result<()> {
