@@ -304,7 +304,8 @@ fn writer_hooks(pre: &[&str]) -> serde_json::Value {
 /// `SnapshotFailed` condition naming the hook, and nothing left of its cycle; then a snapshot
 /// class whose driver does not exist gives snapshots that are never cut: the quiesce window
 /// closes after `snapshotTimeout` (the writer resumes), the cycle fails with `SnapshotFailed`,
-/// its snapshots are deleted and their contents set to go with them.
+/// its snapshots are deleted and their contents set to go with them; with `crash` consistency
+/// the same snapshots time out waiting to be ready (`SnapshotNotReady`).
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_leave_nothing() {
     let Some(mut bed) = Bed::start().await else {
@@ -389,19 +390,16 @@ async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_lea
     let deadline = Instant::now() + MIN;
     loop {
         let all = contents_api.list(&Default::default()).await.unwrap().items;
-        let retained: Vec<_> = all
+        let (nowhere, others): (Vec<_>, Vec<_>) = all
             .iter()
-            .filter(|c| c.spec.driver == "nowhere.understudy.io")
+            .partition(|c| c.spec.driver == "nowhere.understudy.io");
+        let retained: Vec<_> = nowhere
+            .into_iter()
             .filter(|c| {
                 c.metadata.deletion_timestamp.is_none() || c.spec.deletion_policy != "Delete"
             })
             .collect();
-        let others = all.len()
-            - all
-                .iter()
-                .filter(|c| c.spec.driver == "nowhere.understudy.io")
-                .count();
-        if retained.is_empty() && others == before {
+        if retained.is_empty() && others.len() == before {
             break;
         }
         assert!(
@@ -411,6 +409,23 @@ async fn hooks_consistency_quiesces_the_writer_and_failed_cycles_say_why_and_lea
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // Without hooks (`crash`) nothing waits for the cut: the snapshots that never become
+    // ready time out in WaitingForSnapshots.
+    bed.patch_spec(
+        "writer",
+        serde_json::json!({"paused": false, "consistency": "crash", "hooks": null}),
+    )
+    .await;
+    let msg = bed
+        .wait_failed("writer", "SnapshotNotReady", "was not ready after 5s")
+        .await;
+    assert!(msg.contains("check the CSI driver"), "{msg}");
+    bed.wait_settled("writer", 3, 0).await;
+    assert_eq!(
+        bed.group("writer").await["status"]["lastPoint"]["sequence"],
+        seq
+    );
     bed.delete_group("writer").await;
 }
 

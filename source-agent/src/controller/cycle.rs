@@ -255,15 +255,9 @@ async fn wait_until_cut(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let snaps = cycle_snapshots(rg, ctx, stage).await?;
-        if let Some((m, vs)) = snaps.iter().find(|(_, vs)| vs.error().is_some()) {
-            bail!(
-                "VolumeSnapshot {}/{} of PVC {} failed: {}",
-                m.namespace,
-                vs.name_any(),
-                m.pvc,
-                vs.error().unwrap_or_default()
-            );
-        }
+        snaps
+            .iter()
+            .try_for_each(|(m, vs)| no_snapshot_error(m, vs))?;
         let cut = snaps
             .iter()
             .filter(|(_, vs)| vs.created_ms().is_some())
@@ -278,6 +272,19 @@ async fn wait_until_cut(
             );
         }
         tokio::time::sleep(CUT_POLL).await;
+    }
+}
+
+/// Fails with the error a member's snapshot reports, naming it and its PVC.
+fn no_snapshot_error(m: &Member, vs: &VolumeSnapshot) -> Result<()> {
+    match vs.error() {
+        Some(e) => bail!(
+            "VolumeSnapshot {}/{} of PVC {} failed: {e}",
+            m.namespace,
+            vs.name_any(),
+            m.pvc
+        ),
+        None => Ok(()),
     }
 }
 
@@ -366,14 +373,7 @@ async fn wait_for_snapshots(
     }
     let snaps = cycle_snapshots(rg, ctx, &cycle.stage).await?;
     for (m, vs) in &snaps {
-        if let Some(e) = vs.error() {
-            bail!(
-                "VolumeSnapshot {}/{} of PVC {} failed: {e}",
-                m.namespace,
-                vs.name_any(),
-                m.pvc
-            );
-        }
+        no_snapshot_error(m, vs)?;
         if !vs.ready() {
             if late {
                 bail!(
