@@ -32,6 +32,10 @@ pub struct ApplyArgs {
     /// How long to wait for each CustomResourceDefinition to be Established.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub crd_timeout: Duration,
+    /// Do not prune: leave on the cluster what an earlier apply created and this bundle no
+    /// longer holds.
+    #[arg(long)]
+    pub no_prune: bool,
     /// Print what the rules change (a diff per object) and the apply order; touch no cluster.
     #[arg(long)]
     pub dry_run: bool,
@@ -59,6 +63,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
         if_exists: a.if_exists,
         field_manager: a.field_manager.clone(),
         crd_timeout: a.crd_timeout,
+        prune: !a.no_prune,
     };
     let report = tokio::runtime::Runtime::new()?.block_on(async {
         let client = understudy_kube::connect(a.kubeconfig.as_deref()).await?;

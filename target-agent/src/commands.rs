@@ -126,6 +126,10 @@ pub struct TransformArgs {
     /// Map a storage class (FROM=TO, repeatable; added to the rules file's map).
     #[arg(long = "storage-class-map", value_name = "FROM=TO")]
     pub storage_class_map: Vec<String>,
+    /// An inert standby copy: nothing of the application runs (workloads scaled to zero, jobs
+    /// suspended, bare pods left out, webhooks failing open) until an apply without it.
+    #[arg(long)]
+    pub inert: bool,
 }
 
 impl TransformArgs {
@@ -139,6 +143,7 @@ impl TransformArgs {
             .extend(parse_map(&self.namespace_map, "namespace")?);
         r.storage_classes
             .extend(parse_map(&self.storage_class_map, "storage class")?);
+        r.inert |= self.inert;
         Ok(r)
     }
 }

@@ -3,6 +3,7 @@
 //! agents' JSON output.
 
 pub mod crash;
+pub mod manifests;
 pub mod node;
 pub mod oci;
 pub mod relay;

@@ -248,7 +248,7 @@ impl TestCluster {
         )?;
         let client = cluster.wait_ready().await?;
         let mut controllers = String::from(
-            "namespace-controller,serviceaccount-controller,serviceaccount-token-controller,garbage-collector-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,statefulset-controller",
+            "namespace-controller,serviceaccount-controller,serviceaccount-token-controller,garbage-collector-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,statefulset-controller,clusterrole-aggregation-controller",
         );
         if node {
             controllers.push_str(",job-controller,persistentvolume-binder-controller,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller,node-lifecycle-controller,persistentvolume-attach-detach-controller,endpoints-controller,endpointslice-controller");

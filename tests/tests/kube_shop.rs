@@ -2,12 +2,12 @@
 //! standby; tests/kube-testbed): capture the `shop` application, transform it, apply it to the
 //! standby in dependency order, and check what arrived.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use understudy_e2e::manifests::{self, apply, eventually, files_under, outcome_of, results};
 use understudy_e2e::testbed::TestCluster;
-use understudy_e2e::{json, run, s};
+use understudy_e2e::{run, s};
 
 const GOOD_RULES: &str = r#"
 namespaces: {shop: shop-dr}
@@ -26,26 +26,6 @@ fn bad_rules() -> String {
     format!(
         "{GOOD_RULES}patches:\n  - name: broken-port\n    match: {{kind: Service, name: web-public}}\n    ops: [{{op: replace, path: /spec/ports/0/port, value: 70000}}]\n"
     )
-}
-
-async fn start_pair() -> Result<Option<(TestCluster, TestCluster)>> {
-    let (a, b) = tokio::try_join!(TestCluster::start(), TestCluster::start())?;
-    Ok(a.zip(b))
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        if check().await? {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    bail!("timed out waiting for {what}")
 }
 
 /// Creates `shop` on the primary and waits until its controllers have done their work (pods,
@@ -87,80 +67,12 @@ async fn deploy_shop(primary: &TestCluster) -> Result<()> {
 }
 
 fn capture(cluster: &TestCluster, out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "capture",
-        "--kubeconfig",
-        s(&cluster.kubeconfig),
-        "--namespace",
-        "shop",
-        "--out",
-        s(out),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = run("source-agent", &args);
-    assert!(
-        o.status.success(),
-        "capture failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    json(&String::from_utf8_lossy(&o.stdout))
-}
-
-fn apply(cluster: &TestCluster, bundle: &Path, rules: &Path, extra: &[&str]) -> (i32, Value) {
-    let mut args = vec![
-        "apply",
-        "--bundle",
-        s(bundle),
-        "--rules",
-        s(rules),
-        "--kubeconfig",
-        s(&cluster.kubeconfig),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = run("target-agent", &args);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "apply printed no report ({e}): {stdout}{}",
-            String::from_utf8_lossy(&o.stderr)
-        )
-    });
-    (o.status.code().unwrap_or(-1), report)
-}
-
-fn results(report: &Value) -> &Vec<Value> {
-    report["results"].as_array().expect("results")
-}
-
-fn outcome_of<'a>(report: &'a Value, kind: &str, name: &str) -> &'a Value {
-    results(report)
-        .iter()
-        .find(|r| r["object"]["kind"] == kind && r["object"]["name"] == name)
-        .unwrap_or_else(|| panic!("no result for {kind} {name}: {report}"))
-}
-
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).expect("under").display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
+    manifests::capture(cluster, &["shop"], out, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()> {
-    let Some((primary, standby)) = start_pair().await? else {
+    let Some((primary, standby)) = manifests::pair().await? else {
         return Ok(());
     };
     // The test bed installed the real snapshot CRDs on both servers.
@@ -203,22 +115,22 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
         );
     }
     for expected in [
-        "_cluster/Namespace/shop.yaml",
-        "_cluster/CustomResourceDefinition.apiextensions.k8s.io/widgets.shop.example.com.yaml",
-        "_cluster/PersistentVolume/pv-uploads.yaml",
-        "_cluster/StorageClass.storage.k8s.io/fast.yaml",
-        "_cluster/ClusterRole.rbac.authorization.k8s.io/shop-viewer.yaml",
-        "shop/Widget.shop.example.com/banner.yaml",
-        "shop/Deployment.apps/web.yaml",
-        "shop/StatefulSet.apps/db.yaml",
-        "shop/PersistentVolumeClaim/data-db-0.yaml",
-        "shop/PersistentVolumeClaim/data-db-1.yaml",
-        "shop/PersistentVolumeClaim/uploads.yaml",
-        "shop/Service/web-public.yaml",
-        "shop/Ingress.networking.k8s.io/web.yaml",
-        "shop/Secret/db-credentials.yaml",
-        "shop/RoleBinding.rbac.authorization.k8s.io/widget-viewer.yaml",
-        "shop/ServiceAccount/shop-api.yaml",
+        "_cluster/Namespace/shop.json",
+        "_cluster/CustomResourceDefinition.apiextensions.k8s.io/widgets.shop.example.com.json",
+        "_cluster/PersistentVolume/pv-uploads.json",
+        "_cluster/StorageClass.storage.k8s.io/fast.json",
+        "_cluster/ClusterRole.rbac.authorization.k8s.io/shop-viewer.json",
+        "shop/Widget.shop.example.com/banner.json",
+        "shop/Deployment.apps/web.json",
+        "shop/StatefulSet.apps/db.json",
+        "shop/PersistentVolumeClaim/data-db-0.json",
+        "shop/PersistentVolumeClaim/data-db-1.json",
+        "shop/PersistentVolumeClaim/uploads.json",
+        "shop/Service/web-public.json",
+        "shop/Ingress.networking.k8s.io/web.json",
+        "shop/Secret/db-credentials.json",
+        "shop/RoleBinding.rbac.authorization.k8s.io/widget-viewer.json",
+        "shop/ServiceAccount/shop-api.json",
     ] {
         assert!(
             files.contains(&expected.to_string()),
@@ -240,7 +152,7 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
             );
         }
     }
-    let dep = std::fs::read_to_string(one.join("shop/Deployment.apps/web.yaml"))?;
+    let dep = std::fs::read_to_string(one.join("shop/Deployment.apps/web.json"))?;
     assert!(
         !dep.contains("resourceVersion")
             && !dep.contains("managedFields")
@@ -256,7 +168,7 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
         &["--selector", "app.kubernetes.io/part-of=shop"],
     );
     let nf = files_under(&narrow);
-    assert!(nf.contains(&"shop/ConfigMap/settings.yaml".to_string()));
+    assert!(nf.contains(&"shop/ConfigMap/settings.json".to_string()));
     assert!(
         !nf.iter().any(|f| f.contains("scratch")) && files.iter().any(|f| f.contains("scratch"))
     );
@@ -503,7 +415,7 @@ async fn shop_is_captured_transformed_and_applied_to_the_standby() -> Result<()>
 /// writes it transformed, and `apply` puts it on the standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_point_carries_the_application_to_the_standby() -> Result<()> {
-    let Some((primary, standby)) = start_pair().await? else {
+    let Some((primary, standby)) = manifests::pair().await? else {
         return Ok(());
     };
     deploy_shop(&primary).await?;
@@ -535,14 +447,14 @@ async fn a_recovery_point_carries_the_application_to_the_standby() -> Result<()>
         understudy_e2e::digest(&out.join("volumes/data.img"))
     );
     let manifests = out.join("manifests");
-    let web = std::fs::read_to_string(manifests.join("shop-dr/Deployment.apps/web.yaml"))?;
+    let web = std::fs::read_to_string(manifests.join("shop-dr/Deployment.apps/web.json"))?;
     assert!(
-        web.contains("replicas: 0") && web.contains("registry.dr.example/web:1.4"),
+        web.contains("\"replicas\": 0") && web.contains("registry.dr.example/web:1.4"),
         "{web}"
     );
     assert!(
         !manifests
-            .join("_cluster/StorageClass.storage.k8s.io/fast.yaml")
+            .join("_cluster/StorageClass.storage.k8s.io/fast.json")
             .exists()
     );
 

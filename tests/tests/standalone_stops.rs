@@ -405,7 +405,7 @@ fn data_and_secrets_are_owner_only_whatever_the_umask() {
     assert!(
         walk(&out)
             .iter()
-            .any(|f| f.to_string_lossy().ends_with("Secret/db.yaml"))
+            .any(|f| f.to_string_lossy().ends_with("Secret/db.json"))
     );
 }
 

@@ -55,14 +55,17 @@ impl Bundle {
         blake3::hash(&self.encode()).to_hex().to_string()
     }
 
-    /// One canonical YAML file per object, at `<namespace or _cluster>/<Kind.group>/<name>.yaml`.
+    /// One canonical JSON file per object, at `<namespace or _cluster>/<Kind.group>/<name>.json`.
     /// Two captures of the same objects give identical bundles, whatever order they came in.
+    /// JSON, not YAML: every Kubernetes tool reads it back to the same object, where YAML 1.1
+    /// readers (kubectl's among them) take unquoted `yes`, `on`, `1_000` or `12:30` for booleans
+    /// and numbers.
     pub fn from_objects(objects: &[Value]) -> Result<Self> {
         let mut files = BTreeMap::new();
         for obj in objects {
             let id = ObjectId::of(obj)?;
             if files
-                .insert(id.file_path(), to_canonical_yaml(obj)?.into_bytes())
+                .insert(id.file_path(), to_canonical_json(obj).into_bytes())
                 .is_some()
             {
                 bail!("{id} appears twice in the bundle");
@@ -118,7 +121,15 @@ impl Bundle {
     }
 }
 
-/// Canonical YAML of an object: keys sorted (serde_json's map is ordered), two-space indent.
+/// Canonical JSON of an object: keys sorted (serde_json's map is ordered), two-space indent, a
+/// final newline.
+pub fn to_canonical_json(obj: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(obj).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Canonical YAML of an object, for people to read (diffs): keys sorted, two-space indent.
 pub fn to_canonical_yaml(obj: &Value) -> Result<String> {
     serde_yaml_ng::to_string(obj).context("cannot render an object as YAML")
 }
@@ -170,7 +181,7 @@ impl ObjectId {
         } else {
             &self.namespace
         };
-        format!("{ns}/{}/{}.yaml", self.kind_group(), self.name)
+        format!("{ns}/{}/{}.json", self.kind_group(), self.name)
     }
 }
 
@@ -282,17 +293,42 @@ mod tests {
         let two = Bundle::from_objects(&[b, a]).unwrap();
         assert_eq!(one, two);
         assert_eq!(one.digest(), two.digest());
-        let text = String::from_utf8(one.files["shop/ConfigMap/c.yaml"].clone()).unwrap();
+        let text = String::from_utf8(one.files["shop/ConfigMap/c.json"].clone()).unwrap();
         assert!(
-            text.starts_with("apiVersion: v1\ndata:\n  a: '2'\n  z: '1'\n"),
+            text.starts_with(
+                "{\n  \"apiVersion\": \"v1\",\n  \"data\": {\n    \"a\": \"2\",\n    \"z\": \"1\"\n"
+            ),
             "{text}"
         );
-        assert!(one.files.contains_key("shop/Deployment.apps/web.yaml"));
+        assert!(one.files.contains_key("shop/Deployment.apps/web.json"));
         let dup = Bundle::from_objects(&vec![
             json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}});
             2
         ]);
         assert!(format!("{:#}", dup.unwrap_err()).contains("ConfigMap c appears twice"));
+    }
+
+    #[test]
+    fn strings_that_yaml_1_1_reads_as_other_types_stay_strings() {
+        let odd = [
+            "yes", "on", "off", "y", "1_000", "12:30", "0755", "0x1f", "1e3", "null", "~", ".inf",
+        ];
+        let data: serde_json::Map<String, Value> = odd
+            .iter()
+            .map(|s| (s.to_string(), Value::from(*s)))
+            .collect();
+        let obj =
+            json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"odd"},"data":data});
+        let b = Bundle::from_objects(std::slice::from_ref(&obj)).unwrap();
+        let text = &b.files["_cluster/ConfigMap/odd.json"];
+        // JSON: every string is quoted, so no reader can take it for another type.
+        let back: Value = serde_json::from_slice(text).unwrap();
+        assert_eq!(back, obj);
+        for s in odd {
+            let quoted = format!("\"{s}\": \"{s}\"");
+            assert!(String::from_utf8_lossy(text).contains(&quoted), "{s}");
+        }
+        assert_eq!(b.objects().unwrap(), vec![obj]);
     }
 
     #[test]

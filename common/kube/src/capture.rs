@@ -3,7 +3,7 @@
 
 use crate::bundle::{Bundle, ObjectId};
 use crate::client::{Resolver, api_code, api_message, is_namespaced};
-use crate::transform::SKIPPED_KINDS;
+use crate::transform::{SKIPPED_KINDS, cluster_owned};
 use anyhow::{Context, Result, bail};
 use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams};
@@ -95,7 +95,7 @@ pub async fn capture(client: &Client, spec: &CaptureSpec) -> Result<Capture> {
             }
         }
     }
-    add_dependencies(client, &mut c).await?;
+    add_dependencies(client, &discovery, &spec.namespaces, &mut c).await?;
     let bundle = Bundle::from_objects(&c.kept)?;
     let mut objects: Vec<ObjectId> = c.kept.iter().map(ObjectId::of).collect::<Result<_>>()?;
     objects.sort();
@@ -154,6 +154,17 @@ async fn list_all(
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Value>> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
+    list_pages(&api, ar, selector, &format!("namespace {ns}"), warnings).await
+}
+
+/// Every object `api` lists (`where_` names its scope in messages), page by page.
+async fn list_pages(
+    api: &Api<DynamicObject>,
+    ar: &ApiResource,
+    selector: Option<&str>,
+    where_: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Value>> {
     let mut lp = ListParams::default().limit(500);
     if let Some(s) = selector {
         lp = lp.labels(s);
@@ -165,7 +176,7 @@ async fn list_all(
             // An aggregated API that is down, or a kind removed since discovery: note and go on.
             Err(e) if matches!(api_code(&e), Some(404 | 503)) => {
                 warnings.push(format!(
-                    "cannot list {} in {ns}: {}",
+                    "cannot list {} in {where_}: {}",
                     ar.plural,
                     api_message(&e)
                 ));
@@ -179,7 +190,7 @@ async fn list_all(
                 )
             }
             Err(e) => bail!(
-                "cannot list {}.{} in namespace {ns}: {}; grant the agent list and get on it",
+                "cannot list {}.{} in {where_}: {}; grant the agent list and get on it",
                 ar.plural,
                 if ar.group.is_empty() {
                     "core"
@@ -255,6 +266,9 @@ impl Collector {
 
 /// Why a namespaced object is not part of the application's desired state, if it is not.
 fn leave_out_reason(id: &ObjectId, obj: &Value) -> Option<&'static str> {
+    if let Some(reason) = cluster_owned(id, obj) {
+        return Some(reason);
+    }
     let controlled = obj
         .pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
@@ -263,60 +277,49 @@ fn leave_out_reason(id: &ObjectId, obj: &Value) -> Option<&'static str> {
                 .any(|r| r.get("controller") == Some(&Value::Bool(true)))
         });
     // Claims hold data: they stay even when a StatefulSet owns them.
-    if controlled && id.kind != "PersistentVolumeClaim" {
-        return Some("created by its controller, which re-creates it");
-    }
-    if id.group.is_empty() && id.kind == "ConfigMap" && id.name == "kube-root-ca.crt" {
-        return Some("published by the cluster in every namespace");
-    }
-    if id.group.is_empty() && id.kind == "Secret" && is_auto_token(obj) {
-        return Some("service-account token the cluster generates");
-    }
-    None
+    (controlled && id.kind != "PersistentVolumeClaim")
+        .then_some("created by its controller, which re-creates it")
 }
 
-/// A legacy token secret generated for a service account: `<sa>-token-<suffix>`.
-fn is_auto_token(obj: &Value) -> bool {
-    let s = |p: &str| obj.pointer(p).and_then(Value::as_str);
-    s("/type") == Some("kubernetes.io/service-account-token")
-        && s("/metadata/annotations/kubernetes.io~1service-account.name").is_some_and(|sa| {
-            s("/metadata/name").is_some_and(|n| n.starts_with(&format!("{sa}-token-")))
-        })
+/// A cluster-scoped object wanted by the application: (apiVersion, kind, name).
+type Wanted = BTreeSet<(String, String, String)>;
+
+fn text(o: &Value, p: &str) -> Option<String> {
+    o.pointer(p).and_then(Value::as_str).map(str::to_string)
 }
 
-/// Adds the cluster-scoped objects the application depends on.
-async fn add_dependencies(client: &Client, c: &mut Collector) -> Result<()> {
+/// Adds the cluster-scoped objects the application depends on: custom resources its objects name,
+/// bindings of its service accounts, webhooks and API services its Services serve, then the CRDs,
+/// volumes, storage classes and cluster roles of everything kept.
+async fn add_dependencies(
+    client: &Client,
+    discovery: &Discovery,
+    namespaces: &[String],
+    c: &mut Collector,
+) -> Result<()> {
     let mut resolver = Resolver::new(client.clone());
-    let mut wanted: BTreeSet<(String, String, String)> = BTreeSet::new(); // (apiVersion, kind, name)
-    let s = |o: &Value, p: &str| o.pointer(p).and_then(Value::as_str).map(str::to_string);
-    let custom: BTreeSet<(String, String, String)> = c
-        .kept
-        .iter()
-        .filter_map(|o| {
-            let id = ObjectId::of(o).ok()?;
-            let api_version = s(o, "/apiVersion")?;
-            (!is_builtin_group(&id.group)).then_some((api_version, id.kind, id.group))
-        })
-        .collect();
-    for (api_version, kind, group) in custom {
-        let (ar, _) = resolver.resolve(&api_version, &kind).await?;
-        wanted.insert((
-            "apiextensions.k8s.io/v1".into(),
-            "CustomResourceDefinition".into(),
-            format!("{}.{group}", ar.plural),
-        ));
+    let named = named_cluster_resources(discovery, &c.kept);
+    fetch_into(client, &mut resolver, &named, c).await?;
+    for crb in bindings_of_service_accounts(client, c).await? {
+        c.consider(crb);
     }
+    for obj in served_by_the_application(client, namespaces, &mut c.warnings).await? {
+        c.consider(obj);
+    }
+    let mut wanted = Wanted::new();
+    wanted.extend(crds_of(&mut resolver, &c.kept).await?);
     for pvc in c.kept_of("", "PersistentVolumeClaim") {
-        if let Some(pv) = s(pvc, "/spec/volumeName") {
+        if let Some(pv) = text(pvc, "/spec/volumeName") {
             wanted.insert(("v1".into(), "PersistentVolume".into(), pv));
         }
-        if let Some(sc) = s(pvc, "/spec/storageClassName") {
-            wanted.insert(("storage.k8s.io/v1".into(), "StorageClass".into(), sc));
-        }
     }
-    for rb in c.kept_of("rbac.authorization.k8s.io", "RoleBinding") {
-        if s(rb, "/roleRef/kind").as_deref() == Some("ClusterRole")
-            && let Some(name) = s(rb, "/roleRef/name")
+    wanted.extend(storage_classes_of(&c.kept));
+    for rb in c
+        .kept_of("rbac.authorization.k8s.io", "RoleBinding")
+        .chain(c.kept_of("rbac.authorization.k8s.io", "ClusterRoleBinding"))
+    {
+        if text(rb, "/roleRef/kind").as_deref() == Some("ClusterRole")
+            && let Some(name) = text(rb, "/roleRef/name")
         {
             wanted.insert((
                 "rbac.authorization.k8s.io/v1".into(),
@@ -325,43 +328,232 @@ async fn add_dependencies(client: &Client, c: &mut Collector) -> Result<()> {
             ));
         }
     }
-    let mut fetched = Vec::new();
-    for (api_version, kind, name) in &wanted {
-        let got = get_cluster_object(
-            &mut resolver,
-            client,
-            api_version,
-            kind,
-            name,
-            &mut c.warnings,
-        );
-        fetched.extend(got.await?);
-    }
+    fetch_into(client, &mut resolver, &wanted, c).await?;
     // A PV's storage class is a dependency too.
-    let pv_classes: BTreeSet<String> = fetched
+    let pv_classes: Wanted = storage_classes_of(&c.kept)
+        .into_iter()
+        .filter(|sc| !wanted.contains(sc))
+        .collect();
+    fetch_into(client, &mut resolver, &pv_classes, c).await
+}
+
+/// Fetches `wanted` and keeps what is the application's (a built-in role it binds is not).
+async fn fetch_into(
+    client: &Client,
+    resolver: &mut Resolver,
+    wanted: &Wanted,
+    c: &mut Collector,
+) -> Result<()> {
+    for (api_version, kind, name) in wanted {
+        let got =
+            get_cluster_object(resolver, client, api_version, kind, name, &mut c.warnings).await?;
+        if let Some(obj) = got {
+            c.consider(obj);
+        }
+    }
+    Ok(())
+}
+
+/// The CRDs of the custom resources kept.
+async fn crds_of(resolver: &mut Resolver, kept: &[Value]) -> Result<Wanted> {
+    let custom: BTreeSet<(String, String, String)> = kept
         .iter()
-        .filter_map(|pv| s(pv, "/spec/storageClassName"))
-        .filter(|sc| {
-            !wanted.contains(&(
-                "storage.k8s.io/v1".into(),
-                "StorageClass".into(),
-                sc.clone(),
+        .filter_map(|o| {
+            let id = ObjectId::of(o).ok()?;
+            let api_version = text(o, "/apiVersion")?;
+            (!is_builtin_group(&id.group)).then_some((api_version, id.kind, id.group))
+        })
+        .collect();
+    let mut out = Wanted::new();
+    for (api_version, kind, group) in custom {
+        let (ar, _) = resolver.resolve(&api_version, &kind).await?;
+        out.insert((
+            "apiextensions.k8s.io/v1".into(),
+            "CustomResourceDefinition".into(),
+            format!("{}.{group}", ar.plural),
+        ));
+    }
+    Ok(out)
+}
+
+/// Storage classes named by claims, claim templates and volumes, by field or by the legacy
+/// `volume.beta.kubernetes.io/storage-class` annotation.
+fn storage_classes_of(kept: &[Value]) -> Wanted {
+    let class = |o: &Value, spec: &str, meta: &str| {
+        text(o, &format!("{spec}/storageClassName")).or_else(|| {
+            text(
+                o,
+                &format!("{meta}/annotations/volume.beta.kubernetes.io~1storage-class"),
+            )
+        })
+    };
+    let mut out = Wanted::new();
+    for o in kept {
+        let kind = o.get("kind").and_then(Value::as_str).unwrap_or("");
+        let names: Vec<String> = match kind {
+            "PersistentVolumeClaim" | "PersistentVolume" => {
+                class(o, "/spec", "/metadata").into_iter().collect()
+            }
+            "StatefulSet" => o
+                .pointer("/spec/volumeClaimTemplates")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| class(t, "/spec", "/metadata"))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for sc in names.into_iter().filter(|n| !n.is_empty()) {
+            out.insert(("storage.k8s.io/v1".into(), "StorageClass".into(), sc));
+        }
+    }
+    out
+}
+
+/// ClusterRoleBindings with a subject that is one of the captured service accounts.
+async fn bindings_of_service_accounts(client: &Client, c: &mut Collector) -> Result<Vec<Value>> {
+    let accounts: BTreeSet<(String, String)> = c
+        .kept_of("", "ServiceAccount")
+        .filter_map(|sa| {
+            Some((
+                text(sa, "/metadata/namespace")?,
+                text(sa, "/metadata/name")?,
             ))
         })
         .collect();
-    for sc in pv_classes {
-        let got = get_cluster_object(
-            &mut resolver,
-            client,
-            "storage.k8s.io/v1",
-            "StorageClass",
-            &sc,
-            &mut c.warnings,
-        );
-        fetched.extend(got.await?);
+    if accounts.is_empty() {
+        return Ok(Vec::new());
     }
-    fetched.into_iter().for_each(|o| c.keep(o));
-    Ok(())
+    let ar = ApiResource {
+        group: "rbac.authorization.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "rbac.authorization.k8s.io/v1".into(),
+        kind: "ClusterRoleBinding".into(),
+        plural: "clusterrolebindings".into(),
+    };
+    let all = list_pages(
+        &Api::all_with(client.clone(), &ar),
+        &ar,
+        None,
+        "the cluster",
+        &mut c.warnings,
+    )
+    .await?;
+    Ok(all
+        .into_iter()
+        .filter(|crb| {
+            crb.pointer("/subjects")
+                .and_then(Value::as_array)
+                .is_some_and(|subjects| {
+                    subjects.iter().any(|s| {
+                        text(s, "/kind").as_deref() == Some("ServiceAccount")
+                            && text(s, "/namespace")
+                                .zip(text(s, "/name"))
+                                .is_some_and(|k| accounts.contains(&k))
+                    })
+                })
+        })
+        .collect())
+}
+
+/// Admission webhook configurations and API services that call a Service in one of `namespaces`
+/// (the application's own webhook, say): they go with the Service.
+async fn served_by_the_application(
+    client: &Client,
+    namespaces: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Value>> {
+    const KINDS: &[(&str, &str, &str, &str)] = &[
+        (
+            "admissionregistration.k8s.io",
+            "ValidatingWebhookConfiguration",
+            "validatingwebhookconfigurations",
+            "/webhooks/*/clientConfig/service/namespace",
+        ),
+        (
+            "admissionregistration.k8s.io",
+            "MutatingWebhookConfiguration",
+            "mutatingwebhookconfigurations",
+            "/webhooks/*/clientConfig/service/namespace",
+        ),
+        (
+            "apiregistration.k8s.io",
+            "APIService",
+            "apiservices",
+            "/spec/service/namespace",
+        ),
+    ];
+    let mut out = Vec::new();
+    for (group, kind, plural, path) in KINDS {
+        let ar = ApiResource {
+            group: (*group).into(),
+            version: "v1".into(),
+            api_version: format!("{group}/v1"),
+            kind: (*kind).into(),
+            plural: (*plural).into(),
+        };
+        let api = Api::all_with(client.clone(), &ar);
+        let all = list_pages(&api, &ar, None, "the cluster", warnings).await?;
+        out.extend(all.into_iter().filter(|o| {
+            crate::transform::values_at(o, path).iter().any(|ns| {
+                ns.as_str()
+                    .is_some_and(|ns| namespaces.iter().any(|n| n == ns))
+            })
+        }));
+    }
+    Ok(out)
+}
+
+/// Cluster-scoped custom resources the kept objects name with a `{kind, name}` reference (a
+/// cert-manager `issuerRef` to a ClusterIssuer, say), matched by kind, and by group when the
+/// reference gives one (`group`, `apiGroup` or `apiVersion`).
+fn named_cluster_resources(d: &Discovery, kept: &[Value]) -> Wanted {
+    let cluster_custom: Vec<ApiResource> = d
+        .groups()
+        .flat_map(|g| g.recommended_resources())
+        .filter(|(ar, caps)| !is_namespaced(caps) && !is_builtin_group(&ar.group))
+        .map(|(ar, _)| ar)
+        .collect();
+    let mut out = Wanted::new();
+    for obj in kept {
+        let Some(body) = obj.as_object() else {
+            continue;
+        };
+        for (field, v) in body {
+            if field != "metadata" {
+                references(v, &cluster_custom, &mut out);
+            }
+        }
+    }
+    out
+}
+
+fn references(v: &Value, kinds: &[ApiResource], out: &mut Wanted) {
+    match v {
+        Value::Object(m) => {
+            if let (Some(Value::String(kind)), Some(Value::String(name))) =
+                (m.get("kind"), m.get("name"))
+            {
+                let group = ["group", "apiGroup"]
+                    .iter()
+                    .find_map(|k| m.get(*k).and_then(Value::as_str))
+                    .map(str::to_string)
+                    .or_else(|| {
+                        let av = m.get("apiVersion").and_then(Value::as_str)?;
+                        Some(av.rsplit_once('/').map_or("", |(g, _)| g).to_string())
+                    });
+                for ar in kinds
+                    .iter()
+                    .filter(|ar| &ar.kind == kind && group.as_ref().is_none_or(|g| g == &ar.group))
+                {
+                    out.insert((ar.api_version.clone(), ar.kind.clone(), name.clone()));
+                }
+            }
+            m.values().for_each(|v| references(v, kinds, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| references(v, kinds, out)),
+        _ => {}
+    }
 }
 
 async fn get_cluster_object(
@@ -405,13 +597,48 @@ mod tests {
         assert!(leave_out_reason(&id(&pod), &pod).is_some());
         let pvc = owned("PersistentVolumeClaim");
         assert!(leave_out_reason(&id(&pvc), &pvc).is_none());
-        let token = json!({"apiVersion":"v1","kind":"Secret","type":"kubernetes.io/service-account-token",
-            "metadata":{"name":"app-token-x7k2p","namespace":"shop",
-                "annotations":{"kubernetes.io/service-account.name":"app"}}});
-        assert!(leave_out_reason(&id(&token), &token).is_some());
-        let mine = json!({"apiVersion":"v1","kind":"Secret","type":"kubernetes.io/service-account-token",
-            "metadata":{"name":"ci-long-lived","namespace":"shop",
-                "annotations":{"kubernetes.io/service-account.name":"app"}}});
-        assert!(leave_out_reason(&id(&mine), &mine).is_none());
+    }
+
+    #[test]
+    fn references_to_cluster_scoped_custom_resources_are_found() {
+        let ar = |group: &str, kind: &str| ApiResource {
+            group: group.into(),
+            version: "v1".into(),
+            api_version: format!("{group}/v1"),
+            kind: kind.into(),
+            plural: format!("{}s", kind.to_lowercase()),
+        };
+        let kinds = [
+            ar("cert-manager.io", "ClusterIssuer"),
+            ar("other.io", "ClusterIssuer"),
+        ];
+        let cert = json!({"spec":{"issuerRef":{"kind":"ClusterIssuer","name":"letsencrypt","group":"cert-manager.io"},
+            "list":[{"kind":"ClusterIssuer","name":"any"}],"x":{"kind":"Issuer","name":"ns-scoped"}}});
+        let mut out = Wanted::new();
+        references(&cert, &kinds, &mut out);
+        let names: Vec<_> = out.iter().map(|(av, _, n)| format!("{av} {n}")).collect();
+        assert_eq!(
+            names,
+            [
+                "cert-manager.io/v1 any",
+                "cert-manager.io/v1 letsencrypt",
+                "other.io/v1 any"
+            ]
+        );
+    }
+
+    #[test]
+    fn legacy_storage_class_annotations_are_followed() {
+        let pvc = json!({"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{"name":"d",
+            "annotations":{"volume.beta.kubernetes.io/storage-class":"old"}}});
+        let sts = json!({"apiVersion":"apps/v1","kind":"StatefulSet","metadata":{"name":"db"},
+            "spec":{"volumeClaimTemplates":[{"metadata":{"name":"data",
+                "annotations":{"volume.beta.kubernetes.io/storage-class":"tmpl"}}},
+                {"metadata":{"name":"logs"},"spec":{"storageClassName":"fast"}}]}});
+        let got: Vec<String> = storage_classes_of(&[pvc, sts])
+            .into_iter()
+            .map(|(_, _, n)| n)
+            .collect();
+        assert_eq!(got, ["fast", "old", "tmpl"]);
     }
 }

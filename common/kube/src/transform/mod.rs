@@ -2,15 +2,21 @@
 //!
 //! Rules come from a YAML file (docs/operations.md, "Transform rules"). Every match condition is
 //! evaluated against the object as captured; the changes are then made in a fixed order:
-//! skip cluster-owned kinds, strip, labels, annotations, replicas, images, storage classes,
-//! patches (in file order), namespaces last. The result is deterministic.
+//! leave out what the cluster owns, strip, labels, annotations, replicas, inert, images, storage
+//! classes, patches (in file order), namespaces last. The result is deterministic.
 
 mod diff;
+mod inert;
+mod namespaces;
+mod owned;
 mod rules;
 mod select;
 mod strip;
 
 pub use diff::render_diff;
+pub use inert::INERT_NODE_LABEL;
+pub use namespaces::{NamespacePathRule, values_at};
+pub use owned::{APPLYSET_ID_LABEL, SYSTEM_NAMESPACES, cluster_owned};
 pub use rules::{ImageRule, MetadataRule, PatchRule, ReplicaRule, RulesFile, Scope};
 pub use select::{Match, MatchSpec, labels_of};
 pub use strip::{SKIPPED_KINDS, strip_defaults};
@@ -41,6 +47,11 @@ pub struct Rules {
     pub annotations: Vec<MetadataRule>,
     /// JSON patches.
     pub patches: Vec<PatchRule>,
+    /// Make the standby copy inert: nothing of the application runs until a failover applies it
+    /// without this ([`inert`]).
+    pub inert: bool,
+    /// More places, per kind, that hold a namespace name (custom resources' references).
+    pub namespace_paths: Vec<NamespacePathRule>,
 }
 
 impl Default for Rules {
@@ -79,7 +90,7 @@ impl Rules {
     /// Transforms one object: the object for the standby, or why it is left out.
     pub fn transform(&self, obj: &Value) -> Result<Verdict> {
         let id = ObjectId::of(obj)?;
-        if let Some(reason) = self.skip_reason(&id) {
+        if let Some(reason) = self.skip_reason(&id, obj) {
             return Ok(Verdict::LeaveOut(reason));
         }
         let mut out = obj.clone();
@@ -99,6 +110,9 @@ impl Rules {
         if let Some(r) = self.replicas.iter().rev().find(|r| applies(&r.scope)) {
             set_replicas(&id, &mut out, r.replicas);
         }
+        if self.inert {
+            inert::make_inert(&id, &mut out);
+        }
         let images: Vec<&ImageRule> = self.images.iter().filter(|r| applies(&r.scope)).collect();
         rewrite_images(&id.kind, &mut out, &images);
         self.map_storage_classes(&id.kind, &mut out);
@@ -106,20 +120,32 @@ impl Rules {
             json_patch::patch(&mut out, &r.patch)
                 .with_context(|| format!("rule {} cannot be applied to {id}", r.scope.label))?;
         }
-        self.map_namespaces(&id.kind, &mut out);
+        self.map_namespaces(&id, obj, &mut out);
         strip::drop_empty_metadata_maps(&mut out);
         Ok(Verdict::Apply(out))
     }
 
-    fn skip_reason(&self, id: &ObjectId) -> Option<String> {
-        if SKIPPED_KINDS.contains(&(id.group.as_str(), id.kind.as_str())) {
-            return Some("owned by the cluster".into());
+    fn skip_reason(&self, id: &ObjectId, obj: &Value) -> Option<String> {
+        if let Some(reason) = cluster_owned(id, obj) {
+            return Some(reason.into());
         }
         if id.group == "storage.k8s.io"
             && id.kind == "StorageClass"
             && let Some(to) = self.storage_classes.get(&id.name)
         {
             return Some(format!("mapped to the standby's storage class {to}"));
+        }
+        if id.group.is_empty() && id.kind == "Namespace" {
+            let standby = self.namespaces.get(&id.name).unwrap_or(&id.name);
+            if SYSTEM_NAMESPACES.contains(&standby.as_str()) {
+                return Some(format!("namespace {standby} exists on every cluster"));
+            }
+        }
+        if self.inert && id.group.is_empty() && id.kind == "Pod" {
+            return Some(
+                "a bare Pod runs as soon as it exists: a failover (without inert) applies it"
+                    .into(),
+            );
         }
         None
     }
@@ -136,33 +162,20 @@ impl Rules {
         Ok(out)
     }
 
-    fn map_namespaces(&self, kind: &str, obj: &mut Value) {
-        let map = |v: Option<&mut Value>| map_string(v, &self.namespaces);
-        map(obj.pointer_mut("/metadata/namespace"));
-        match kind {
-            "Namespace" => map(obj.pointer_mut("/metadata/name")),
-            "PersistentVolume" => map(obj.pointer_mut("/spec/claimRef/namespace")),
-            "RoleBinding" | "ClusterRoleBinding" => {
-                if let Some(Value::Array(subjects)) = obj.pointer_mut("/subjects") {
-                    subjects
-                        .iter_mut()
-                        .for_each(|s| map(s.pointer_mut("/namespace")));
-                }
-            }
-            _ => {}
-        }
-    }
-
     fn map_storage_classes(&self, kind: &str, obj: &mut Value) {
         let map = |v: Option<&mut Value>| map_string(v, &self.storage_classes);
+        const LEGACY: &str = "volume.beta.kubernetes.io~1storage-class";
         match kind {
             "PersistentVolumeClaim" | "PersistentVolume" => {
-                map(obj.pointer_mut("/spec/storageClassName"))
+                map(obj.pointer_mut("/spec/storageClassName"));
+                map(obj.pointer_mut(&format!("/metadata/annotations/{LEGACY}")));
             }
             "StatefulSet" => {
                 if let Some(Value::Array(ts)) = obj.pointer_mut("/spec/volumeClaimTemplates") {
-                    ts.iter_mut()
-                        .for_each(|t| map(t.pointer_mut("/spec/storageClassName")));
+                    for t in ts {
+                        map(t.pointer_mut("/spec/storageClassName"));
+                        map(t.pointer_mut(&format!("/metadata/annotations/{LEGACY}")));
+                    }
                 }
             }
             _ => {}
@@ -262,13 +275,18 @@ fn rewrite_images(kind: &str, obj: &mut Value, rules: &[&ImageRule]) {
     }
 }
 
-/// Rewrites `image` when it lies under `rule.from` (at a `/` boundary). Images without a registry
-/// host are Docker Hub's: `nginx:1` is `docker.io/library/nginx:1`.
+/// Rewrites `image` when it lies under `rule.from` (at a `/` boundary, or at a tag or digest when
+/// `from` names a repository). Images without a registry host are Docker Hub's: `nginx:1` is
+/// `docker.io/library/nginx:1`. A rule for registry `R` does not match `R:5000/...`: a port makes
+/// another registry.
 pub fn rewrite_image(image: &str, rule: &ImageRule) -> Option<String> {
     let full = normalize_image(image);
     let rest = full.strip_prefix(&rule.from)?;
-    (rest.is_empty() || rest.starts_with('/') || rest.starts_with(':') || rest.starts_with('@'))
-        .then(|| format!("{}{rest}", rule.to))
+    let repository = rule.from.contains('/');
+    let at_boundary = rest.is_empty()
+        || rest.starts_with('/')
+        || (repository && (rest.starts_with(':') || rest.starts_with('@')));
+    at_boundary.then(|| format!("{}{rest}", rule.to))
 }
 
 fn normalize_image(image: &str) -> String {

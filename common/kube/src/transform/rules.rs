@@ -1,6 +1,7 @@
 //! The rules file: its YAML form and its validation into [`Rules`].
 
 use super::Rules;
+use super::namespaces::{NamespacePathRule, parse_path};
 use super::select::{Match, MatchSpec};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -39,6 +40,23 @@ pub struct RulesFile {
     /// RFC 6902 JSON patches.
     #[serde(default)]
     pub patches: Vec<PatchSpec>,
+    /// An inert standby: nothing of the application runs until failover (docs/kubernetes.md).
+    #[serde(default)]
+    pub inert: bool,
+    /// Where objects of some kinds (custom resources) hold namespace names.
+    #[serde(default)]
+    pub namespace_paths: Vec<NamespacePathSpec>,
+}
+
+/// Paths that hold namespace names in the matching objects.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespacePathSpec {
+    /// Which objects (usually a group and kind).
+    #[serde(rename = "match")]
+    pub matches: MatchSpec,
+    /// JSON pointers; a `*` segment stands for every element of a list or map.
+    pub paths: Vec<String>,
 }
 
 /// `strip:` section.
@@ -261,6 +279,13 @@ impl Rules {
                 .enumerate()
                 .map(|(i, s)| patch_rule(i, s))
                 .collect::<Result<_>>()?,
+            inert: f.inert,
+            namespace_paths: f
+                .namespace_paths
+                .iter()
+                .enumerate()
+                .map(|(i, s)| namespace_path_rule(i, s))
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -301,4 +326,17 @@ fn patch_rule(i: usize, s: &PatchSpec) -> Result<PatchRule> {
         scope,
         patch: json_patch::Patch(ops),
     })
+}
+
+fn namespace_path_rule(i: usize, s: &NamespacePathSpec) -> Result<NamespacePathRule> {
+    let scope = Scope::new("namespacePaths", i, None, &Some(s.matches.clone()))?;
+    if s.paths.is_empty() {
+        bail!("rule {}: `paths` is empty", scope.label);
+    }
+    let paths = s
+        .paths
+        .iter()
+        .map(|p| parse_path(&scope.label, p))
+        .collect::<Result<_>>()?;
+    Ok(NamespacePathRule { scope, paths })
 }

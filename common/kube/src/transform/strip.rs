@@ -46,6 +46,16 @@ const LABELS: &[&str] = &[
     "kubernetes.io/metadata.name",
     "controller-uid",
     "batch.kubernetes.io/controller-uid",
+    // The source's apply tool's ApplySet membership; the standby's apply records its own.
+    "applyset.kubernetes.io/part-of",
+];
+
+/// Labels the API server puts on a Job's pod template when it generates the Job's selector.
+const JOB_TEMPLATE_LABELS: &[&str] = &[
+    "controller-uid",
+    "batch.kubernetes.io/controller-uid",
+    "job-name",
+    "batch.kubernetes.io/job-name",
 ];
 
 /// Removes the cluster-owned fields of one object of kind `kind`.
@@ -71,14 +81,80 @@ pub fn strip_defaults(kind: &str, obj: &mut Value) {
             remove(obj, &["spec", "claimRef", "uid"]);
             remove(obj, &["spec", "claimRef", "resourceVersion"]);
         }
-        "Pod" => remove(obj, &["spec", "nodeName"]),
-        "Job" => {
-            for l in LABELS {
-                remove(obj, &["spec", "selector", "matchLabels", l]);
-                remove(obj, &["spec", "template", "metadata", "labels", l]);
+        "Pod" => strip_pod(obj),
+        "Job" => strip_job(obj),
+        "Secret" => strip_token_secret(obj),
+        "ClusterRole" => strip_aggregated_rules(obj),
+        _ => {}
+    }
+}
+
+/// A Job's selector and the template labels that go with it are generated from the Job's uid
+/// (unless the user chose them: `manualSelector: true`); the standby generates its own, and the
+/// selector is immutable, so a copied one makes every later apply fail.
+fn strip_job(obj: &mut Value) {
+    if obj.pointer("/spec/manualSelector") == Some(&Value::Bool(true)) {
+        return;
+    }
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    remove(obj, &["spec", "selector"]);
+    if let Some(Value::Object(labels)) = obj.pointer_mut("/spec/template/metadata/labels") {
+        labels.retain(|k, v| {
+            !(JOB_TEMPLATE_LABELS.contains(&k.as_str())
+                && (k.ends_with("controller-uid") || v.as_str() == Some(name.as_str())))
+        });
+    }
+}
+
+/// A long-lived service-account token Secret: the token, CA and uid are the source cluster's;
+/// the standby's token controller fills in its own when the Secret arrives without them.
+fn strip_token_secret(obj: &mut Value) {
+    if obj.get("type").and_then(Value::as_str) != Some("kubernetes.io/service-account-token") {
+        return;
+    }
+    remove(obj, &["data"]);
+    remove(obj, &["stringData"]);
+    remove(
+        obj,
+        &[
+            "metadata",
+            "annotations",
+            "kubernetes.io/service-account.uid",
+        ],
+    );
+}
+
+/// The rules of an aggregated ClusterRole are written by the cluster's aggregation controller.
+fn strip_aggregated_rules(obj: &mut Value) {
+    if obj.get("aggregationRule").is_some() {
+        remove(obj, &["rules"]);
+    }
+}
+
+/// A bare Pod: the node it ran on, and what admission injected: the service-account token volume
+/// (`kube-api-access-*`) and its mounts, and the deprecated `serviceAccount` alias. The standby's
+/// admission injects its own; a copied one makes every later apply fail (a Pod's volumes are
+/// immutable).
+fn strip_pod(obj: &mut Value) {
+    remove(obj, &["spec", "nodeName"]);
+    remove(obj, &["spec", "serviceAccount"]);
+    let injected = |name: Option<&str>| name.is_some_and(|n| n.starts_with("kube-api-access-"));
+    if let Some(Value::Array(volumes)) = obj.pointer_mut("/spec/volumes") {
+        volumes.retain(|v| !injected(v.get("name").and_then(Value::as_str)));
+    }
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        let Some(Value::Array(cs)) = obj.pointer_mut(&format!("/spec/{list}")) else {
+            continue;
+        };
+        for c in cs {
+            if let Some(Value::Array(mounts)) = c.get_mut("volumeMounts") {
+                mounts.retain(|m| !injected(m.get("name").and_then(Value::as_str)));
             }
         }
-        _ => {}
     }
 }
 

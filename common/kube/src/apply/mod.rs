@@ -1,5 +1,11 @@
 //! Apply: puts a transformed bundle on the standby cluster in dependency order, with server-side
-//! apply, and reports what happened to each object.
+//! apply, prunes what left the application since the last apply ([`applyset`]), and reports what
+//! happened to each object.
+
+pub mod applyset;
+mod webhooks;
+
+pub use applyset::ApplySet;
 
 use crate::bundle::ObjectId;
 use crate::client::{Resolver, api_message, is_namespaced};
@@ -9,7 +15,7 @@ use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
@@ -35,6 +41,8 @@ pub struct ApplyOptions {
     pub field_manager: String,
     /// How long to wait for each CRD to be Established.
     pub crd_timeout: Duration,
+    /// Prune what left the application since the last apply (see [`applyset`]).
+    pub prune: bool,
 }
 
 impl Default for ApplyOptions {
@@ -43,6 +51,7 @@ impl Default for ApplyOptions {
             if_exists: IfExists::Update,
             field_manager: "understudy".into(),
             crd_timeout: Duration::from_secs(60),
+            prune: false,
         }
     }
 }
@@ -61,6 +70,8 @@ pub enum Outcome {
     Skipped,
     /// The API server refused it, or it could not be applied.
     Rejected,
+    /// An earlier apply created it and it is no longer in the bundle: deleted.
+    Pruned,
 }
 
 /// The result for one object.
@@ -73,6 +84,20 @@ pub struct ObjectResult {
     /// The API server's message, for rejections and skips.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+impl ObjectResult {
+    fn new(object: ObjectId, outcome: Outcome, message: Option<String>) -> Self {
+        ObjectResult {
+            object,
+            outcome,
+            message,
+        }
+    }
+
+    fn rejected(object: ObjectId, message: String) -> Self {
+        Self::new(object, Outcome::Rejected, Some(message))
+    }
 }
 
 /// Results in the order objects were applied.
@@ -111,12 +136,13 @@ impl ApplyReport {
         }
         let _ = writeln!(
             s,
-            "{} created, {} updated, {} unchanged, {} skipped, {} rejected",
+            "{} created, {} updated, {} unchanged, {} skipped, {} rejected, {} pruned",
             self.count(Outcome::Created),
             self.count(Outcome::Updated),
             self.count(Outcome::Unchanged),
             self.count(Outcome::Skipped),
-            self.count(Outcome::Rejected)
+            self.count(Outcome::Rejected),
+            self.count(Outcome::Pruned)
         );
         s
     }
@@ -153,32 +179,67 @@ pub fn apply_order(objects: &mut [(ObjectId, Value)]) {
     objects.sort_by(|a, b| (apply_rank(&a.0), &a.0).cmp(&(apply_rank(&b.0), &b.0)));
 }
 
-/// Applies `objects` to the cluster in dependency order and reports each one.
+/// Applies `objects` to the cluster in dependency order and reports each one; with
+/// `opts.prune`, then deletes what an earlier apply created and the bundle no longer holds.
 pub async fn apply(
     client: &Client,
     mut objects: Vec<(ObjectId, Value)>,
     opts: &ApplyOptions,
 ) -> ApplyReport {
     apply_order(&mut objects);
+    let applyset = opts
+        .prune
+        .then(|| ApplySet::for_objects(&objects))
+        .flatten();
+    let members = applyset::Members::of(&objects);
+    let keep: BTreeSet<ObjectId> = objects.iter().map(|(id, _)| id.clone()).collect();
     let mut applier = Applier {
         client: client.clone(),
         resolver: Resolver::new(client.clone()),
         opts: opts.clone(),
         unusable_crds: BTreeMap::new(),
         report: ApplyReport::default(),
+        applyset: None,
+        before_guard: webhooks::open(client, &objects, &opts.field_manager).await,
     };
-    let mut crds_waited = false;
+    let mut recorded = None;
+    let mut started = false;
     for (id, obj) in objects {
-        if apply_rank(&id) > 0 && !crds_waited {
+        // CRDs and namespaces first; then, before any member, the ApplySet record.
+        if apply_rank(&id) > 1 && !started {
             applier.wait_for_crds().await;
-            crds_waited = true;
+            recorded = applier.open_applyset(applyset.as_ref(), &members).await;
+            started = true;
         }
         applier.one(id, obj).await;
     }
-    if !crds_waited {
+    if !started {
         applier.wait_for_crds().await;
+        recorded = applier.open_applyset(applyset.as_ref(), &members).await;
+    }
+    if let (Some(set), Some(recorded)) = (&applyset, recorded) {
+        applier
+            .report
+            .results
+            .extend(set.prune(client, &recorded, &keep).await);
+        if let Err(e) = set.record(client, &members, &opts.field_manager).await {
+            let parent = parent_id(set);
+            applier
+                .report
+                .results
+                .push(ObjectResult::rejected(parent, format!("{e:#}")));
+        }
     }
     applier.report
+}
+
+fn parent_id(set: &ApplySet) -> ObjectId {
+    ObjectId {
+        group: String::new(),
+        kind: "Secret".into(),
+        namespace: set.namespace.clone(),
+        name: set.name.clone(),
+    }
 }
 
 struct Applier {
@@ -188,6 +249,10 @@ struct Applier {
     /// CRD group -> why its custom resources cannot be applied.
     unusable_crds: BTreeMap<(String, String), String>,
     report: ApplyReport,
+    /// The ApplySet whose members this apply creates, once its record is written.
+    applyset: Option<ApplySet>,
+    /// Webhook configurations as they were before [`webhooks::open`] made them fail open.
+    before_guard: BTreeMap<ObjectId, DynamicObject>,
 }
 
 impl Applier {
@@ -196,11 +261,38 @@ impl Applier {
             Ok(done) => done,
             Err(e) => (Outcome::Rejected, Some(format!("{e:#}"))),
         };
-        self.report.results.push(ObjectResult {
-            object: id,
-            outcome,
-            message,
-        });
+        self.report
+            .results
+            .push(ObjectResult::new(id, outcome, message));
+    }
+
+    /// Widens the ApplySet's record to this bundle before any member is applied; what it held
+    /// before (with this bundle's kinds and namespaces) is what pruning looks through. `None`
+    /// when there is nothing to prune or the record cannot be written (reported).
+    async fn open_applyset(
+        &mut self,
+        set: Option<&ApplySet>,
+        members: &applyset::Members,
+    ) -> Option<applyset::Members> {
+        let set = set?;
+        let wider = async {
+            let recorded = set.recorded(&self.client).await?.union(members);
+            set.record(&self.client, &recorded, &self.opts.field_manager)
+                .await?;
+            anyhow::Ok(recorded)
+        };
+        match wider.await {
+            Ok(recorded) => {
+                self.applyset = Some(set.clone());
+                Some(recorded)
+            }
+            Err(e) => {
+                self.report
+                    .results
+                    .push(ObjectResult::rejected(parent_id(set), format!("{e:#}")));
+                None
+            }
+        }
     }
 
     async fn try_one(&mut self, id: &ObjectId, obj: &Value) -> Result<(Outcome, Option<String>)> {
@@ -219,10 +311,13 @@ impl Applier {
         } else {
             Api::all_with(self.client.clone(), &ar)
         };
-        let before = api
-            .get_opt(&id.name)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read it: {}", api_message(&e)))?;
+        let before = match self.before_guard.remove(id) {
+            Some(b) => Some(b),
+            None => api
+                .get_opt(&id.name)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read it: {}", api_message(&e)))?,
+        };
         match (&before, self.opts.if_exists) {
             (Some(_), IfExists::Skip) => {
                 return Ok((Outcome::Skipped, Some("exists (--if-exists skip)".into())));
@@ -232,9 +327,10 @@ impl Applier {
             }
             _ => {}
         }
+        let obj = self.with_membership(obj, before.as_ref());
         let params = PatchParams::apply(&self.opts.field_manager).force();
         let after = api
-            .patch(&id.name, &params, &Patch::Apply(obj))
+            .patch(&id.name, &params, &Patch::Apply(&obj))
             .await
             .map_err(|e| anyhow::anyhow!("{}", api_message(&e)))?;
         let outcome = match before {
@@ -243,6 +339,31 @@ impl Applier {
             Some(_) => Outcome::Updated,
         };
         Ok((outcome, None))
+    }
+
+    /// `obj` labelled as a member of the ApplySet when this apply creates it or an earlier one
+    /// did; an object that was there before and is not a member stays unlabelled (never pruned).
+    fn with_membership(&self, obj: &Value, before: Option<&DynamicObject>) -> Value {
+        let mut obj = obj.clone();
+        let Some(set) = &self.applyset else {
+            return obj;
+        };
+        let member = before.is_none_or(|b| {
+            b.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(applyset::PART_OF))
+                == Some(&set.id)
+        });
+        if member && let Some(Value::Object(meta)) = obj.get_mut("metadata") {
+            let labels = meta
+                .entry("labels")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(l) = labels.as_object_mut() {
+                l.insert(applyset::PART_OF.into(), set.id.clone().into());
+            }
+        }
+        obj
     }
 
     /// Waits until every CRD applied so far is Established; the custom resources of one that is
@@ -288,7 +409,8 @@ impl Applier {
 
 /// What an object holds, without the bookkeeping that changes when nothing else does: the
 /// resource version (the API server can write a new version of an unchanged object, e.g. on the
-/// first update of a claim), field ownership, and status (controllers' business).
+/// first update of a claim), the generation (it counts writes, and any write that changed
+/// anything shows in the rest), field ownership, and status (controllers' business).
 fn content(obj: &DynamicObject) -> Value {
     let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
     if let Some(m) = v.as_object_mut() {
@@ -296,6 +418,7 @@ fn content(obj: &DynamicObject) -> Value {
     }
     if let Some(Value::Object(meta)) = v.get_mut("metadata") {
         meta.remove("resourceVersion");
+        meta.remove("generation");
         meta.remove("managedFields");
     }
     v
