@@ -157,9 +157,9 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
         if same { "identical" } else { "DIFFERENT" }
     );
     println!(
-        "   transformed PVC (manifests/shop-dr/PersistentVolumeClaim/db-data.yaml):\n{}",
+        "   transformed PVC (manifests/shop-dr/PersistentVolumeClaim/db-data.json):\n{}",
         indent(&std::fs::read_to_string(
-            out.join("manifests/shop-dr/PersistentVolumeClaim/db-data.yaml")
+            out.join("manifests/shop-dr/PersistentVolumeClaim/db-data.json")
         )?)
     );
     anyhow::ensure!(report.ok && same, "the demo failover did not verify");

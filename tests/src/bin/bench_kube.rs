@@ -231,11 +231,16 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-/// Waits for the group's next point after `seq`, pauses the group and lets the cycle end.
+/// Waits for the group's next point after `seq`, pauses the group and lets the cycle end. The
+/// figures are that point's; `seq` is the last point once settled (a cycle in flight when the
+/// group was paused still commits), for the next call to wait after.
 async fn next_point(bed: &Bed, group: &str, seq: u64, volumes: usize, groups: usize) -> Figures {
     let g = bed.wait_point(group, seq + 1, 30 * MIN).await;
-    bed.wait_settled(group, volumes, groups).await;
-    Figures::of(&g)
+    let settled = bed.wait_settled(group, volumes, groups).await;
+    Figures {
+        seq: Figures::of(&settled).seq,
+        ..Figures::of(&g)
+    }
 }
 
 async fn resume(bed: &Bed, group: &str) {

@@ -233,37 +233,27 @@ impl Rules {
                 bail!("strip.paths[{i}] `{p}` is not a JSON pointer (it must start with /)");
             }
         }
-        let images = f
-            .images
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let scope = Scope::new("images", i, None, &s.matches)?;
-                if s.from.is_empty() || s.to.is_empty() {
-                    bail!("rule {}: `from` and `to` must not be empty", scope.label);
-                }
-                Ok(ImageRule {
-                    scope,
-                    from: s.from.trim_end_matches('/').to_string(),
-                    to: s.to.trim_end_matches('/').to_string(),
-                })
+        let images = each(&f.images, |i, s| {
+            let scope = Scope::new("images", i, None, &s.matches)?;
+            if s.from.is_empty() || s.to.is_empty() {
+                bail!("rule {}: `from` and `to` must not be empty", scope.label);
+            }
+            Ok(ImageRule {
+                scope,
+                from: s.from.trim_end_matches('/').to_string(),
+                to: s.to.trim_end_matches('/').to_string(),
             })
-            .collect::<Result<_>>()?;
-        let replicas = f
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let scope = Scope::new("replicas", i, None, &s.matches)?;
-                if s.replicas < 0 {
-                    bail!("rule {}: replicas must not be negative", scope.label);
-                }
-                Ok(ReplicaRule {
-                    scope,
-                    replicas: s.replicas,
-                })
+        })?;
+        let replicas = each(&f.replicas, |i, s| {
+            let scope = Scope::new("replicas", i, None, &s.matches)?;
+            if s.replicas < 0 {
+                bail!("rule {}: replicas must not be negative", scope.label);
+            }
+            Ok(ReplicaRule {
+                scope,
+                replicas: s.replicas,
             })
-            .collect::<Result<_>>()?;
+        })?;
         Ok(Rules {
             strip_defaults: f.strip.defaults,
             strip_paths: f.strip.paths,
@@ -273,35 +263,30 @@ impl Rules {
             replicas,
             labels: metadata_rules("labels", &f.labels)?,
             annotations: metadata_rules("annotations", &f.annotations)?,
-            patches: f
-                .patches
-                .iter()
-                .enumerate()
-                .map(|(i, s)| patch_rule(i, s))
-                .collect::<Result<_>>()?,
+            patches: each(&f.patches, patch_rule)?,
             inert: f.inert,
-            namespace_paths: f
-                .namespace_paths
-                .iter()
-                .enumerate()
-                .map(|(i, s)| namespace_path_rule(i, s))
-                .collect::<Result<_>>()?,
+            namespace_paths: each(&f.namespace_paths, namespace_path_rule)?,
         })
     }
 }
 
-fn metadata_rules(section: &str, specs: &[MetadataSpec]) -> Result<Vec<MetadataRule>> {
+/// Compiles every spec of a section with its index.
+fn each<S, R>(specs: &[S], compile: impl Fn(usize, &S) -> Result<R>) -> Result<Vec<R>> {
     specs
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            Ok(MetadataRule {
-                scope: Scope::new(section, i, None, &s.matches)?,
-                add: s.add.clone(),
-                remove: s.remove.clone(),
-            })
-        })
+        .map(|(i, s)| compile(i, s))
         .collect()
+}
+
+fn metadata_rules(section: &str, specs: &[MetadataSpec]) -> Result<Vec<MetadataRule>> {
+    each(specs, |i, s| {
+        Ok(MetadataRule {
+            scope: Scope::new(section, i, None, &s.matches)?,
+            add: s.add.clone(),
+            remove: s.remove.clone(),
+        })
+    })
 }
 
 fn patch_rule(i: usize, s: &PatchSpec) -> Result<PatchRule> {
