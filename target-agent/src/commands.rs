@@ -2,7 +2,7 @@
 //! its output instead of printing it, so the same code runs in the CLI (store opened directly) and
 //! in a running `serve` (reached through its admin socket, see [`crate::admin`]).
 
-use crate::failover::{FailoverRequest, PointSelector, failover, select_point};
+use crate::failover::{AgeGuard, FailoverRequest, PointSelector, RpoGuard, failover, select_point};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,13 @@ pub struct FailoverArgs {
     /// Output directory: volumes/<name>.img, manifests/, report.json.
     #[arg(long)]
     pub out: PathBuf,
+    /// RPO guard: the chosen point's cut may be at most this old, e.g. `15m` (a drill or a
+    /// migration to an older point means replication has stopped).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_point_age: Option<std::time::Duration>,
+    /// What a point older than --max-point-age does: refuse (nothing written) or warn.
+    #[arg(long, value_enum, default_value = "refuse", requires = "max_point_age")]
+    pub rpo_guard: RpoGuard,
     /// Write volume NAME to an existing device or file instead of an image (NAME=PATH, repeatable).
     #[arg(long = "device", value_name = "NAME=PATH")]
     pub devices: Vec<String>,
@@ -379,6 +386,10 @@ fn failover_cmd(store: &Store, a: &FailoverArgs, progress: bool) -> Result<Reply
         rules: a.transform.rules()?,
         dry_run: a.dry_run,
         read_back: a.read_back,
+        age_guard: a.max_point_age.map(|max_age| AgeGuard {
+            max_age,
+            on_older: a.rpo_guard,
+        }),
     };
     let bars =
         std::sync::Mutex::new(std::collections::HashMap::<String, indicatif::ProgressBar>::new());

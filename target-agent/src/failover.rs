@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use understudy_common::files::{remove_if_present, sync_dir};
 use understudy_common::store::restore::{RestoreOptions, VolumeRestore};
 use understudy_common::store::{PointRecord, Store};
@@ -112,6 +112,58 @@ pub fn select_point(store: &Store, group: &str, sel: &PointSelector) -> Result<P
     })
 }
 
+/// What a point older than the age guard's bound does.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RpoGuard {
+    /// Refuse to fail over (nothing is written).
+    #[default]
+    Refuse,
+    /// Fail over, with a warning in the report.
+    Warn,
+}
+
+/// The RPO guard: a bound on how old the chosen point's cut may be (a drill or a migration to a
+/// point that old means replication has stopped).
+#[derive(Clone, Copy, Debug)]
+pub struct AgeGuard {
+    /// The bound.
+    pub max_age: Duration,
+    /// What an older point does.
+    pub on_older: RpoGuard,
+}
+
+/// What `guard` says of point `seq`, cut at `cut_ms`, at `now_ms`: nothing, a warning (the
+/// failover goes on), or an error (it does not start).
+pub fn check_point_age(
+    guard: Option<&AgeGuard>,
+    seq: u64,
+    cut_ms: i64,
+    now_ms: i64,
+) -> Result<Option<String>> {
+    let Some(g) = guard else {
+        return Ok(None);
+    };
+    let age = Duration::from_millis(now_ms.saturating_sub(cut_ms).max(0) as u64);
+    if age <= g.max_age {
+        return Ok(None);
+    }
+    let what = format!(
+        "point {seq} was cut {} ago (at {}), longer ago than --max-point-age {}: replication may have stopped; check the source agent and `target-agent points`",
+        humantime::format_duration(Duration::from_secs(age.as_secs())),
+        understudy_common::format_ms(cut_ms),
+        humantime::format_duration(g.max_age)
+    );
+    match g.on_older {
+        RpoGuard::Refuse => bail!(
+            "{what}. Nothing was written; to fail over to it anyway, pass --rpo-guard warn or a larger --max-point-age"
+        ),
+        RpoGuard::Warn => Ok(Some(what)),
+    }
+}
+
 /// A failover request.
 #[derive(Clone, Debug)]
 pub struct FailoverRequest {
@@ -129,6 +181,8 @@ pub struct FailoverRequest {
     pub dry_run: bool,
     /// Re-read each volume after writing and check its digest from the written bytes.
     pub read_back: bool,
+    /// The RPO guard, if any.
+    pub age_guard: Option<AgeGuard>,
 }
 
 /// What failover did.
@@ -156,6 +210,9 @@ pub struct FailoverReport {
     pub manifests_error: Option<String>,
     /// True when every volume matched its digest and the manifests were read.
     pub ok: bool,
+    /// What a person should know (a point older than the RPO guard's bound).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Runs a failover. `progress(volume, done, total)` reports restore progress.
@@ -166,6 +223,14 @@ pub fn failover(
 ) -> Result<FailoverReport> {
     let start = Instant::now();
     let point = select_point(store, &req.group, &req.point)?;
+    let now = understudy_common::now_ms();
+    let warnings: Vec<String> =
+        check_point_age(req.age_guard.as_ref(), point.seq, point.cut.created_ms, now)?
+            .into_iter()
+            .collect();
+    for w in &warnings {
+        tracing::warn!(warning = %w, "failover");
+    }
     for name in req.devices.keys() {
         if point.cut.volume(name).is_none() {
             bail!(
@@ -216,6 +281,7 @@ pub fn failover(
     }
     let now = understudy_common::now_ms();
     let report = FailoverReport {
+        warnings,
         group: req.group.clone(),
         point: point.seq,
         point_time: understudy_common::format_ms(point.cut.created_ms),
@@ -368,6 +434,9 @@ impl FailoverReport {
         if let Some(e) = &self.manifests_error {
             s += &format!("      error: {e}\n");
         }
+        for w in &self.warnings {
+            s += &format!("  WARNING      {w}\n");
+        }
         for v in &self.volumes {
             let status = match (self.dry_run, v.ok) {
                 (true, _) => "PLANNED",
@@ -385,5 +454,40 @@ impl FailoverReport {
         }
         s += &format!("Result: {}\n", if self.ok { "OK" } else { "FAILED" });
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rpo_guard_refuses_or_warns_only_past_its_bound() {
+        let guard = |on_older| AgeGuard {
+            max_age: Duration::from_secs(600),
+            on_older,
+        };
+        let cut = 1_800_000_000_000;
+        let fresh = cut + 599_000;
+        let stale = cut + 3_600_000;
+        assert!(check_point_age(None, 7, cut, stale).unwrap().is_none());
+        let refuse = guard(RpoGuard::Refuse);
+        assert!(
+            check_point_age(Some(&refuse), 7, cut, fresh)
+                .unwrap()
+                .is_none()
+        );
+        let e = format!(
+            "{:#}",
+            check_point_age(Some(&refuse), 7, cut, stale).unwrap_err()
+        );
+        assert!(
+            e.contains("point 7 was cut 1h ago")
+                && e.contains("--max-point-age 10m")
+                && e.contains("Nothing was written"),
+            "{e}"
+        );
+        let warn = check_point_age(Some(&guard(RpoGuard::Warn)), 7, cut, stale).unwrap();
+        assert!(warn.is_some_and(|w| w.contains("replication may have stopped")));
     }
 }

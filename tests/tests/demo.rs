@@ -22,7 +22,8 @@ fn the_quickstart_demo_fails_over_and_verifies() {
         "{out}"
     );
     assert!(
-        out.contains("\"namespace\": \"shop-dr\"") && out.contains("\"storageClassName\": \"standard\""),
+        out.contains("\"namespace\": \"shop-dr\"")
+            && out.contains("\"storageClassName\": \"standard\""),
         "{out}"
     );
     assert!(

@@ -442,3 +442,52 @@ fn store_errors_say_what_is_missing_in_words() {
         }
     }
 }
+
+/// The RPO guard: a failover to a point older than `--max-point-age` is refused (nothing
+/// written) or, with `--rpo-guard warn`, goes on with the warning in its report; through the
+/// running server and on the store directly.
+#[test]
+fn a_failover_to_a_point_older_than_the_bound_is_refused_or_warned() {
+    let mut p = Pair::new();
+    p.start_target(&[]);
+    let vol = volume(&p);
+    p.cycle("g", &[("data", vol.as_path())], &[]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    for running in [true, false] {
+        if !running {
+            p.kill_target();
+        }
+        let out = p.path(&format!("out-{running}"));
+        let o = p.target_cmd(&[
+            "failover",
+            "--group",
+            "g",
+            "--out",
+            s(&out),
+            "--max-point-age",
+            "1s",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "running={running}");
+        assert!(
+            err.contains("point 1 was cut") && err.contains("--rpo-guard warn"),
+            "running={running}: {err}"
+        );
+        assert!(!out.exists(), "a refused failover wrote {}", out.display());
+        let rep = p.failover(
+            "g",
+            "latest",
+            &out,
+            &["--max-point-age", "1s", "--rpo-guard", "warn"],
+        );
+        assert_eq!(rep["ok"], true, "{rep}");
+        assert!(
+            rep["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("replication may have stopped")),
+            "{rep}"
+        );
+        let fresh = p.failover("g", "latest", &out, &["--max-point-age", "1h"]);
+        assert!(fresh.get("warnings").is_none(), "{fresh}");
+    }
+}

@@ -147,6 +147,7 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
         )?,
         dry_run: false,
         read_back: true,
+        age_guard: None,
     };
     let report = tokio::task::block_in_place(|| failover(&store, &req, &|_, _, _| {}))?;
     print!("{}", report.render());
