@@ -482,16 +482,19 @@ async fn pruned_when_gone(
             .await?
             .is_some()
     );
-    // The `default` service account was there before the first apply: never a member.
-    let sa = standby
-        .get("v1", "ServiceAccount", STANDBY, "default")
-        .await?
-        .context("default sa")?;
-    assert!(
-        sa.pointer("/metadata/labels/applyset.kubernetes.io~1part-of")
-            .is_none(),
-        "{sa}"
-    );
+    // The `default` service account was there before the first apply, and a claim holds data:
+    // neither is ever a member.
+    for (kind, name) in [
+        ("ServiceAccount", "default"),
+        ("PersistentVolumeClaim", "legacy"),
+    ] {
+        let o = on(standby, "v1", kind, STANDBY, name).await?;
+        assert!(
+            o.pointer("/metadata/labels/applyset.kubernetes.io~1part-of")
+                .is_none(),
+            "{o}"
+        );
+    }
     let parent = standby
         .get("v1", "Secret", STANDBY, "understudy-applyset")
         .await?

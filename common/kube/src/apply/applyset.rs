@@ -30,6 +30,25 @@ const NAMESPACES: &str = "applyset.kubernetes.io/additional-namespaces";
 /// Name of the parent Secret.
 pub const PARENT_NAME: &str = "understudy-applyset";
 
+/// Kinds an apply never makes members, so never prunes: what deleting would delete data with
+/// (claims, volumes) or everything in it (namespaces, CRDs). What left the application of these
+/// stays on the standby for a person to remove.
+pub fn never_pruned(obj: &Value) -> bool {
+    matches!(
+        (
+            obj.get("apiVersion").and_then(Value::as_str),
+            obj.get("kind").and_then(Value::as_str),
+        ),
+        (
+            Some("v1"),
+            Some("PersistentVolumeClaim" | "PersistentVolume" | "Namespace")
+        ) | (
+            Some("apiextensions.k8s.io/v1"),
+            Some("CustomResourceDefinition")
+        )
+    )
+}
+
 /// One ApplySet: its parent Secret and id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplySet {
@@ -276,6 +295,18 @@ mod tests {
             .encode(sha2::Sha256::digest(b"understudy-applyset.shop.Secret."));
         assert_eq!(s.id, format!("applyset-{expect}-v1"));
         assert!(s.id.len() <= 63, "a label value: {}", s.id);
+    }
+
+    #[test]
+    fn what_holds_data_is_never_a_member() {
+        let obj = |api: &str, kind: &str| json!({"apiVersion": api, "kind": kind});
+        assert!(never_pruned(&obj("v1", "PersistentVolumeClaim")));
+        assert!(never_pruned(&obj(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition"
+        )));
+        assert!(!never_pruned(&obj("v1", "ConfigMap")));
+        assert!(!never_pruned(&obj("apps/v1", "StatefulSet")));
     }
 
     #[test]

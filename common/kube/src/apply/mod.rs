@@ -342,12 +342,16 @@ impl Applier {
     }
 
     /// `obj` labelled as a member of the ApplySet when this apply creates it or an earlier one
-    /// did; an object that was there before and is not a member stays unlabelled (never pruned).
+    /// did; an object that was there before and is not a member stays unlabelled (never pruned),
+    /// and so do the kinds pruning must never delete ([`applyset::never_pruned`]).
     fn with_membership(&self, obj: &Value, before: Option<&DynamicObject>) -> Value {
         let mut obj = obj.clone();
         let Some(set) = &self.applyset else {
             return obj;
         };
+        if applyset::never_pruned(&obj) {
+            return obj;
+        }
         let member = before.is_none_or(|b| {
             b.metadata
                 .labels
