@@ -17,6 +17,14 @@ fn the_quickstart_demo_fails_over_and_verifies() {
         "demo failed:\n{out}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Redirected output carries no colour escape codes (stdout and the log on stderr).
+    for (what, bytes) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
+        assert!(
+            !bytes.contains(&0x1b),
+            "escape codes in the demo's redirected {what}: {}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
     assert!(
         out.contains("Result: OK") && out.contains("identical"),
         "{out}"
