@@ -3,8 +3,14 @@
 
 use crate::bundle::{Bundle, ObjectId};
 use crate::client::{Resolver, api_code, api_message, is_namespaced};
-use crate::transform::{SKIPPED_KINDS, cluster_owned};
+use crate::transform::{SKIPPED_KINDS, cluster_owned, namespace_paths_of, values_at};
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::discovery::{ApiResource, Discovery, verbs};
@@ -78,7 +84,7 @@ pub async fn capture(client: &Client, spec: &CaptureSpec) -> Result<Capture> {
     let mut c = Collector::default();
     for ns in &spec.namespaces {
         let api: Api<DynamicObject> =
-            Api::all_with(client.clone(), &core("Namespace", "namespaces"));
+            Api::all_with(client.clone(), &ApiResource::erase::<Namespace>(&()));
         match api.get_opt(ns).await {
             Ok(Some(obj)) => c.keep(to_value(obj, "v1", "Namespace")),
             Ok(None) => {
@@ -133,16 +139,6 @@ fn listable_namespaced(d: &Discovery) -> Vec<ApiResource> {
         .collect();
     out.sort_by(|a, b| (&a.group, &a.kind).cmp(&(&b.group, &b.kind)));
     out
-}
-
-fn core(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: String::new(),
-        version: "v1".into(),
-        api_version: "v1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
 }
 
 /// Lists every object of one resource in a namespace, page by page.
@@ -424,13 +420,7 @@ async fn bindings_of_service_accounts(client: &Client, c: &mut Collector) -> Res
     if accounts.is_empty() {
         return Ok(Vec::new());
     }
-    let ar = ApiResource {
-        group: "rbac.authorization.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "rbac.authorization.k8s.io/v1".into(),
-        kind: "ClusterRoleBinding".into(),
-        plural: "clusterrolebindings".into(),
-    };
+    let ar = ApiResource::erase::<ClusterRoleBinding>(&());
     let all = list_pages(
         &Api::all_with(client.clone(), &ar),
         &ar,
@@ -463,39 +453,19 @@ async fn served_by_the_application(
     namespaces: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Value>> {
-    const KINDS: &[(&str, &str, &str, &str)] = &[
-        (
-            "admissionregistration.k8s.io",
-            "ValidatingWebhookConfiguration",
-            "validatingwebhookconfigurations",
-            "/webhooks/*/clientConfig/service/namespace",
-        ),
-        (
-            "admissionregistration.k8s.io",
-            "MutatingWebhookConfiguration",
-            "mutatingwebhookconfigurations",
-            "/webhooks/*/clientConfig/service/namespace",
-        ),
-        (
-            "apiregistration.k8s.io",
-            "APIService",
-            "apiservices",
-            "/spec/service/namespace",
-        ),
+    let kinds = [
+        ApiResource::erase::<ValidatingWebhookConfiguration>(&()),
+        ApiResource::erase::<MutatingWebhookConfiguration>(&()),
+        ApiResource::erase::<APIService>(&()),
     ];
     let mut out = Vec::new();
-    for (group, kind, plural, path) in KINDS {
-        let ar = ApiResource {
-            group: (*group).into(),
-            version: "v1".into(),
-            api_version: format!("{group}/v1"),
-            kind: (*kind).into(),
-            plural: (*plural).into(),
-        };
+    for ar in kinds {
         let api = Api::all_with(client.clone(), &ar);
         let all = list_pages(&api, &ar, None, "the cluster", warnings).await?;
+        // Their only namespace references are their Services'.
+        let paths = namespace_paths_of(&ar.kind);
         out.extend(all.into_iter().filter(|o| {
-            crate::transform::values_at(o, path).iter().any(|ns| {
+            paths.iter().flat_map(|p| values_at(o, p)).any(|ns| {
                 ns.as_str()
                     .is_some_and(|ns| namespaces.iter().any(|n| n == ns))
             })

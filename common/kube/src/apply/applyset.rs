@@ -18,9 +18,10 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::error::DiscoveryError;
 use serde_json::{Value, json};
 use sha2::Digest;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Label of a member: the id of its ApplySet.
 pub const PART_OF: &str = "applyset.kubernetes.io/part-of";
@@ -202,23 +203,46 @@ impl ApplySet {
         recorded: &Members,
         keep: &BTreeSet<ObjectId>,
     ) -> Vec<ObjectResult> {
-        let mut out = Vec::new();
+        let mut by_group: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for gk in &recorded.group_kinds {
             let (kind, group) = gk.split_once('.').unwrap_or((gk, ""));
-            let Some((ar, caps)) = resolve(client, group, kind).await else {
-                continue; // no longer served: nothing of it can be left
+            by_group.entry(group).or_default().push(kind);
+        }
+        let mut out = Vec::new();
+        for (group, kinds) in by_group {
+            // One discovery per group; a group no longer served holds nothing to prune.
+            let served = match kube::discovery::group(client, group).await {
+                Ok(g) => g,
+                Err(kube::Error::Discovery(DiscoveryError::MissingApiGroup(_))) => continue,
+                Err(e) => {
+                    let object = member(group, kinds[0], "", "");
+                    let message = format!(
+                        "cannot discover API group `{group}` to prune its members ({e}); nothing of it was pruned, the next apply tries again"
+                    );
+                    out.push(ObjectResult::rejected(object, message));
+                    continue;
+                }
             };
-            let apis: Vec<Api<DynamicObject>> = if is_namespaced(&caps) {
-                recorded
-                    .namespaces
-                    .iter()
-                    .map(|ns| Api::namespaced_with(client.clone(), ns, &ar))
-                    .collect()
-            } else {
-                vec![Api::all_with(client.clone(), &ar)]
-            };
-            for api in apis {
-                out.extend(self.prune_one(&api, group, kind, keep).await);
+            for kind in kinds {
+                let Some((ar, caps)) = served.recommended_kind(kind) else {
+                    continue; // no longer served: nothing of it can be left
+                };
+                let namespaces: Vec<Option<&str>> = if is_namespaced(&caps) {
+                    recorded
+                        .namespaces
+                        .iter()
+                        .map(|n| Some(n.as_str()))
+                        .collect()
+                } else {
+                    vec![None]
+                };
+                for ns in namespaces {
+                    let api = match ns {
+                        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+                        None => Api::all_with(client.clone(), &ar),
+                    };
+                    out.extend(self.prune_one(&api, group, kind, ns, keep).await);
+                }
             }
         }
         out
@@ -229,30 +253,29 @@ impl ApplySet {
         api: &Api<DynamicObject>,
         group: &str,
         kind: &str,
+        namespace: Option<&str>,
         keep: &BTreeSet<ObjectId>,
     ) -> Vec<ObjectResult> {
         let lp = ListParams::default().labels(&format!("{PART_OF}={}", self.id));
         let items = match api.list(&lp).await {
             Ok(l) => l.items,
             Err(e) => {
-                let object = ObjectId {
-                    group: group.into(),
-                    kind: kind.into(),
-                    namespace: String::new(),
-                    name: String::new(),
-                };
-                let message = format!("cannot list its members to prune: {}", api_message(&e));
+                let object = member(group, kind, namespace.unwrap_or(""), "");
+                let message = format!(
+                    "cannot list the ApplySet's members to prune them: {}; nothing of this kind was pruned, grant the agent list on it",
+                    api_message(&e)
+                );
                 return vec![ObjectResult::rejected(object, message)];
             }
         };
         let mut out = Vec::new();
         for o in items {
-            let id = ObjectId {
-                group: group.into(),
-                kind: kind.into(),
-                namespace: o.metadata.namespace.clone().unwrap_or_default(),
-                name: o.metadata.name.clone().unwrap_or_default(),
-            };
+            let id = member(
+                group,
+                kind,
+                o.metadata.namespace.as_deref().unwrap_or(""),
+                o.metadata.name.as_deref().unwrap_or(""),
+            );
             if keep.contains(&id) || o.metadata.deletion_timestamp.is_some() {
                 continue;
             }
@@ -269,18 +292,14 @@ impl ApplySet {
     }
 }
 
-async fn resolve(
-    client: &Client,
-    group: &str,
-    kind: &str,
-) -> Option<(
-    kube::discovery::ApiResource,
-    kube::discovery::ApiCapabilities,
-)> {
-    kube::discovery::group(client, group)
-        .await
-        .ok()?
-        .recommended_kind(kind)
+/// The identity of a member (or, with an empty name, of a kind in a namespace).
+fn member(group: &str, kind: &str, namespace: &str, name: &str) -> ObjectId {
+    ObjectId {
+        group: group.into(),
+        kind: kind.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+    }
 }
 
 #[cfg(test)]

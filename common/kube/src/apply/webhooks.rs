@@ -7,23 +7,27 @@
 
 use crate::bundle::ObjectId;
 use crate::client::api_message;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-const GROUP: &str = "admissionregistration.k8s.io";
-const KINDS: &[(&str, &str)] = &[
-    (
-        "ValidatingWebhookConfiguration",
-        "validatingwebhookconfigurations",
-    ),
-    (
-        "MutatingWebhookConfiguration",
-        "mutatingwebhookconfigurations",
-    ),
-];
+/// The webhook configuration kind `id` names, if it names one.
+fn resource_of(id: &ObjectId) -> Option<ApiResource> {
+    match (id.group.as_str(), id.kind.as_str()) {
+        ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration") => {
+            Some(ApiResource::erase::<ValidatingWebhookConfiguration>(&()))
+        }
+        ("admissionregistration.k8s.io", "MutatingWebhookConfiguration") => {
+            Some(ApiResource::erase::<MutatingWebhookConfiguration>(&()))
+        }
+        _ => None,
+    }
+}
 
 /// Makes the standby's copies of the webhook configurations in `objects` fail open; returns them
 /// as they were, so the apply reports against what was there before.
@@ -33,17 +37,10 @@ pub(super) async fn open(
     manager: &str,
 ) -> BTreeMap<ObjectId, DynamicObject> {
     let mut before = BTreeMap::new();
-    for (id, _) in objects.iter().filter(|(id, _)| id.group == GROUP) {
-        let Some((kind, plural)) = KINDS.iter().find(|(k, _)| *k == id.kind) else {
-            continue;
-        };
-        let ar = ApiResource {
-            group: GROUP.into(),
-            version: "v1".into(),
-            api_version: format!("{GROUP}/v1"),
-            kind: (*kind).into(),
-            plural: (*plural).into(),
-        };
+    for (id, ar) in objects
+        .iter()
+        .filter_map(|(id, _)| Some((id, resource_of(id)?)))
+    {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         let Ok(Some(existing)) = api.get_opt(&id.name).await else {
             continue; // not there yet (or unreadable: its own apply will say so)
@@ -52,7 +49,10 @@ pub(super) async fn open(
         if !ops.is_empty() {
             let patch: json_patch::Patch = match serde_json::from_value(Value::Array(ops)) {
                 Ok(p) => p,
-                Err(_) => continue,
+                Err(e) => {
+                    tracing::warn!(webhook = %id, error = %e, "cannot make the webhook fail open during the apply");
+                    continue;
+                }
             };
             let params = PatchParams {
                 field_manager: Some(manager.into()),

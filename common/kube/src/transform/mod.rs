@@ -15,7 +15,7 @@ mod strip;
 
 pub use diff::render_diff;
 pub use inert::INERT_NODE_LABEL;
-pub use namespaces::{NamespacePathRule, values_at};
+pub use namespaces::{NamespacePathRule, namespace_paths_of, values_at};
 pub use owned::{APPLYSET_ID_LABEL, SYSTEM_NAMESPACES, cluster_owned};
 pub use rules::{ImageRule, MetadataRule, PatchRule, ReplicaRule, RulesFile, Scope};
 pub use select::{Match, MatchSpec, labels_of};

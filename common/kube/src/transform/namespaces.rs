@@ -15,8 +15,9 @@ pub struct NamespacePathRule {
     pub paths: Vec<Vec<String>>,
 }
 
-/// Where built-in kinds hold namespace names (besides `metadata.namespace`).
-fn builtin_paths(kind: &str) -> &'static [&'static str] {
+/// Where built-in kinds hold namespace names (besides `metadata.namespace`), as paths with `*`
+/// segments ([`values_at`]).
+pub fn namespace_paths_of(kind: &str) -> &'static [&'static str] {
     match kind {
         "PersistentVolume" => &["/spec/claimRef/namespace"],
         "RoleBinding" | "ClusterRoleBinding" => &["/subjects/*/namespace"],
@@ -57,7 +58,7 @@ impl Rules {
         {
             map(v);
         }
-        for p in builtin_paths(&id.kind) {
+        for p in namespace_paths_of(&id.kind) {
             let segments: Vec<String> = p[1..].split('/').map(str::to_string).collect();
             if p.ends_with("namespaceSelector") {
                 for_each_at(out, &segments, &mut |sel| self.map_selector(sel));
