@@ -482,8 +482,8 @@ async fn pruned_when_gone(
             .await?
             .is_some()
     );
-    // The `default` service account was there before the first apply, and a claim holds data:
-    // neither is ever a member.
+    // The `default` service account is the standby's controller's (the first apply may make it
+    // before the controller does), and a claim holds data: neither is ever a member.
     for (kind, name) in [
         ("ServiceAccount", "default"),
         ("PersistentVolumeClaim", "legacy"),

@@ -31,23 +31,19 @@ const NAMESPACES: &str = "applyset.kubernetes.io/additional-namespaces";
 /// Name of the parent Secret.
 pub const PARENT_NAME: &str = "understudy-applyset";
 
-/// Kinds an apply never makes members, so never prunes: what deleting would delete data with
-/// (claims, volumes) or everything in it (namespaces, CRDs). What left the application of these
-/// stays on the standby for a person to remove.
+/// Objects an apply never makes members, so never prunes: what deleting would delete data with
+/// (claims, volumes) or everything in it (namespaces, CRDs), and a namespace's `default`
+/// ServiceAccount, which the standby's controller makes in every namespace (whether it or the
+/// apply made it first is a race; deleting it would only see it made again). What left the
+/// application of these stays on the standby for a person to remove.
 pub fn never_pruned(obj: &Value) -> bool {
-    matches!(
-        (
-            obj.get("apiVersion").and_then(Value::as_str),
-            obj.get("kind").and_then(Value::as_str),
-        ),
-        (
-            Some("v1"),
-            Some("PersistentVolumeClaim" | "PersistentVolume" | "Namespace")
-        ) | (
-            Some("apiextensions.k8s.io/v1"),
-            Some("CustomResourceDefinition")
-        )
-    )
+    let str_at = |p: &str| obj.pointer(p).and_then(Value::as_str);
+    match (str_at("/apiVersion"), str_at("/kind")) {
+        (Some("v1"), Some("PersistentVolumeClaim" | "PersistentVolume" | "Namespace")) => true,
+        (Some("apiextensions.k8s.io/v1"), Some("CustomResourceDefinition")) => true,
+        (Some("v1"), Some("ServiceAccount")) => str_at("/metadata/name") == Some("default"),
+        _ => false,
+    }
 }
 
 /// One ApplySet: its parent Secret and id.
@@ -326,6 +322,9 @@ mod tests {
         )));
         assert!(!never_pruned(&obj("v1", "ConfigMap")));
         assert!(!never_pruned(&obj("apps/v1", "StatefulSet")));
+        let sa = |name: &str| json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}});
+        assert!(never_pruned(&sa("default")));
+        assert!(!never_pruned(&sa("builder")));
     }
 
     #[test]
