@@ -12,4 +12,5 @@ pub mod schedule;
 pub mod ship;
 pub mod staged;
 pub mod stop;
-pub mod target;
+/// Connecting to the target agent (in the common crate: writers connect to it too).
+pub use understudy_common::transport::connect as target;

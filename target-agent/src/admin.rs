@@ -1,7 +1,9 @@
 //! The admin socket: while `serve` holds the store, store commands (points, inspect, verify,
 //! retention, gc, failover) reach it through `<dir>/admin.sock`, a Unix socket only the agent's
-//! owner may open (mode 0600). One JSON line in (the command, paths already absolute), one JSON
-//! line out (its output and exit code). Retention and GC wait until no session is running.
+//! owner may open (mode 0600), and so do requests only a running server can answer (a writer's
+//! ticket, whose grant the server holds). One JSON line in (the request, paths already
+//! absolute), one JSON line out (its output and exit code). Retention and GC wait until no
+//! session is running.
 
 use crate::commands::{Reply, StoreCommand};
 use crate::session::SessionContext;
@@ -18,6 +20,15 @@ const MAX_REQUEST: usize = 1 << 20;
 /// Path of the admin socket of an agent directory.
 pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("admin.sock")
+}
+
+/// What the admin socket is asked.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// A store command.
+    Store(StoreCommand),
+    /// A writer's ticket: its output is the ticket (JSON).
+    Ticket(crate::ticket::TicketArgs),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,8 +88,9 @@ async fn handle(stream: tokio::net::UnixStream, ctx: Arc<SessionContext>) -> Res
     tokio::io::BufReader::new(read.take(MAX_REQUEST as u64))
         .read_line(&mut line)
         .await?;
-    let response = match serde_json::from_str::<StoreCommand>(&line) {
-        Ok(cmd) => run(cmd, &ctx).await,
+    let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(AdminRequest::Store(cmd)) => run(cmd, &ctx).await,
+        Ok(AdminRequest::Ticket(a)) => ticket(&a, &ctx),
         Err(e) => Response::Failed(format!("malformed admin request: {e}")),
     };
     let mut out = serde_json::to_vec(&response)?;
@@ -104,6 +116,16 @@ async fn run(cmd: StoreCommand, ctx: &Arc<SessionContext>) -> Response {
     }
 }
 
+fn ticket(a: &crate::ticket::TicketArgs, ctx: &SessionContext) -> Response {
+    tracing::info!(group = %a.group, volume = %a.volume, point = %a.point, "admin request: a writer's ticket");
+    let issued = crate::ticket::issue(ctx, a, understudy_common::now_ms())
+        .and_then(|t| Ok(serde_json::to_string(&t)?));
+    match issued {
+        Ok(output) => Response::Done(Reply { output, code: 0 }),
+        Err(e) => Response::Failed(format!("{e:#}")),
+    }
+}
+
 /// Connects to the admin socket of the running `serve` of `dir`.
 pub fn connect(dir: &Path) -> Result<std::os::unix::net::UnixStream> {
     let path = socket_path(dir);
@@ -111,8 +133,8 @@ pub fn connect(dir: &Path) -> Result<std::os::unix::net::UnixStream> {
         .with_context(|| format!("cannot reach the running target-agent through {}: stop it, or check it is this directory's `serve`", path.display()))
 }
 
-/// Sends a command to the running `serve` on `s` (from [`connect`]) and waits for its reply.
-pub fn request(mut s: std::os::unix::net::UnixStream, cmd: &StoreCommand) -> Result<Reply> {
+/// Sends a request to the running `serve` on `s` (from [`connect`]) and waits for its reply.
+pub fn request(mut s: std::os::unix::net::UnixStream, cmd: &AdminRequest) -> Result<Reply> {
     let mut req = serde_json::to_vec(cmd)?;
     req.push(b'\n');
     s.write_all(&req)?;

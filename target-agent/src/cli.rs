@@ -32,6 +32,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply a bundle of manifests to a cluster, transformed, in dependency order.
     Apply(crate::apply::ApplyArgs),
+    /// Grant a writer one volume of a point, through the running `serve`, and write its
+    /// ticket (for `write` on another machine, or a populator's pod).
+    Ticket(crate::ticket::TicketArgs),
+    /// Rebuild one volume of a point from a running target agent into a device or an image,
+    /// verifying every chunk and the digest of what was written.
+    Write(crate::writer::WriteArgs),
     #[command(flatten)]
     Store(StoreCommand),
 }
@@ -71,6 +77,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(a) => serve(a)?,
         Command::Store(c) => return store_command(c),
         Command::Apply(a) => return crate::apply::run(a),
+        Command::Ticket(a) => ticket(a)?,
+        Command::Write(a) => return crate::writer::run(a),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -91,12 +99,29 @@ fn store_command(mut cmd: StoreCommand) -> Result<ExitCode> {
             // running server answered (a missing point, say) is shown as it is.
             let conn = admin::connect(&dir).with_context(|| format!("{e:#}"))?;
             cmd.absolutize()?;
-            admin::request(conn, &cmd)?
+            admin::request(conn, &admin::AdminRequest::Store(cmd))?
         }
         Err(e) => return Err(e),
     };
     print!("{}", reply.output);
     Ok(ExitCode::from(reply.code))
+}
+
+/// Asks the running `serve` for a writer's ticket and writes it, owner-only.
+fn ticket(mut a: crate::ticket::TicketArgs) -> Result<()> {
+    let conn = admin::connect(&a.dir).context(
+        "a writer reads from the running target agent: start `target-agent serve` on this directory first",
+    )?;
+    a.out = std::path::absolute(&a.out)
+        .with_context(|| format!("cannot resolve {}", a.out.display()))?;
+    let out = a.out.clone();
+    let reply = admin::request(conn, &admin::AdminRequest::Ticket(a))?;
+    understudy_common::files::write_private(&out, reply.output.as_bytes())?;
+    eprintln!(
+        "wrote the writer's ticket to {} (it holds a private key)",
+        out.display()
+    );
+    Ok(())
 }
 
 fn serve(a: ServeArgs) -> Result<()> {

@@ -1,5 +1,6 @@
 //! Understudy target agent: receives sessions into the recovery-point store, lists, verifies and
-//! prunes points, fails over, and applies manifests to a cluster. The binary only parses arguments
+//! prunes points, fails over, serves writers that rebuild a point's volumes elsewhere, and applies
+//! manifests to a cluster. The binary only parses arguments
 //! ([`cli`]).
 
 pub mod admin;
@@ -7,5 +8,8 @@ pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod failover;
+pub mod fetch;
 pub mod server;
 pub mod session;
+pub mod ticket;
+pub mod writer;

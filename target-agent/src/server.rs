@@ -11,7 +11,7 @@ use understudy_common::metrics::Metrics;
 use understudy_common::protocol::target_session::FlushPolicy;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
-use understudy_common::transport::grants::MoverGrants;
+use understudy_common::transport::grants::Grants;
 use understudy_common::transport::{Identity, quic};
 
 /// How the server runs.
@@ -40,7 +40,7 @@ impl Server {
         let identity = Identity::load(&cfg.dir)?;
         let peers = understudy_common::cli::require_peers(&cfg.dir)?;
         let store = Arc::new(Store::open(&cfg.dir.join("store"))?);
-        let grants = Arc::new(MoverGrants::new());
+        let grants = Arc::new(Grants::new());
         let endpoint = quic::server_endpoint(&identity, peers.clone(), grants.clone(), cfg.listen)?;
         let ctx = Arc::new(SessionContext {
             store,
@@ -55,6 +55,7 @@ impl Server {
             metrics,
             peers,
             grants,
+            fingerprint: identity.fingerprint.clone(),
         });
         Ok(Server {
             admin: crate::admin::AdminSocket::bind(&cfg.dir)?,

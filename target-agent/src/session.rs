@@ -1,4 +1,4 @@
-//! Runs one replication session on an authenticated connection: moves bytes between QUIC streams
+//! Runs one session on an authenticated connection (a writer's fetch goes to [`crate::fetch`]): moves bytes between QUIC streams
 //! and the [`TargetSession`] state machine, which holds all protocol logic.
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +15,7 @@ use understudy_common::protocol::target_session::{
 use understudy_common::protocol::{Control, REFUSAL_GRACE, RefuseCode};
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
-use understudy_common::transport::grants::MoverGrants;
+use understudy_common::transport::grants::{Grants, Permit};
 use understudy_common::transport::stream::StreamKind;
 use understudy_common::transport::{Fingerprint, peer_fingerprint, stream};
 
@@ -35,9 +35,12 @@ pub struct SessionContext {
     pub metrics: Arc<Metrics>,
     /// The pinned sources.
     pub peers: Vec<Fingerprint>,
-    /// Mover grants in force (protocol 4): the TLS verifier admits their certificates, and
-    /// their sessions may only stage the volume granted.
-    pub grants: Arc<MoverGrants>,
+    /// Grants in force: the TLS verifier admits their certificates; a mover's session may only
+    /// stage the volume granted (protocol 4), a writer's only read the volume granted
+    /// (protocol 5).
+    pub grants: Arc<Grants>,
+    /// The target's own certificate fingerprint (what writers' tickets pin).
+    pub fingerprint: understudy_common::transport::Fingerprint,
 }
 
 enum Event {
@@ -76,6 +79,10 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         return Err(e);
     }
     stream::write_preamble(&mut send).await?;
+    let permit = permit_of(&ctx, &conn);
+    if let Some(Permit::Fetch(grant)) = permit {
+        return crate::fetch::serve(&ctx, &conn, &mut send, &mut recv, grant).await;
+    }
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(read_control(recv, tx.clone()));
     tokio::spawn(accept_data(conn.clone(), tx));
@@ -84,7 +91,7 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
         ctx: &ctx,
         group: None,
     };
-    let mut session = new_session(&ctx, &conn);
+    let mut session = new_session(&ctx, &conn, permit);
     let result = drive(&ctx, &conn, &mut send, rx, &mut guard, &mut session).await;
     // Make what arrived durable for the next session; a failure here is logged, never allowed to
     // replace the session's own outcome (which says what went wrong first).
@@ -114,18 +121,26 @@ pub async fn run_session(conn: quinn::Connection, ctx: Arc<SessionContext>) -> R
     result.map(|_| ())
 }
 
-/// A source's session for a pinned peer; a mover's for a certificate a source granted.
-fn new_session(ctx: &SessionContext, conn: &quinn::Connection) -> TargetSession {
-    let (store, flush, clock) = (ctx.store.clone(), ctx.flush, understudy_common::now_ms);
-    let grant = peer_fingerprint(conn)
+/// The grant of the peer's certificate, when it is not a pinned peer's.
+fn permit_of(ctx: &SessionContext, conn: &quinn::Connection) -> Option<Permit> {
+    peer_fingerprint(conn)
         .filter(|fp| !ctx.peers.contains(fp))
-        .and_then(|fp| ctx.grants.get(&fp, clock()));
-    match grant {
-        Some(g) => {
+        .and_then(|fp| ctx.grants.get(&fp, understudy_common::now_ms()))
+}
+
+/// A source's session for a pinned peer; a mover's for a certificate a source granted.
+fn new_session(
+    ctx: &SessionContext,
+    conn: &quinn::Connection,
+    permit: Option<Permit>,
+) -> TargetSession {
+    let (store, flush, clock) = (ctx.store.clone(), ctx.flush, understudy_common::now_ms);
+    match permit {
+        Some(Permit::Stage(g)) => {
             tracing::info!(group = %g.group, volume = %g.volume, stage = %g.stage, remote = %conn.remote_address(), "a mover joined");
             TargetSession::for_mover(store, flush, clock, g)
         }
-        None => TargetSession::new(store, flush, clock),
+        _ => TargetSession::new(store, flush, clock),
     }
 }
 
@@ -167,7 +182,8 @@ async fn drive(
                 if let Some((_, g)) = grants.first() {
                     tracing::info!(group = %g.group, stage = %g.stage, movers = grants.len(), "movers authorized");
                 }
-                ctx.grants.add(grants, understudy_common::now_ms());
+                let permits = grants.into_iter().map(|(fp, g)| (fp, Permit::Stage(g)));
+                ctx.grants.add(permits, understudy_common::now_ms());
                 stream::send(send, &reply).await?;
                 return Ok(None);
             }

@@ -1,11 +1,11 @@
-//! Control-stream messages of protocol version 4 (see docs/protocol.md, "Changes").
+//! Control-stream messages of protocol version 5 (see docs/protocol.md, "Changes").
 
 use crate::hash::{BlockRef, ChunkHash};
 use crate::store::CutMeta;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// TLS ALPN token of Understudy sessions (the version is negotiated in the preamble).
 pub const ALPN: &[u8] = b"understudy";
 /// First bytes of the control stream, in both directions, before the version.
@@ -106,7 +106,8 @@ pub enum Control {
         volume: String,
         block_size: u32,
     },
-    /// Target -> mover: data blocks of the volume at the latest point, in block order.
+    /// Target -> mover: data blocks of the volume at the latest point, in block order; target ->
+    /// writer: data blocks of the fetched volume, in block order (protocol 5).
     BaseEntries { entries: Vec<(u64, ChunkHash)> },
     /// Target -> mover: all base entries sent.
     BaseEnd { entries: u64 },
@@ -115,6 +116,22 @@ pub enum Control {
     /// Source -> target, in place of `Entries` (protocol 4): the entries of every volume of the
     /// offer are the ones movers staged for `stage`.
     UseParts { stage: String },
+    /// Writer -> target, first message of a writer's session (protocol 5): read `volume` of point
+    /// `seq` of `group`, as the writer's grant allows. The target answers `Volume`, then the
+    /// volume's data blocks as `BaseEntries` and `BaseEnd`, and sends each entry's chunk frame,
+    /// in the same order, on one data stream (see [`super::fetch`]).
+    Fetch {
+        group: String,
+        seq: u64,
+        volume: String,
+    },
+    /// Target -> writer: the volume fetched, and the digest the source declared at the cut.
+    Volume {
+        size: u64,
+        block_size: u32,
+        digest: String,
+        created_ms: i64,
+    },
 }
 
 /// Lets one mover certificate stage one volume.
@@ -148,6 +165,8 @@ impl Control {
             Control::BaseEnd { .. } => "BaseEnd",
             Control::Staged { .. } => "Staged",
             Control::UseParts { .. } => "UseParts",
+            Control::Fetch { .. } => "Fetch",
+            Control::Volume { .. } => "Volume",
         }
     }
 }

@@ -253,8 +253,8 @@ impl Store {
         Ok(frame)
     }
 
-    /// Reads the frame at `loc` into `buf`, resized to it.
-    fn read_frame_into(&self, loc: Location, buf: &mut Vec<u8>) -> Result<()> {
+    /// Reads the frame at `loc` into `buf`, resized to it, unverified.
+    pub fn read_frame_into(&self, loc: Location, buf: &mut Vec<u8>) -> Result<()> {
         self.packs.read_frame_into(loc, buf)
     }
 

@@ -251,11 +251,23 @@ impl BatchJob<'_> {
 /// Hashes what a volume actually holds, in block order on all cores, into its digest: only its
 /// data is read (SEEK_DATA on an image; a device is read whole), and all-zero blocks are holes,
 /// as the scan takes them.
-fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
+pub fn read_back_digest(v: &Volume, size: u64, bs: u32) -> Result<String> {
     use crate::change::ChangeSource;
     let ranges = crate::change::HashDiff
         .candidates("read-back", v, bs, false)?
         .ranges;
+    digest_of_blocks(v, size, bs, ranges)
+}
+
+/// The digest of a volume whose data can only be in `ranges` (block indices, increasing; every
+/// other block reads as zeros): the blocks in them are read and hashed on all cores, all-zero
+/// ones taken as holes.
+pub fn digest_of_blocks(
+    v: &Volume,
+    size: u64,
+    bs: u32,
+    ranges: crate::change::Ranges<'_>,
+) -> Result<String> {
     let mut digest = VolumeDigest::new(size, bs);
     crate::pool::ordered(
         crate::change::batches(ranges, BATCH),

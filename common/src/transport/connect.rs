@@ -1,13 +1,14 @@
-//! The target's address as the user gives it (`host:port`: a name, an IPv4 address or a
-//! bracketed IPv6 one), resolved again at every connect, so a Service name or a DNS record that
+//! Connecting to a target agent (sources, movers and writers do). Its address is given as the
+//! user gives it (`host:port`: a name, an IPv4 address or a bracketed IPv6 one), resolved again
+//! at every connect, so a Service name or a DNS record that
 //! moves is followed. Every address the name resolves to is tried, staggered as in Happy
 //! Eyeballs (RFC 8305): the first handshake to succeed wins and the others are dropped.
 
+use super::{Fingerprint, Identity, quic};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
-use understudy_common::transport::{Fingerprint, Identity, quic};
 
 /// `host:port` of the target agent (UDP).
 #[derive(Clone, Debug, PartialEq, Eq)]

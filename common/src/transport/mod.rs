@@ -1,5 +1,6 @@
 //! Mutual-TLS QUIC between paired agents: identities, pinned peers, endpoints, stream framing.
 
+pub mod connect;
 pub mod grants;
 pub mod identity;
 pub mod pinning;

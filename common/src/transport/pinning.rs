@@ -1,9 +1,10 @@
 //! Certificate verifiers that accept exactly the pinned peer certificates, in both directions.
 //! A peer whose certificate fingerprint is not pinned fails the TLS handshake: it never gets a
 //! stream, so it can neither send nor read anything. A target also accepts, as clients, the
-//! mover certificates a pinned source granted ([`MoverGrants`]) while their grants are in force.
+//! certificates granted ([`Grants`]: movers a pinned source granted, writers the target granted)
+//! while their grants are in force.
 
-use super::grants::MoverGrants;
+use super::grants::Grants;
 use super::identity::Fingerprint;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls13_signature};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct PinnedPeers {
     pinned: Vec<Fingerprint>,
-    grants: Option<Arc<MoverGrants>>,
+    grants: Option<Arc<Grants>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -31,7 +32,7 @@ impl PinnedPeers {
     }
 
     /// Also accepts the certificates `grants` holds while their grants are in force.
-    pub fn with_grants(mut self, grants: Arc<MoverGrants>) -> Self {
+    pub fn with_grants(mut self, grants: Arc<Grants>) -> Self {
         self.grants = Some(grants);
         self
     }

@@ -2,7 +2,7 @@
 //! bulk transfer over WAN links (a 16 MiB receive window per connection covers 1 Gbit/s at
 //! 125 ms RTT) while bounding memory, keep-alives so an idle control stream survives a long cut.
 
-use super::grants::MoverGrants;
+use super::grants::Grants;
 use super::identity::{Fingerprint, Identity};
 use super::pinning::PinnedPeers;
 use crate::protocol::ALPN;
@@ -62,7 +62,7 @@ fn endpoint_config(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
 pub fn server_config(
     id: &Identity,
     peers: Vec<Fingerprint>,
-    grants: Arc<MoverGrants>,
+    grants: Arc<Grants>,
 ) -> Result<quinn::ServerConfig> {
     let p = provider();
     let verifier = Arc::new(PinnedPeers::new(peers, p.clone()).with_grants(grants));
@@ -105,7 +105,7 @@ pub fn client_config(
 pub fn server_endpoint(
     id: &Identity,
     peers: Vec<Fingerprint>,
-    grants: Arc<MoverGrants>,
+    grants: Arc<Grants>,
     listen: std::net::SocketAddr,
 ) -> Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(listen)
