@@ -64,6 +64,47 @@ pub struct ServeArgs {
     pub flush_every_mib: u64,
     #[command(flatten)]
     pub retention: RetentionRules,
+    #[command(flatten)]
+    pub populate: PopulateArgs,
+}
+
+/// The volume populator (Kubernetes): PVCs whose dataSourceRef names a PointVolume are rebuilt
+/// from this agent's points.
+#[derive(clap::Args, Debug)]
+pub struct PopulateArgs {
+    /// Run the volume populator, with the cluster of --kubeconfig (default: in-cluster).
+    #[arg(long)]
+    pub populate: bool,
+    /// Kubeconfig of the standby cluster.
+    #[arg(long, requires = "populate")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Image of the writer pods (holds /bin/target-agent: this agent's image).
+    #[arg(long, required_if_eq("populate", "true"))]
+    pub writer_image: Option<String>,
+    /// Where writer pods reach this agent, HOST:PORT (its UDP Service); default: the address
+    /// it listens on, when that is not a wildcard.
+    #[arg(long, requires = "populate")]
+    pub advertise: Option<String>,
+}
+
+impl PopulateArgs {
+    /// The populator's settings, once the server is bound at `bound`.
+    fn config(&self, bound: SocketAddr) -> Result<Option<crate::populator::PopulatorConfig>> {
+        if !self.populate {
+            return Ok(None);
+        }
+        let advertise = match &self.advertise {
+            Some(a) => a.clone(),
+            None if !bound.ip().is_unspecified() => bound.to_string(),
+            None => anyhow::bail!(
+                "--populate needs --advertise HOST:PORT (the agent's UDP Service) when it listens on {bound}: writer pods must know where to reach it"
+            ),
+        };
+        Ok(Some(crate::populator::PopulatorConfig {
+            writer_image: self.writer_image.clone().unwrap_or_default(),
+            advertise,
+        }))
+    }
 }
 
 /// Entry point of the binary.
@@ -144,6 +185,16 @@ fn serve(a: ServeArgs) -> Result<()> {
             understudy_common::files::write_atomic(f, addr.to_string().as_bytes())?;
         }
         tracing::info!(%addr, "target agent listening");
+        if let Some(cfg) = a.populate.config(addr)? {
+            let client = understudy_kube::connect(a.populate.kubeconfig.as_deref()).await?;
+            let sessions = server.context();
+            tokio::spawn(async move {
+                if let Err(e) = crate::populator::run(client, sessions, cfg, std::future::pending()).await {
+                    tracing::error!(error = %format!("{e:#}"), "the volume populator stopped; PVCs from PointVolumes wait until the agent restarts");
+                }
+            });
+            tracing::info!("populating PVCs from PointVolumes");
+        }
         server.run(stop_signal()).await?;
         eprintln!("target-agent stopped by a signal; every committed point is kept");
         Ok(())

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod failover;
 pub mod fetch;
+pub mod populator;
 pub mod server;
 pub mod session;
 pub mod ticket;

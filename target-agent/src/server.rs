@@ -64,6 +64,11 @@ impl Server {
         })
     }
 
+    /// What its sessions share (the store, the grants): the populator works on them too.
+    pub fn context(&self) -> Arc<SessionContext> {
+        self.ctx.clone()
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.endpoint.local_addr()?)

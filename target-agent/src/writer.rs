@@ -12,7 +12,7 @@
 
 use crate::ticket::WriterTicket;
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,7 +42,7 @@ pub struct WriteArgs {
 }
 
 /// What a writer did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WriteReport {
     /// The group.
     pub group: String,
@@ -67,7 +67,7 @@ pub struct WriteReport {
     /// How long it took, in ms.
     pub elapsed_ms: u64,
     /// What failed, when something did.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

@@ -340,6 +340,25 @@ impl Default for Pair {
     }
 }
 
+/// Flips a byte in the middle of the payload of the stored chunk with this hash (BLAKE3 of its
+/// block) in the target's packs: the chunk is damaged at rest, its frame still parses.
+pub fn damage_chunk(p: &Pair, hash: &[u8; 32]) {
+    use std::os::unix::fs::FileExt;
+    for e in std::fs::read_dir(p.target_dir.join("store/packs")).expect("packs") {
+        let pack = e.expect("pack").path();
+        let bytes = std::fs::read(&pack).expect("read pack");
+        if let Some(h) = bytes.windows(32).position(|w| w == hash) {
+            // The hash is at 16 of the frame's 48-byte header, the payload's length just before.
+            let len = u32::from_le_bytes(bytes[h - 4..h].try_into().expect("4 bytes")) as usize;
+            let at = h + 32 + len / 2;
+            let f = std::fs::OpenOptions::new().write(true).open(&pack).expect("open pack");
+            f.write_all_at(&[bytes[at] ^ 0x10], at as u64).expect("write pack");
+            return;
+        }
+    }
+    panic!("chunk not found in the packs");
+}
+
 /// Path as &str (test paths are UTF-8).
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")

@@ -202,20 +202,3 @@ fn a_writer_reads_only_its_grant_and_a_damaged_chunk_or_a_lapsed_ticket_is_refus
     );
     assert_eq!(code, 0, "{r}");
 }
-
-/// Flips a payload byte of the chunk with this hash in the target's packs.
-fn damage_chunk(p: &Pair, hash: &[u8; 32]) {
-    for e in std::fs::read_dir(p.target_dir.join("store/packs")).unwrap() {
-        let pack = e.unwrap().path();
-        let bytes = std::fs::read(&pack).unwrap();
-        if let Some(h) = bytes.windows(32).position(|w| w == hash) {
-            // The hash is at 16 of the frame's 48-byte header, the payload's length just before.
-            let len = u32::from_le_bytes(bytes[h - 4..h].try_into().unwrap()) as usize;
-            let at = h + 32 + len / 2;
-            let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
-            f.write_all_at(&[bytes[at] ^ 0x10], at as u64).unwrap();
-            return;
-        }
-    }
-    panic!("chunk not found in the packs");
-}

@@ -7,6 +7,7 @@
 //! through [`understudy_common::cut::ManifestSource`], implemented here by [`DirectoryManifests`]
 //! (standalone mode) and [`ClusterManifests`].
 
+pub mod agent_pods;
 pub mod apply;
 pub mod bundle;
 pub mod capture;

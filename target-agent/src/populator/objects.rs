@@ -1,0 +1,171 @@
+//! What the populator makes for one claim, all in the claim's namespace, named after its uid and
+//! owned by it (so nothing outlives a claim deleted half-way): the prime PVC (the same request,
+//! in Block mode, without the data source: the CSI driver provisions it as any volume), the
+//! Secret with the writer's ticket, and the writer pod.
+
+use crate::ticket::WriterTicket;
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
+use understudy_kube::agent_pods::{DEVICE_PATH, TICKET_PATH, WorkerPod};
+
+/// Label on every object the populator makes: the uid of the claim it populates.
+pub const CLAIM_LABEL: &str = "understudy.io/populates";
+
+/// Name of every object made for the claim: `understudy-populate-<uid>`.
+pub fn name_for(claim: &PersistentVolumeClaim) -> String {
+    format!("understudy-populate-{}", claim.uid().unwrap_or_default())
+}
+
+/// The labels of those objects.
+pub fn labels(claim: &PersistentVolumeClaim) -> BTreeMap<String, String> {
+    BTreeMap::from([(CLAIM_LABEL.to_string(), claim.uid().unwrap_or_default())])
+}
+
+/// Owner reference to the claim.
+fn owners(claim: &PersistentVolumeClaim) -> Option<Vec<OwnerReference>> {
+    claim.controller_owner_ref(&()).map(|o| vec![o])
+}
+
+/// The prime PVC: the claim's class, access modes and size, in Block mode (the writer writes
+/// the raw volume), with no data source.
+pub fn prime_claim(claim: &PersistentVolumeClaim) -> Result<PersistentVolumeClaim> {
+    let spec = claim.spec.clone().unwrap_or_default();
+    let mut annotations = BTreeMap::new();
+    // A WaitForFirstConsumer class: the scheduler chose the claim's node; the prime follows it.
+    if let Some(node) = claim
+        .annotations()
+        .get("volume.kubernetes.io/selected-node")
+    {
+        annotations.insert("volume.kubernetes.io/selected-node".to_string(), node.clone());
+    }
+    let v = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": name_for(claim),
+            "namespace": claim.namespace(),
+            "labels": labels(claim),
+            "annotations": annotations,
+            "ownerReferences": owners(claim),
+        },
+        "spec": {
+            "accessModes": spec.access_modes,
+            "volumeMode": "Block",
+            "storageClassName": spec.storage_class_name,
+            "resources": spec.resources,
+        }
+    });
+    serde_json::from_value(v).context("cannot build the prime PVC")
+}
+
+/// The writer pod: `target-agent write` with the prime PVC as its device, on the claim's node
+/// when the class waits for one.
+pub fn writer_pod(claim: &PersistentVolumeClaim, image: &str) -> Result<Pod> {
+    let name = name_for(claim);
+    let ns = claim.namespace().unwrap_or_default();
+    let command = [
+        "/bin/target-agent", "write", "--ticket", TICKET_PATH, "--device", DEVICE_PATH,
+        "--report", "/dev/termination-log",
+    ];
+    let mut pod = WorkerPod {
+        namespace: &ns,
+        name: &name,
+        role: "writer",
+        image,
+        command: command.map(String::from).to_vec(),
+        claim: &name,
+        secret: &name,
+        labels: &labels(claim),
+        owners: owners(claim),
+    }
+    .build()?;
+    if let (Some(node), Some(spec)) = (
+        claim
+            .annotations()
+            .get("volume.kubernetes.io/selected-node"),
+        pod.spec.as_mut(),
+    ) {
+        spec.node_name = Some(node.clone());
+    }
+    Ok(pod)
+}
+
+/// The ticket's Secret.
+pub fn ticket_secret(
+    claim: &PersistentVolumeClaim,
+    ticket: &WriterTicket,
+) -> Result<k8s_openapi::api::core::v1::Secret> {
+    understudy_kube::agent_pods::ticket_secret(
+        &claim.namespace().unwrap_or_default(),
+        &name_for(claim),
+        ticket,
+        &labels(claim),
+        owners(claim),
+    )
+}
+
+/// The patch that hands the prime's volume to the claim: the PV controller then binds them.
+pub fn claim_ref_patch(claim: &PersistentVolumeClaim) -> serde_json::Value {
+    serde_json::json!({
+        "spec": {"claimRef": {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "namespace": claim.namespace(),
+            "name": claim.name_any(),
+            "uid": claim.uid(),
+            "resourceVersion": null,
+        }}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> PersistentVolumeClaim {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "db", "namespace": "shop", "uid": "u-1",
+                         "annotations": {"volume.kubernetes.io/selected-node": "node-a"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                     "volumeMode": "Filesystem",
+                     "resources": {"requests": {"storage": "1Gi"}},
+                     "dataSourceRef": {"apiGroup": "understudy.io", "kind": "PointVolume", "name": "p"}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_prime_is_the_claims_request_in_block_mode_without_the_source() {
+        let p = prime_claim(&claim()).unwrap();
+        assert_eq!(p.name_any(), "understudy-populate-u-1");
+        assert_eq!(p.namespace().as_deref(), Some("shop"));
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+        assert!(spec.data_source_ref.is_none() && spec.data_source.is_none());
+        assert_eq!(p.metadata.owner_references.unwrap()[0].name, "db");
+        assert_eq!(
+            p.metadata.annotations.unwrap()["volume.kubernetes.io/selected-node"],
+            "node-a"
+        );
+    }
+
+    #[test]
+    fn the_writer_runs_on_the_claims_node_unprivileged() {
+        let pod = writer_pod(&claim(), "agents:1").unwrap();
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("node-a"));
+        let c = &spec.containers[0];
+        assert_eq!(c.command.as_ref().unwrap()[1], "write");
+        assert_eq!(
+            c.security_context.as_ref().unwrap().privileged,
+            Some(false)
+        );
+        let patch = claim_ref_patch(&claim());
+        assert_eq!(patch["spec"]["claimRef"]["uid"], "u-1");
+    }
+}

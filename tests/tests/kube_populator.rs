@@ -1,0 +1,214 @@
+//! The volume populator on the node test bed (a real kubelet, containerd, the CSI sidecars and
+//! the project's own test CSI driver, which is a test component; see understudy_e2e::node): a
+//! Block PVC whose dataSourceRef names a PointVolume is bound only to a volume a writer pod
+//! rebuilt from the point and verified; a verifier pod reads it back byte for byte. A damaged
+//! chunk leaves the claim unbound with the point, volume and offset named; the target agent
+//! SIGKILLed mid-populate leaves it unbound, and its restart completes it.
+
+use serde_json::Value;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use understudy_e2e::node::{AGENTS_IMAGE, NodeCluster, STORAGE_CLASS, TOOLS_IMAGE};
+use understudy_e2e::*;
+
+const MIB: u64 = 1 << 20;
+const NS: &str = "dr";
+/// The volume's size: 24 MiB, data at three places, the rest holes.
+const SIZE: u64 = 24 * MIB;
+
+/// A cluster with the CRDs and the agents image, and a target agent on its bridge running the
+/// populator, holding point 1 of group `app` (volume `db`).
+async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
+    let c = NodeCluster::start().await.expect("start the node test bed")?;
+    c.import_agents().unwrap();
+    let client = c.client().await.unwrap();
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(client);
+    for crd in understudy_kube::crd::all() {
+        crds.create(&Default::default(), &crd).await.unwrap();
+    }
+    c.create_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"))
+        .await
+        .unwrap();
+    let mut p = Pair::new();
+    p.addr = format!("{}:0", c.bridge_ip);
+    start_populating(&mut p, &c);
+    let db = p.path("db.img");
+    sparse_image(&db, SIZE);
+    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.write_all_at(&pattern(300_000, 1), 0).unwrap();
+    f.write_all_at(&pattern(70_000, 2), 5 * MIB).unwrap();
+    f.write_all_at(&pattern(4096, 3), SIZE - 4096).unwrap();
+    p.cycle("app", &[("db", &db)], &[]);
+    snapshot_copy(&db, &p.path("db.1.img"));
+    Some((c, p, db))
+}
+
+fn start_populating(p: &mut Pair, c: &NodeCluster) {
+    p.start_target(&[
+        "--populate",
+        "--kubeconfig",
+        s(&c.kubeconfig),
+        "--writer-image",
+        AGENTS_IMAGE,
+    ]);
+}
+
+/// Bytes that differ block to block (no two blocks the same chunk).
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// A PointVolume `name` and a Block PVC of the same name populated from it.
+async fn claim_from(c: &NodeCluster, name: &str, point: &str) {
+    c.create_yaml(&format!(
+        r#"apiVersion: understudy.io/v1alpha1
+kind: PointVolume
+metadata: {{name: {name}, namespace: {NS}}}
+spec: {{group: app, point: "{point}", volume: db}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  accessModes: [ReadWriteOnce]
+  volumeMode: Block
+  storageClassName: {STORAGE_CLASS}
+  resources: {{requests: {{storage: 32Mi}}}}
+  dataSourceRef: {{apiGroup: understudy.io, kind: PointVolume, name: {name}}}
+"#
+    ))
+    .await
+    .unwrap();
+}
+
+async fn phase_of(c: &NodeCluster, kind: (&str, &str), name: &str) -> String {
+    c.get(kind.0, kind.1, NS, name)
+        .await
+        .unwrap()
+        .and_then(|o| o.pointer("/status/phase").and_then(Value::as_str).map(String::from))
+        .unwrap_or_default()
+}
+
+const PVC: (&str, &str) = ("v1", "PersistentVolumeClaim");
+const SOURCE: (&str, &str) = ("understudy.io/v1alpha1", "PointVolume");
+
+/// SHA-256 of the claim's first `SIZE` bytes, read by a pod.
+async fn digest_in_pod(c: &NodeCluster, claim: &str) -> String {
+    let pod = format!("read-{claim}");
+    let out = c
+        .run_pod(
+            &format!(
+                r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {NS}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: {TOOLS_IMAGE}
+    imagePullPolicy: Never
+    command: [sh, -c, "head -c {SIZE} /dev/xvda | sha256sum"]
+    volumeDevices: [{{name: v, devicePath: /dev/xvda}}]
+  volumes: [{{name: v, persistentVolumeClaim: {{claimName: {claim}}}}}]
+"#
+            ),
+            NS,
+            &pod,
+        )
+        .await
+        .unwrap();
+    out.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Names of what the populator made that is still there.
+async fn leftovers(c: &NodeCluster) -> Vec<String> {
+    let mut out = Vec::new();
+    for (api, kind) in [("v1", "Pod"), ("v1", "Secret"), PVC] {
+        for n in c.names(api, kind, NS).await.unwrap() {
+            if n.starts_with("understudy-populate-") {
+                out.push(format!("{kind}/{n}"));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_from_a_point_is_bound_to_the_verified_volume_and_a_damaged_chunk_to_none() {
+    let Some((c, mut p, db)) = standby().await else {
+        return;
+    };
+    let t0 = Instant::now();
+    claim_from(&c, "db", "latest").await;
+    c.wait_for(PVC, NS, "db", Duration::from_secs(180), |o| {
+        o.pointer("/status/phase") == Some(&"Bound".into())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", p.target_log()));
+    eprintln!("populated and bound in {:.1} s", t0.elapsed().as_secs_f64());
+    let src = c.get(SOURCE.0, SOURCE.1, NS, "db").await.unwrap().unwrap();
+    assert_eq!(src["status"]["phase"], "Bound", "{src}");
+    assert_eq!(src["status"]["sequence"], 1);
+    assert_eq!(src["status"]["expectedDigest"], src["status"]["actualDigest"]);
+    assert_eq!(
+        digest_in_pod(&c, "db").await,
+        sha256_of(&db),
+        "the claim holds point 1, byte for byte"
+    );
+    manifests::eventually("the populator's objects to go", || async {
+        Ok(leftovers(&c).await.is_empty())
+    })
+    .await
+    .unwrap();
+
+    // Point 2 changes a block; its chunk is damaged in the store. The writers refuse it, three
+    // times, and the claim is never bound.
+    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    let changed = pattern(65536, 9);
+    f.write_all_at(&changed, 10 * MIB).unwrap();
+    p.cycle("app", &[("db", &db)], &[]);
+    damage_chunk(&p, blake3::hash(&changed).as_bytes());
+    claim_from(&c, "bad", "2").await;
+    let failed = c
+        .wait_for(SOURCE, NS, "bad", Duration::from_secs(240), |o| {
+            o.pointer("/status/phase") == Some(&"Failed".into())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", p.target_log()));
+    let msg = failed["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!("volume db of point 2, block at byte {}", 10 * MIB)),
+        "{msg}"
+    );
+    assert_eq!(failed["status"]["attempts"], 3);
+    assert_ne!(phase_of(&c, PVC, "bad").await, "Bound");
+
+    // SIGKILL the agent (and its populator) as a writer starts: the claim stays unbound; the
+    // restarted agent makes a new ticket and completes it.
+    claim_from(&c, "again", "1").await;
+    c.wait_for(SOURCE, NS, "again", Duration::from_secs(120), |o| {
+        o.pointer("/status/phase") == Some(&"Writing".into())
+    })
+    .await
+    .unwrap();
+    p.kill_target();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_ne!(phase_of(&c, PVC, "again").await, "Bound", "bound without the populator");
+    start_populating(&mut p, &c);
+    c.wait_for(PVC, NS, "again", Duration::from_secs(180), |o| {
+        o.pointer("/status/phase") == Some(&"Bound".into())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", p.target_log()));
+    assert_eq!(digest_in_pod(&c, "again").await, sha256_of(&p.path("db.1.img")));
+}
