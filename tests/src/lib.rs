@@ -351,8 +351,12 @@ pub fn damage_chunk(p: &Pair, hash: &[u8; 32]) {
             // The hash is at 16 of the frame's 48-byte header, the payload's length just before.
             let len = u32::from_le_bytes(bytes[h - 4..h].try_into().expect("4 bytes")) as usize;
             let at = h + 32 + len / 2;
-            let f = std::fs::OpenOptions::new().write(true).open(&pack).expect("open pack");
-            f.write_all_at(&[bytes[at] ^ 0x10], at as u64).expect("write pack");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&pack)
+                .expect("open pack");
+            f.write_all_at(&[bytes[at] ^ 0x10], at as u64)
+                .expect("write pack");
             return;
         }
     }

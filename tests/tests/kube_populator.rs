@@ -1,7 +1,8 @@
 //! The volume populator on the node test bed (a real kubelet, containerd, the CSI sidecars and
 //! the project's own test CSI driver, which is a test component; see understudy_e2e::node): a
 //! Block PVC whose dataSourceRef names a PointVolume is bound only to a volume a writer pod
-//! rebuilt from the point and verified; a verifier pod reads it back byte for byte. A damaged
+//! rebuilt from the point and verified; a verifier pod reads it back byte for byte; a
+//! Filesystem PVC mounts the source's file system. A damaged
 //! chunk leaves the claim unbound with the point, volume and offset named; the target agent
 //! SIGKILLed mid-populate leaves it unbound, and its restart completes it.
 
@@ -20,7 +21,9 @@ const SIZE: u64 = 24 * MIB;
 /// A cluster with the CRDs and the agents image, and a target agent on its bridge running the
 /// populator, holding point 1 of group `app` (volume `db`).
 async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
-    let c = NodeCluster::start().await.expect("start the node test bed")?;
+    let c = NodeCluster::start()
+        .await
+        .expect("start the node test bed")?;
     c.import_agents().unwrap();
     let client = c.client().await.unwrap();
     let crds: kube::Api<
@@ -29,9 +32,11 @@ async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
     for crd in understudy_kube::crd::all() {
         crds.create(&Default::default(), &crd).await.unwrap();
     }
-    c.create_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"))
-        .await
-        .unwrap();
+    c.create_yaml(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"
+    ))
+    .await
+    .unwrap();
     let mut p = Pair::new();
     p.addr = format!("{}:0", c.bridge_ip);
     start_populating(&mut p, &c);
@@ -63,20 +68,32 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// A PointVolume `name` and a Block PVC of the same name populated from it.
+/// A PointVolume `name` of volume `db` of group `app` and a Block PVC of the same name
+/// populated from it.
 async fn claim_from(c: &NodeCluster, name: &str, point: &str) {
+    claim_of(c, name, ("app", point, "db"), "Block").await
+}
+
+/// A PointVolume `name` of (group, point, volume) and a PVC of the same name and `mode`
+/// populated from it.
+async fn claim_of(
+    c: &NodeCluster,
+    name: &str,
+    (group, point, volume): (&str, &str, &str),
+    mode: &str,
+) {
     c.create_yaml(&format!(
         r#"apiVersion: understudy.io/v1alpha1
 kind: PointVolume
 metadata: {{name: {name}, namespace: {NS}}}
-spec: {{group: app, point: "{point}", volume: db}}
+spec: {{group: {group}, point: "{point}", volume: {volume}}}
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: {{name: {name}, namespace: {NS}}}
 spec:
   accessModes: [ReadWriteOnce]
-  volumeMode: Block
+  volumeMode: {mode}
   storageClassName: {STORAGE_CLASS}
   resources: {{requests: {{storage: 32Mi}}}}
   dataSourceRef: {{apiGroup: understudy.io, kind: PointVolume, name: {name}}}
@@ -90,7 +107,11 @@ async fn phase_of(c: &NodeCluster, kind: (&str, &str), name: &str) -> String {
     c.get(kind.0, kind.1, NS, name)
         .await
         .unwrap()
-        .and_then(|o| o.pointer("/status/phase").and_then(Value::as_str).map(String::from))
+        .and_then(|o| {
+            o.pointer("/status/phase")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
         .unwrap_or_default()
 }
 
@@ -122,12 +143,85 @@ spec:
         )
         .await
         .unwrap();
-    out.split_whitespace().next().unwrap_or_default().to_string()
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn sha256_of(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A Filesystem claim gets the raw image through a Filesystem PV of the same volume: the
+/// source's ext4, its file, and no Block PV left over.
+async fn a_filesystem_claim_mounts_the_sources_file_system(c: &NodeCluster, p: &Pair) {
+    let tree = p.path("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("hello.txt"), "from point 1 of files\n").unwrap();
+    let img = p.path("files.img");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d", s(&tree), s(&img), "16M"])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    p.cycle("files", &[("data", &img)], &[]);
+    claim_of(c, "files", ("files", "latest", "data"), "Filesystem").await;
+    c.wait_for(PVC, NS, "files", Duration::from_secs(180), |o| {
+        o.pointer("/status/phase") == Some(&"Bound".into())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", p.target_log()));
+    assert_eq!(read_file(c, "read-files").await, "from point 1 of files");
+    manifests::eventually("the Block view of the volume to go", || async {
+        let pvs = c.names("v1", "PersistentVolume", "").await?;
+        let mut released = Vec::new();
+        for n in pvs {
+            let pv = c
+                .get("v1", "PersistentVolume", "", &n)
+                .await?
+                .unwrap_or_default();
+            if pv.pointer("/status/phase") != Some(&"Bound".into()) {
+                released.push(n);
+            }
+        }
+        Ok(released.is_empty() && leftovers(c).await.is_empty())
+    })
+    .await
+    .unwrap();
+    // The volume outlived its Block view.
+    assert_eq!(
+        read_file(c, "read-files-again").await,
+        "from point 1 of files"
+    );
+}
+
+/// `hello.txt` of claim `files`, read by pod `pod`.
+async fn read_file(c: &NodeCluster, pod: &str) -> String {
+    let out = c
+        .run_pod(
+            &format!(
+                r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {NS}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: {TOOLS_IMAGE}
+    imagePullPolicy: Never
+    command: [cat, /data/hello.txt]
+    volumeMounts: [{{name: v, mountPath: /data}}]
+  volumes: [{{name: v, persistentVolumeClaim: {{claimName: files}}}}]
+"#
+            ),
+            NS,
+            pod,
+        )
+        .await
+        .unwrap();
+    out.trim().to_string()
 }
 
 /// Names of what the populator made that is still there.
@@ -144,7 +238,7 @@ async fn leftovers(c: &NodeCluster) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_claim_from_a_point_is_bound_to_the_verified_volume_and_a_damaged_chunk_to_none() {
+async fn claims_from_points_are_bound_to_verified_volumes_and_a_damaged_chunk_to_none() {
     let Some((c, mut p, db)) = standby().await else {
         return;
     };
@@ -159,7 +253,10 @@ async fn a_claim_from_a_point_is_bound_to_the_verified_volume_and_a_damaged_chun
     let src = c.get(SOURCE.0, SOURCE.1, NS, "db").await.unwrap().unwrap();
     assert_eq!(src["status"]["phase"], "Bound", "{src}");
     assert_eq!(src["status"]["sequence"], 1);
-    assert_eq!(src["status"]["expectedDigest"], src["status"]["actualDigest"]);
+    assert_eq!(
+        src["status"]["expectedDigest"],
+        src["status"]["actualDigest"]
+    );
     assert_eq!(
         digest_in_pod(&c, "db").await,
         sha256_of(&db),
@@ -170,6 +267,8 @@ async fn a_claim_from_a_point_is_bound_to_the_verified_volume_and_a_damaged_chun
     })
     .await
     .unwrap();
+
+    a_filesystem_claim_mounts_the_sources_file_system(&c, &p).await;
 
     // Point 2 changes a block; its chunk is damaged in the store. The writers refuse it, three
     // times, and the claim is never bound.
@@ -203,12 +302,19 @@ async fn a_claim_from_a_point_is_bound_to_the_verified_volume_and_a_damaged_chun
     .unwrap();
     p.kill_target();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_ne!(phase_of(&c, PVC, "again").await, "Bound", "bound without the populator");
+    assert_ne!(
+        phase_of(&c, PVC, "again").await,
+        "Bound",
+        "bound without the populator"
+    );
     start_populating(&mut p, &c);
     c.wait_for(PVC, NS, "again", Duration::from_secs(180), |o| {
         o.pointer("/status/phase") == Some(&"Bound".into())
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", p.target_log()));
-    assert_eq!(digest_in_pod(&c, "again").await, sha256_of(&p.path("db.1.img")));
+    assert_eq!(
+        digest_in_pod(&c, "again").await,
+        sha256_of(&p.path("db.1.img"))
+    );
 }

@@ -64,8 +64,14 @@ pub fn mover_pod(
     owners: Option<Vec<OwnerReference>>,
 ) -> Result<Pod> {
     let command = [
-        "/bin/source-agent", "mover", "--ticket", TICKET_PATH, "--device", DEVICE_PATH,
-        "--report", "/dev/termination-log",
+        "/bin/source-agent",
+        "mover",
+        "--ticket",
+        TICKET_PATH,
+        "--device",
+        DEVICE_PATH,
+        "--report",
+        "/dev/termination-log",
     ];
     WorkerPod {
         namespace,

@@ -159,18 +159,24 @@ impl Step<'_> {
     }
 
     async fn run(&self) -> Result<Action> {
-        let bound = self
-            .claim
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            == Some("Bound");
+        let bound = self.claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
         if bound {
-            self.clean_up().await?;
-            return Ok(Action::await_change());
+            return Ok(if self.clean_up().await? {
+                Action::await_change()
+            } else {
+                Action::requeue(POLL)
+            });
         }
         let Some(pv) = self.sources.get_opt(&self.source).await? else {
-            self.event(true, "NoSource", format!("PointVolume {} does not exist: create it, or fix the claim's dataSourceRef", self.source)).await;
+            self.event(
+                true,
+                "NoSource",
+                format!(
+                    "PointVolume {} does not exist: create it, or fix the claim's dataSourceRef",
+                    self.source
+                ),
+            )
+            .await;
             return Ok(Action::requeue(Duration::from_secs(10)));
         };
         let status = pv.status.clone().unwrap_or_default();
@@ -180,12 +186,10 @@ impl Step<'_> {
             PopulatePhase::Bound => return Ok(Action::requeue(POLL)),
             _ => {}
         }
-        let mode = self.claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref());
-        if mode != Some("Block") {
+        if let Some(mode) = objects::unsupported_mode(self.claim) {
             let msg = format!(
-                "claim {} is in {} mode: this release populates Block claims only; ask for volumeMode: Block",
-                self.claim.name_any(),
-                mode.unwrap_or("Filesystem")
+                "claim {} asks for volumeMode {mode}: the populator writes Block and Filesystem claims",
+                self.claim.name_any()
             );
             self.set_status(PopulatePhase::Failed, |s| s.message = Some(msg.clone()))
                 .await?;
@@ -245,7 +249,10 @@ impl Step<'_> {
             )?
             .fingerprint;
             let now = understudy_common::now_ms();
-            if matches!(self.ctx.sessions.grants.get(&fp, now), Some(Permit::Fetch(_))) {
+            if matches!(
+                self.ctx.sessions.grants.get(&fp, now),
+                Some(Permit::Fetch(_))
+            ) {
                 return Ok(Some(t));
             }
             tracing::info!(claim = %self.claim.name_any(), "a writer's grant is gone (the agent restarted): making a new ticket");
@@ -268,7 +275,11 @@ impl Step<'_> {
 
     /// The writer verified the volume: hand the prime's PV to the claim.
     async fn bind(&self, report: &WriteReport) -> Result<Action> {
-        anyhow::ensure!(report.ok, "writer {} ended without verifying the volume", self.name);
+        anyhow::ensure!(
+            report.ok,
+            "writer {} ended without verifying the volume",
+            self.name
+        );
         let primes: Api<PersistentVolumeClaim> = self.api();
         let prime = primes
             .get(&self.name)
@@ -278,21 +289,71 @@ impl Step<'_> {
             return Ok(Action::requeue(POLL));
         };
         let pvs: Api<PersistentVolume> = Api::all(self.ctx.client.clone());
-        pvs.patch(
-            &volume,
-            &PatchParams::default(),
-            &Patch::Merge(objects::claim_ref_patch(self.claim)),
-        )
-        .await
-        .with_context(|| format!("cannot hand volume {volume} to the claim"))?;
+        let volume = if objects::is_block(self.claim) {
+            pvs.patch(
+                &volume,
+                &PatchParams::default(),
+                &Patch::Merge(objects::claim_ref_patch(self.claim)),
+            )
+            .await
+            .with_context(|| format!("cannot hand volume {volume} to the claim"))?;
+            volume
+        } else {
+            self.hand_over_as_filesystem(&pvs, &volume).await?
+        };
         self.set_status(PopulatePhase::Bound, |s| {
             s.bytes_written = report.bytes_written;
             s.actual_digest = Some(report.actual_digest.clone());
-            s.message = Some(format!("written and verified; volume {volume} bound to the claim"));
+            s.message = Some(format!(
+                "written and verified; volume {volume} bound to the claim"
+            ));
         })
         .await?;
-        self.event(false, "Populated", format!("volume {} of point {} written ({} bytes), verified (digest {}), bound as {volume}", report.volume, report.seq, report.bytes_written, report.actual_digest)).await;
+        self.event(
+            false,
+            "Populated",
+            format!(
+                "volume {} of point {} written ({} bytes), verified (digest {}), bound as {volume}",
+                report.volume, report.seq, report.bytes_written, report.actual_digest
+            ),
+        )
+        .await;
         Ok(Action::requeue(POLL))
+    }
+
+    /// A Filesystem claim gets the written volume through a second PV of the same CSI volume
+    /// in Filesystem mode, pre-bound to it. The prime's Block PV is set to Retain first, so that
+    /// removing it (at clean-up) never deletes the volume. Returns the new PV's name.
+    async fn hand_over_as_filesystem(
+        &self,
+        pvs: &Api<PersistentVolume>,
+        block: &str,
+    ) -> Result<String> {
+        let current = pvs.get(block).await?;
+        // Recorded once: a rerun after a crash finds the PV already at Retain.
+        let reclaim = current
+            .annotations()
+            .get(objects::RECLAIM)
+            .cloned()
+            .or_else(|| {
+                current
+                    .spec
+                    .as_ref()?
+                    .persistent_volume_reclaim_policy
+                    .clone()
+            })
+            .unwrap_or_else(|| "Delete".into());
+        let retain = serde_json::json!({
+            "metadata": {"annotations": {objects::RECLAIM: reclaim}},
+            "spec": {"persistentVolumeReclaimPolicy": "Retain"},
+        });
+        let prime = pvs
+            .patch(block, &PatchParams::default(), &Patch::Merge(retain))
+            .await
+            .with_context(|| format!("cannot set volume {block} to Retain"))?;
+        let fs = objects::filesystem_volume(&prime, self.claim, &reclaim)?;
+        create_once(pvs, &fs).await?;
+        Ok(fs.name_any())
     }
 
     /// A writer failed: run another, or give up with its words.
@@ -304,7 +365,12 @@ impl Step<'_> {
             .unwrap_or(why);
         self.delete_writer().await?;
         if attempts < MAX_ATTEMPTS {
-            self.event(true, "WriterFailed", format!("writer {attempts} of {MAX_ATTEMPTS} failed, running another: {why}")).await;
+            self.event(
+                true,
+                "WriterFailed",
+                format!("writer {attempts} of {MAX_ATTEMPTS} failed, running another: {why}"),
+            )
+            .await;
             return Ok(Action::requeue(POLL));
         }
         let msg = format!("{MAX_ATTEMPTS} writers failed; the claim stays unbound. Last: {why}");
@@ -321,9 +387,37 @@ impl Step<'_> {
     }
 
     /// The claim is bound: what was made for it goes.
-    async fn clean_up(&self) -> Result<()> {
+    /// Returns true once everything is gone.
+    async fn clean_up(&self) -> Result<bool> {
         self.delete_writer().await?;
-        delete_if_present(&self.api::<PersistentVolumeClaim>(), &self.name).await
+        delete_if_present(&self.api::<PersistentVolumeClaim>(), &self.name).await?;
+        self.remove_block_view().await
+    }
+
+    /// For a Filesystem claim: the prime's Block PV, once Released, goes (its volume stays: the
+    /// claim's PV holds it). A PV not set to Retain is never deleted here. True once it is gone
+    /// (or there is none).
+    async fn remove_block_view(&self) -> Result<bool> {
+        let pvs: Api<PersistentVolume> = Api::all(self.ctx.client.clone());
+        let Some(mine) = self.claim.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+            return Ok(true);
+        };
+        let Some(block) = pvs
+            .get_opt(&mine)
+            .await?
+            .and_then(|pv| pv.annotations().get(objects::BLOCK_VIEW).cloned())
+        else {
+            return Ok(true);
+        };
+        let Some(pv) = pvs.get_opt(&block).await? else {
+            return Ok(true);
+        };
+        let spec = pv.spec.unwrap_or_default();
+        let released = pv.status.and_then(|s| s.phase).as_deref() != Some("Bound");
+        if spec.persistent_volume_reclaim_policy.as_deref() == Some("Retain") && released {
+            delete_if_present(&pvs, &block).await?;
+        }
+        Ok(false)
     }
 
     /// Updates the PointVolume's status through the status subresource.

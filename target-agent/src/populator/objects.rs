@@ -39,7 +39,10 @@ pub fn prime_claim(claim: &PersistentVolumeClaim) -> Result<PersistentVolumeClai
         .annotations()
         .get("volume.kubernetes.io/selected-node")
     {
-        annotations.insert("volume.kubernetes.io/selected-node".to_string(), node.clone());
+        annotations.insert(
+            "volume.kubernetes.io/selected-node".to_string(),
+            node.clone(),
+        );
     }
     let v = serde_json::json!({
         "apiVersion": "v1",
@@ -67,8 +70,14 @@ pub fn writer_pod(claim: &PersistentVolumeClaim, image: &str) -> Result<Pod> {
     let name = name_for(claim);
     let ns = claim.namespace().unwrap_or_default();
     let command = [
-        "/bin/target-agent", "write", "--ticket", TICKET_PATH, "--device", DEVICE_PATH,
-        "--report", "/dev/termination-log",
+        "/bin/target-agent",
+        "write",
+        "--ticket",
+        TICKET_PATH,
+        "--device",
+        DEVICE_PATH,
+        "--report",
+        "/dev/termination-log",
     ];
     let mut pod = WorkerPod {
         namespace: &ns,
@@ -106,6 +115,58 @@ pub fn ticket_secret(
         owners(claim),
     )
 }
+
+/// Annotation on a Filesystem claim's PV: the prime's Block PV of the same volume.
+pub const BLOCK_VIEW: &str = "understudy.io/block-view";
+
+/// True for a Block claim.
+pub fn is_block(claim: &PersistentVolumeClaim) -> bool {
+    claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block")
+}
+
+/// The claim's volume mode when it is neither Block nor Filesystem (the default).
+pub fn unsupported_mode(claim: &PersistentVolumeClaim) -> Option<String> {
+    match claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) {
+        None | Some("Block") | Some("Filesystem") => None,
+        Some(other) => Some(other.to_string()),
+    }
+}
+
+/// A Filesystem PV of the same CSI volume as the prime's Block PV (the raw image written holds
+/// the source's file system), pre-bound to the claim, with the prime's original reclaim policy
+/// and provisioner (so the volume is deleted with the claim when the class says so).
+pub fn filesystem_volume(
+    block: &k8s_openapi::api::core::v1::PersistentVolume,
+    claim: &PersistentVolumeClaim,
+    reclaim: &str,
+) -> Result<k8s_openapi::api::core::v1::PersistentVolume> {
+    let mut spec = block.spec.clone().context("the prime's PV has no spec")?;
+    anyhow::ensure!(
+        spec.csi.is_some(),
+        "the prime's PV {} is not a CSI volume: only CSI volumes can be handed to a Filesystem claim",
+        block.name_any()
+    );
+    spec.volume_mode = Some("Filesystem".into());
+    spec.claim_ref = serde_json::from_value(claim_ref_patch(claim)["spec"]["claimRef"].clone())?;
+    spec.persistent_volume_reclaim_policy = Some(reclaim.to_string());
+    let mut annotations = BTreeMap::from([(BLOCK_VIEW.to_string(), block.name_any())]);
+    if let Some(by) = block.annotations().get("pv.kubernetes.io/provisioned-by") {
+        annotations.insert("pv.kubernetes.io/provisioned-by".into(), by.clone());
+    }
+    Ok(k8s_openapi::api::core::v1::PersistentVolume {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("understudy-fs-{}", claim.uid().unwrap_or_default())),
+            labels: Some(labels(claim)),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+/// Annotation on the prime's PV: its reclaim policy before the populator set it to Retain.
+pub const RECLAIM: &str = "understudy.io/reclaim-policy";
 
 /// The patch that hands the prime's volume to the claim: the PV controller then binds them.
 pub fn claim_ref_patch(claim: &PersistentVolumeClaim) -> serde_json::Value {
@@ -155,16 +216,44 @@ mod tests {
     }
 
     #[test]
+    fn a_filesystem_claim_gets_the_same_csi_volume_in_filesystem_mode() {
+        let block: k8s_openapi::api::core::v1::PersistentVolume =
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": "pvc-prime",
+                             "annotations": {"pv.kubernetes.io/provisioned-by": "csi.x"}},
+                "spec": {"volumeMode": "Block", "persistentVolumeReclaimPolicy": "Retain",
+                         "storageClassName": "fast", "accessModes": ["ReadWriteOnce"],
+                         "capacity": {"storage": "1Gi"},
+                         "csi": {"driver": "csi.x", "volumeHandle": "vol-7"},
+                         "claimRef": {"name": "understudy-populate-u-1", "namespace": "shop"}},
+            }))
+            .unwrap();
+        let fs = filesystem_volume(&block, &claim(), "Delete").unwrap();
+        let spec = fs.spec.as_ref().unwrap();
+        assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
+        assert_eq!(spec.csi.as_ref().unwrap().volume_handle, "vol-7");
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
+        let claim_ref = spec.claim_ref.as_ref().unwrap();
+        assert_eq!(
+            (claim_ref.name.as_deref(), claim_ref.uid.as_deref()),
+            (Some("db"), Some("u-1"))
+        );
+        assert_eq!(fs.annotations()[BLOCK_VIEW], "pvc-prime");
+        assert_eq!(fs.annotations()["pv.kubernetes.io/provisioned-by"], "csi.x");
+    }
+
+    #[test]
     fn the_writer_runs_on_the_claims_node_unprivileged() {
         let pod = writer_pod(&claim(), "agents:1").unwrap();
         let spec = pod.spec.unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("node-a"));
         let c = &spec.containers[0];
         assert_eq!(c.command.as_ref().unwrap()[1], "write");
-        assert_eq!(
-            c.security_context.as_ref().unwrap().privileged,
-            Some(false)
-        );
+        assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(false));
         let patch = claim_ref_patch(&claim());
         assert_eq!(patch["spec"]["claimRef"]["uid"], "u-1");
     }
