@@ -65,39 +65,40 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub retention: RetentionRules,
     #[command(flatten)]
-    pub populate: PopulateArgs,
+    pub kube: KubeArgs,
 }
 
-/// The volume populator (Kubernetes): PVCs whose dataSourceRef names a PointVolume are rebuilt
-/// from this agent's points.
+/// The standby's Kubernetes controllers: the volume populator (PVCs whose dataSourceRef names a
+/// PointVolume are rebuilt from this agent's points) and Failovers.
 #[derive(clap::Args, Debug)]
-pub struct PopulateArgs {
-    /// Run the volume populator, with the cluster of --kubeconfig (default: in-cluster).
+pub struct KubeArgs {
+    /// Run the populator and the Failover controller, with the cluster of --kubeconfig
+    /// (default: in-cluster).
     #[arg(long)]
-    pub populate: bool,
+    pub kube: bool,
     /// Kubeconfig of the standby cluster.
-    #[arg(long, requires = "populate")]
+    #[arg(long, requires = "kube")]
     pub kubeconfig: Option<PathBuf>,
     /// Image of the writer pods (holds /bin/target-agent: this agent's image).
-    #[arg(long, required_if_eq("populate", "true"))]
+    #[arg(long, required_if_eq("kube", "true"))]
     pub writer_image: Option<String>,
     /// Where writer pods reach this agent, HOST:PORT (its UDP Service); default: the address
     /// it listens on, when that is not a wildcard.
-    #[arg(long, requires = "populate")]
+    #[arg(long, requires = "kube")]
     pub advertise: Option<String>,
 }
 
-impl PopulateArgs {
+impl KubeArgs {
     /// The populator's settings, once the server is bound at `bound`.
     fn config(&self, bound: SocketAddr) -> Result<Option<crate::populator::PopulatorConfig>> {
-        if !self.populate {
+        if !self.kube {
             return Ok(None);
         }
         let advertise = match &self.advertise {
             Some(a) => a.clone(),
             None if !bound.ip().is_unspecified() => bound.to_string(),
             None => anyhow::bail!(
-                "--populate needs --advertise HOST:PORT (the agent's UDP Service) when it listens on {bound}: writer pods must know where to reach it"
+                "--kube needs --advertise HOST:PORT (the agent's UDP Service) when it listens on {bound}: writer pods must know where to reach it"
             ),
         };
         Ok(Some(crate::populator::PopulatorConfig {
@@ -185,20 +186,35 @@ fn serve(a: ServeArgs) -> Result<()> {
             understudy_common::files::write_atomic(f, addr.to_string().as_bytes())?;
         }
         tracing::info!(%addr, "target agent listening");
-        if let Some(cfg) = a.populate.config(addr)? {
-            let client = understudy_kube::connect(a.populate.kubeconfig.as_deref()).await?;
-            let sessions = server.context();
-            tokio::spawn(async move {
-                if let Err(e) = crate::populator::run(client, sessions, cfg, std::future::pending()).await {
-                    tracing::error!(error = %format!("{e:#}"), "the volume populator stopped; PVCs from PointVolumes wait until the agent restarts");
-                }
-            });
-            tracing::info!("populating PVCs from PointVolumes");
+        if let Some(cfg) = a.kube.config(addr)? {
+            let client = understudy_kube::connect(a.kube.kubeconfig.as_deref()).await?;
+            start_controllers(client, server.context(), cfg);
         }
         server.run(stop_signal()).await?;
         eprintln!("target-agent stopped by a signal; every committed point is kept");
         Ok(())
     })
+}
+
+/// Starts the populator and the Failover controller beside the server; a controller that stops
+/// is logged (the server goes on: replication does not depend on them).
+fn start_controllers(
+    client: kube::Client,
+    sessions: Arc<crate::session::SessionContext>,
+    cfg: crate::populator::PopulatorConfig,
+) {
+    let (c, s) = (client.clone(), sessions.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::populator::run(c, s, cfg, std::future::pending()).await {
+            tracing::error!(error = %format!("{e:#}"), "the volume populator stopped; PVCs from PointVolumes wait until the agent restarts");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = crate::standby::run(client, sessions, std::future::pending()).await {
+            tracing::error!(error = %format!("{e:#}"), "the Failover controller stopped; Failovers wait until the agent restarts");
+        }
+    });
+    tracing::info!("running the volume populator and the Failover controller");
 }
 
 /// Completes at the first SIGTERM or SIGINT; a second one exits the process at once (the store

@@ -12,5 +12,6 @@ pub mod fetch;
 pub mod populator;
 pub mod server;
 pub mod session;
+pub mod standby;
 pub mod ticket;
 pub mod writer;

@@ -53,7 +53,7 @@ async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
 
 fn start_populating(p: &mut Pair, c: &NodeCluster) {
     p.start_target(&[
-        "--populate",
+        "--kube",
         "--kubeconfig",
         s(&c.kubeconfig),
         "--writer-image",

@@ -1,0 +1,573 @@
+//! Failovers on the standby (kube-rs style): a `Failover` runs the application from a recovery
+//! point, one step per reconcile, each recorded in `status.phase` before the next:
+//!
+//! Pending (choose the point, the RPO guard) -> RestoringVolumes (per claim of the point's
+//! manifests, a PointVolume and the claim pointing at it: the populator rebuilds and verifies
+//! it) -> ApplyingObjects (every other object, transformed, by the apply engine, once every
+//! claim is bound) -> WaitingReady (Deployments, StatefulSets and DaemonSets ready) ->
+//! Succeeded, with the report (point, RPO, RTO, per-volume digests, per-object outcomes); or
+//! Failed, with what failed. A failover needs nothing from the primary: the point and its
+//! manifests are in the store.
+//!
+//! A drill runs in namespaces of its own (checked before anything is made); deleting it deletes
+//! them (a finalizer), and replication into the store goes on meanwhile.
+
+pub mod plan;
+
+use crate::session::SessionContext;
+use anyhow::{Context as _, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use plan::Plan;
+use std::sync::Arc;
+use std::time::Duration;
+use understudy_common::store::PointRecord;
+use understudy_kube::agent_pods::create_once;
+use understudy_kube::apply::{ApplyOptions, Outcome, apply};
+use understudy_kube::crd::failover::*;
+use understudy_kube::crd::point_volume::{PointVolume, PopulatePhase};
+
+/// Finalizer that tears a drill down before its Failover goes.
+pub const FINALIZER: &str = "understudy.io/teardown";
+/// Field manager of what a run applies.
+pub const MANAGER: &str = "understudy-failover";
+const POLL: Duration = Duration::from_secs(2);
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    sessions: Arc<SessionContext>,
+    recorder: Recorder,
+}
+
+/// A decision that ends the run as Failed (no such point, the RPO guard, a drill's namespaces,
+/// a claim not rebuilt, objects rejected, the timeout); any other error is retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(String);
+
+fn refused(e: impl std::fmt::Display) -> anyhow::Error {
+    Refused(e.to_string()).into()
+}
+
+/// An error a reconcile ended with (logged, retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct ReconcileError(#[from] anyhow::Error);
+
+/// Runs the Failover controller until `stop` completes.
+pub async fn run(
+    client: Client,
+    sessions: Arc<SessionContext>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let runs: Api<Failover> = Api::all(client.clone());
+    runs.list(&Default::default()).await.context(
+        "cannot list Failovers: is the CRD installed (`source-agent crds | kubectl apply -f -`) and may the agent list them?",
+    )?;
+    let reporter = Reporter {
+        controller: "understudy-failover".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        sessions,
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        stop.await;
+        let _ = tx.send(());
+    });
+    Controller::new(runs, watcher::Config::default())
+        .graceful_shutdown_on(async move {
+            let _ = rx.await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "failover reconcile");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn error_policy(_: Arc<Failover>, e: &ReconcileError, _: Arc<Context>) -> Action {
+    tracing::warn!(error = %e, "a Failover step failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(fo: Arc<Failover>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let api: Api<Failover> =
+        Api::namespaced(ctx.client.clone(), &fo.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, fo, |event| async {
+        match event {
+            Finalizer::Apply(fo) => Run::new(&ctx, &fo).step().await,
+            Finalizer::Cleanup(fo) => Run::new(&ctx, &fo).tear_down().await,
+        }
+        .map_err(ReconcileError)
+    })
+    .await
+    .map_err(|e| ReconcileError(anyhow::anyhow!("{e}")))
+}
+
+/// One Failover, for one reconcile.
+struct Run<'a> {
+    ctx: &'a Context,
+    fo: &'a Failover,
+    api: Api<Failover>,
+}
+
+impl<'a> Run<'a> {
+    fn new(ctx: &'a Context, fo: &'a Failover) -> Self {
+        let api = Api::namespaced(ctx.client.clone(), &fo.namespace().unwrap_or_default());
+        Run { ctx, fo, api }
+    }
+
+    fn status(&self) -> FailoverStatus {
+        self.fo.status.clone().unwrap_or_default()
+    }
+
+    async fn step(&self) -> Result<Action> {
+        let status = self.status();
+        let result = match status.phase {
+            FailoverPhase::Succeeded | FailoverPhase::Failed => return Ok(Action::await_change()),
+            FailoverPhase::Pending => self.choose().await,
+            FailoverPhase::RestoringVolumes => self.restore().await,
+            FailoverPhase::ApplyingObjects => self.apply_objects().await,
+            FailoverPhase::WaitingReady => self.wait_ready().await,
+        };
+        match result {
+            Err(e) if e.downcast_ref::<Refused>().is_some() => {
+                self.fail(e.to_string()).await?;
+                Ok(Action::await_change())
+            }
+            other => other,
+        }
+    }
+
+    /// The point the spec names, checked against the RPO guard.
+    async fn choose(&self) -> Result<Action> {
+        let point = self.point().await.map_err(|e| refused(format!("{e:#}")))?;
+        let requested = self.requested_ms();
+        let guard = match &self.fo.spec.max_point_age {
+            Some(d) => Some(crate::failover::AgeGuard {
+                max_age: humantime::parse_duration(d).map_err(|_| {
+                    refused(format!("maxPointAge `{d}` is not a duration like 15m"))
+                })?,
+                on_older: match self.fo.spec.rpo_guard {
+                    RpoGuardPolicy::Refuse => crate::failover::RpoGuard::Refuse,
+                    RpoGuardPolicy::Warn => crate::failover::RpoGuard::Warn,
+                },
+            }),
+            None => None,
+        };
+        let warning = crate::failover::check_point_age(
+            guard.as_ref(),
+            point.seq,
+            point.cut.created_ms,
+            requested,
+        )
+        .map_err(|e| refused(format!("{e:#}")))?;
+        let plan = self
+            .plan(&point)
+            .await
+            .map_err(|e| refused(format!("{e:#}")))?;
+        if self.fo.spec.mode == FailoverMode::Drill {
+            plan::check_drill(&self.fo.spec, &plan).map_err(refused)?;
+            for ns in &plan.namespaces {
+                let api: Api<Namespace> = Api::all(self.ctx.client.clone());
+                if api.get_opt(ns).await?.is_some() {
+                    return Err(refused(format!(
+                        "namespace {ns} exists already: a drill makes its own; map to a new name"
+                    )));
+                }
+            }
+        }
+        let mut report = FailoverReport {
+            point: Some(ChosenPoint {
+                sequence: point.seq,
+                snapshot_time: understudy_common::format_ms(point.cut.created_ms),
+            }),
+            rpo_seconds: Some((requested - point.cut.created_ms).max(0) / 1000),
+            namespaces: plan.namespaces.iter().cloned().collect(),
+            ..Default::default()
+        };
+        if let Some(w) = warning {
+            self.event(true, "OldPoint", w.clone()).await;
+            report.warnings.push(w);
+        }
+        self.event(
+            false,
+            "PointChosen",
+            format!(
+                "point {} (cut {}), {} volumes, {} objects",
+                point.seq,
+                understudy_common::format_ms(point.cut.created_ms),
+                plan.claims.len(),
+                plan.objects.len()
+            ),
+        )
+        .await;
+        self.advance(FailoverPhase::RestoringVolumes, |s| s.report = Some(report))
+            .await?;
+        Ok(Action::requeue(Duration::ZERO))
+    }
+
+    /// Every claim with its PointVolume; on once every claim is bound.
+    async fn restore(&self) -> Result<Action> {
+        let point = self.chosen_point().await?;
+        let plan = self.plan(&point).await?;
+        let mut volumes = Vec::new();
+        for ns in &plan.namespaces {
+            let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
+            }))?;
+            create_once(&Api::all(self.ctx.client.clone()), &ns_obj).await?;
+        }
+        for c in &plan.claims {
+            let sources: Api<PointVolume> = Api::namespaced(self.ctx.client.clone(), &c.namespace);
+            let source: PointVolume = serde_json::from_value(serde_json::json!({
+                "apiVersion": "understudy.io/v1alpha1", "kind": "PointVolume",
+                "metadata": {"name": c.name, "namespace": c.namespace},
+                "spec": {"group": self.fo.spec.group, "point": point.seq.to_string(), "volume": c.volume},
+            }))?;
+            create_once(&sources, &source).await?;
+            let claims: Api<PersistentVolumeClaim> =
+                Api::namespaced(self.ctx.client.clone(), &c.namespace);
+            create_once(&claims, &serde_json::from_value(c.object.clone())?).await?;
+            let status = sources.get(&c.name).await?.status.unwrap_or_default();
+            if status.phase == PopulatePhase::Failed {
+                return Err(refused(format!(
+                    "claim {}/{} (volume {} of point {}) was not rebuilt: {}",
+                    c.namespace,
+                    c.name,
+                    c.volume,
+                    point.seq,
+                    status.message.unwrap_or_default()
+                )));
+            }
+            let bound = claims
+                .get(&c.name)
+                .await?
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Bound");
+            volumes.push((
+                bound,
+                RestoredVolume {
+                    pvc: format!("{}/{}", c.namespace, c.name),
+                    bytes_written: status.bytes_written,
+                    expected_digest: status.expected_digest.unwrap_or_default(),
+                    actual_digest: status.actual_digest.unwrap_or_default(),
+                    verified: bound && status.phase == PopulatePhase::Bound,
+                },
+            ));
+        }
+        if volumes.iter().any(|(bound, _)| !bound) {
+            return Ok(Action::requeue(POLL));
+        }
+        let n = volumes.len();
+        self.advance(FailoverPhase::ApplyingObjects, |s| {
+            let r = s.report.get_or_insert_with(Default::default);
+            r.volumes = volumes.into_iter().map(|(_, v)| v).collect();
+        })
+        .await?;
+        self.event(
+            false,
+            "VolumesRestored",
+            format!("{n} claims rebuilt, verified and bound"),
+        )
+        .await;
+        Ok(Action::requeue(Duration::ZERO))
+    }
+
+    /// Every other object, through the apply engine.
+    async fn apply_objects(&self) -> Result<Action> {
+        let point = self.chosen_point().await?;
+        let plan = self.plan(&point).await?;
+        let opts = ApplyOptions {
+            field_manager: MANAGER.into(),
+            ..ApplyOptions::default()
+        };
+        let report = apply(&self.ctx.client, plan.objects, &opts).await;
+        let objects: Vec<AppliedObject> = report
+            .results
+            .iter()
+            .map(|r| AppliedObject {
+                object: r.object.to_string(),
+                outcome: format!("{:?}", r.outcome).to_lowercase(),
+                message: r.message.clone(),
+            })
+            .collect();
+        let rejected: Vec<String> = report
+            .results
+            .iter()
+            .filter(|r| r.outcome == Outcome::Rejected)
+            .map(|r| format!("{}: {}", r.object, r.message.clone().unwrap_or_default()))
+            .collect();
+        self.advance(FailoverPhase::WaitingReady, |s| {
+            s.report.get_or_insert_with(Default::default).objects = objects;
+        })
+        .await?;
+        if !rejected.is_empty() {
+            return Err(refused(format!(
+                "the standby rejected {} objects: {}",
+                rejected.len(),
+                rejected.join("; ")
+            )));
+        }
+        Ok(Action::requeue(Duration::ZERO))
+    }
+
+    /// The workloads ready, or the timeout.
+    async fn wait_ready(&self) -> Result<Action> {
+        let point = self.chosen_point().await?;
+        let plan = self.plan(&point).await?;
+        let mut waiting = Vec::new();
+        for (id, obj) in &plan.objects {
+            if let Some(why) = self.not_ready(id, obj).await? {
+                waiting.push(why);
+            }
+        }
+        let elapsed_ms = understudy_common::now_ms() - self.requested_ms();
+        if !waiting.is_empty() {
+            let limit = self.timeout()?;
+            if elapsed_ms as u128 >= limit.as_millis() {
+                return Err(refused(format!(
+                    "not ready after {}: {}",
+                    humantime::format_duration(limit),
+                    waiting.join("; ")
+                )));
+            }
+            return Ok(Action::requeue(POLL));
+        }
+        let rto = elapsed_ms as f64 / 1000.0;
+        self.advance(FailoverPhase::Succeeded, |s| {
+            s.report.get_or_insert_with(Default::default).rto_seconds = Some(rto);
+            understudy_kube::crd::set_condition(
+                &mut s.conditions,
+                "Ready",
+                true,
+                "Succeeded",
+                format!("the application runs from point {}", point.seq),
+                self.fo.metadata.generation,
+            );
+        })
+        .await?;
+        self.event(
+            false,
+            "Succeeded",
+            format!("the application runs from point {} ({rto:.1} s)", point.seq),
+        )
+        .await;
+        Ok(Action::await_change())
+    }
+
+    /// Why a workload is not ready yet, if it is one and is not.
+    async fn not_ready(
+        &self,
+        id: &understudy_kube::bundle::ObjectId,
+        obj: &serde_json::Value,
+    ) -> Result<Option<String>> {
+        let (want, have) = match (id.group.as_str(), id.kind.as_str()) {
+            ("apps", "Deployment" | "StatefulSet") => ("/spec/replicas", "/status/readyReplicas"),
+            ("apps", "DaemonSet") => ("/status/desiredNumberScheduled", "/status/numberReady"),
+            _ => return Ok(None),
+        };
+        let mut resolver = understudy_kube::Resolver::new(self.ctx.client.clone());
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("apps/v1");
+        let (ar, _) = resolver.resolve(api_version, &id.kind).await?;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.ctx.client.clone(), &id.namespace, &ar);
+        let Some(live) = api.get_opt(&id.name).await? else {
+            return Ok(Some(format!("{id} is missing")));
+        };
+        let live = serde_json::to_value(live)?;
+        let n = |p: &str| live.pointer(p).and_then(serde_json::Value::as_i64);
+        let want = n(want).unwrap_or(1);
+        let have = n(have).unwrap_or(0);
+        Ok((have < want).then(|| format!("{id}: {have} of {want} ready")))
+    }
+
+    /// A drill's namespaces go with it (a failover's application stays).
+    async fn tear_down(&self) -> Result<Action> {
+        if self.fo.spec.mode != FailoverMode::Drill {
+            return Ok(Action::await_change());
+        }
+        let api: Api<Namespace> = Api::all(self.ctx.client.clone());
+        let namespaces = self
+            .status()
+            .report
+            .map(|r| r.namespaces)
+            .unwrap_or_default();
+        let mut left = 0;
+        for ns in &namespaces {
+            match api.delete(ns, &DeleteParams::background()).await {
+                Ok(_) => left += 1,
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot delete namespace {ns}")),
+            }
+        }
+        if left > 0 {
+            // The finalizer holds until they are gone.
+            anyhow::bail!("waiting for {left} drill namespaces to be deleted");
+        }
+        self.event(
+            false,
+            "TornDown",
+            format!("drill namespaces {} deleted", namespaces.join(", ")),
+        )
+        .await;
+        Ok(Action::await_change())
+    }
+
+    /// The point the spec names.
+    async fn point(&self) -> Result<PointRecord> {
+        let sel: crate::failover::PointSelector = self.fo.spec.point.parse()?;
+        let store = self.ctx.sessions.store.clone();
+        let group = self.fo.spec.group.clone();
+        tokio::task::spawn_blocking(move || crate::failover::select_point(&store, &group, &sel))
+            .await?
+    }
+
+    /// The point chosen in Pending.
+    async fn chosen_point(&self) -> Result<PointRecord> {
+        let seq = self
+            .status()
+            .report
+            .and_then(|r| r.point)
+            .map(|p| p.sequence)
+            .context("no point chosen")?;
+        let store = self.ctx.sessions.store.clone();
+        let group = self.fo.spec.group.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::failover::select_point(&store, &group, &crate::failover::PointSelector::Seq(seq))
+        })
+        .await?
+    }
+
+    /// The plan for `point` with the Failover's rules.
+    async fn plan(&self, point: &PointRecord) -> Result<Plan> {
+        let text = self.rules_text().await?;
+        let rules = plan::rules(&self.fo.spec, text.as_deref())?;
+        let store = self.ctx.sessions.store.clone();
+        let point = point.clone();
+        tokio::task::spawn_blocking(move || plan::plan(&store, &point, &rules)).await?
+    }
+
+    /// The rules text: inline, or the `rules.yaml` of a ConfigMap in the Failover's namespace.
+    async fn rules_text(&self) -> Result<Option<String>> {
+        let Some(src) = &self.fo.spec.rules else {
+            return Ok(None);
+        };
+        if let Some(t) = &src.inline {
+            return Ok(Some(t.clone()));
+        }
+        let Some(name) = &src.config_map_name else {
+            return Ok(None);
+        };
+        let cms: Api<ConfigMap> = Api::namespaced(
+            self.ctx.client.clone(),
+            &self.fo.namespace().unwrap_or_default(),
+        );
+        let cm = cms
+            .get(name)
+            .await
+            .with_context(|| format!("rules ConfigMap {name}"))?;
+        cm.data
+            .and_then(|d| d.get("rules.yaml").cloned())
+            .map(Some)
+            .with_context(|| format!("ConfigMap {name} has no key rules.yaml"))
+    }
+
+    /// When the Failover was made (ms since the Unix epoch): RPO and RTO are measured from it.
+    fn requested_ms(&self) -> i64 {
+        self.fo
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(understudy_common::now_ms, |t| t.0.as_millisecond())
+    }
+
+    fn timeout(&self) -> Result<Duration> {
+        match &self.fo.spec.timeout {
+            Some(t) => humantime::parse_duration(t)
+                .map_err(|_| refused(format!("timeout `{t}` is not a duration like 30m"))),
+            None => Ok(Duration::from_secs(3600)),
+        }
+    }
+
+    /// Moves to `phase` with `change` applied to the status.
+    async fn advance(
+        &self,
+        phase: FailoverPhase,
+        change: impl FnOnce(&mut FailoverStatus),
+    ) -> Result<()> {
+        let mut status = self.status();
+        status.phase = phase;
+        status.observed_generation = self.fo.metadata.generation;
+        change(&mut status);
+        self.api
+            .patch_status(
+                &self.fo.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": status})),
+            )
+            .await
+            .with_context(|| format!("cannot update Failover {}", self.fo.name_any()))?;
+        Ok(())
+    }
+
+    /// Failed, with what failed.
+    async fn fail(&self, why: String) -> Result<()> {
+        self.event(true, "Failed", why.clone()).await;
+        let generation = self.fo.metadata.generation;
+        self.advance(FailoverPhase::Failed, |s| {
+            s.report.get_or_insert_with(Default::default).error = Some(why.clone());
+            understudy_kube::crd::set_condition(
+                &mut s.conditions,
+                "Ready",
+                false,
+                "Failed",
+                why,
+                generation,
+            );
+        })
+        .await
+    }
+
+    /// Publishes an event on the Failover (a failure to do so is only logged).
+    async fn event(&self, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Failover".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.fo.object_ref(&()))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish an event");
+        }
+    }
+}
