@@ -8,6 +8,7 @@ pub mod node;
 pub mod oci;
 pub mod relay;
 pub mod replication;
+pub mod standby;
 pub mod testbed;
 
 use anyhow::{Context, Result, bail};

@@ -10,7 +10,8 @@
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
-use understudy_e2e::node::{AGENTS_IMAGE, NodeCluster, STORAGE_CLASS, TOOLS_IMAGE};
+use understudy_e2e::node::{NodeCluster, STORAGE_CLASS, TOOLS_IMAGE};
+use understudy_e2e::standby::{self, sha256_of};
 use understudy_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -96,13 +97,9 @@ fn tail(s: &str) -> String {
 async fn digest_in_app(c: &NodeCluster, ns: &str) -> String {
     let pods = c.names("v1", "Pod", ns).await.unwrap();
     let pod = pods.first().expect("the application's pod");
+    let script = format!("head -c {SIZE} /dev/xvda | sha256sum");
     let out = c
-        .exec(
-            ns,
-            pod,
-            "main",
-            &["sh", "-c", &format!("head -c {SIZE} /dev/xvda | sha256sum")],
-        )
+        .exec(ns, pod, "main", &["sh", "-c", &script])
         .await
         .unwrap();
     out.stdout
@@ -112,32 +109,11 @@ async fn digest_in_app(c: &NodeCluster, ns: &str) -> String {
         .to_string()
 }
 
-fn sha256_of(path: &std::path::Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failover_runs_the_application_from_its_point_and_a_drill_beside_it_is_torn_down() {
-    let Some(c) = NodeCluster::start().await.expect("start the node test bed") else {
+    let Some((c, p)) = standby::start().await else {
         return;
     };
-    c.import_agents().unwrap();
-    let crds: kube::Api<
-        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    > = kube::Api::all(c.client().await.unwrap());
-    for crd in understudy_kube::crd::all() {
-        crds.create(&Default::default(), &crd).await.unwrap();
-    }
-    let mut p = Pair::new();
-    p.addr = format!("{}:0", c.bridge_ip);
-    p.start_target(&[
-        "--kube",
-        "--kubeconfig",
-        s(&c.kubeconfig),
-        "--writer-image",
-        AGENTS_IMAGE,
-    ]);
     let (dir, img) = (p.path("manifests"), p.path("data.img"));
     manifests(&dir);
     sparse_image(&img, SIZE);

@@ -8,9 +8,9 @@
 
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
-use understudy_e2e::node::{AGENTS_IMAGE, NodeCluster, STORAGE_CLASS, TOOLS_IMAGE};
+use understudy_e2e::node::{NodeCluster, STORAGE_CLASS};
+use understudy_e2e::standby::{self, Mount, read_in_pod, sha256_of};
 use understudy_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -18,28 +18,14 @@ const NS: &str = "dr";
 /// The volume's size: 24 MiB, data at three places, the rest holes.
 const SIZE: u64 = 24 * MIB;
 
-/// A cluster with the CRDs and the agents image, and a target agent on its bridge running the
-/// populator, holding point 1 of group `app` (volume `db`).
+/// The standby bed ([`standby::start`]) holding point 1 of group `app` (volume `db`).
 async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
-    let c = NodeCluster::start()
-        .await
-        .expect("start the node test bed")?;
-    c.import_agents().unwrap();
-    let client = c.client().await.unwrap();
-    let crds: kube::Api<
-        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    > = kube::Api::all(client);
-    for crd in understudy_kube::crd::all() {
-        crds.create(&Default::default(), &crd).await.unwrap();
-    }
+    let (c, p) = standby::start().await?;
     c.create_yaml(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"
     ))
     .await
     .unwrap();
-    let mut p = Pair::new();
-    p.addr = format!("{}:0", c.bridge_ip);
-    start_populating(&mut p, &c);
     let db = p.path("db.img");
     sparse_image(&db, SIZE);
     let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
@@ -49,16 +35,6 @@ async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
     p.cycle("app", &[("db", &db)], &[]);
     snapshot_copy(&db, &p.path("db.1.img"));
     Some((c, p, db))
-}
-
-fn start_populating(p: &mut Pair, c: &NodeCluster) {
-    p.start_target(&[
-        "--kube",
-        "--kubeconfig",
-        s(&c.kubeconfig),
-        "--writer-image",
-        AGENTS_IMAGE,
-    ]);
 }
 
 /// Bytes that differ block to block (no two blocks the same chunk).
@@ -120,38 +96,19 @@ const SOURCE: (&str, &str) = ("understudy.io/v1alpha1", "PointVolume");
 
 /// SHA-256 of the claim's first `SIZE` bytes, read by a pod.
 async fn digest_in_pod(c: &NodeCluster, claim: &str) -> String {
-    let pod = format!("read-{claim}");
-    let out = c
-        .run_pod(
-            &format!(
-                r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {pod}, namespace: {NS}}}
-spec:
-  restartPolicy: Never
-  containers:
-  - name: main
-    image: {TOOLS_IMAGE}
-    imagePullPolicy: Never
-    command: [sh, -c, "head -c {SIZE} /dev/xvda | sha256sum"]
-    volumeDevices: [{{name: v, devicePath: /dev/xvda}}]
-  volumes: [{{name: v, persistentVolumeClaim: {{claimName: {claim}}}}}]
-"#
-            ),
-            NS,
-            &pod,
-        )
-        .await
-        .unwrap();
+    let script = format!("head -c {SIZE} /dev/xvda | sha256sum");
+    let out = read_in_pod(
+        c,
+        NS,
+        (&format!("read-{claim}"), claim),
+        Mount::Block,
+        &script,
+    )
+    .await;
     out.split_whitespace()
         .next()
         .unwrap_or_default()
         .to_string()
-}
-
-fn sha256_of(path: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
 
 /// A Filesystem claim gets the raw image through a Filesystem PV of the same volume: the
@@ -199,29 +156,14 @@ async fn a_filesystem_claim_mounts_the_sources_file_system(c: &NodeCluster, p: &
 
 /// `hello.txt` of claim `files`, read by pod `pod`.
 async fn read_file(c: &NodeCluster, pod: &str) -> String {
-    let out = c
-        .run_pod(
-            &format!(
-                r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {pod}, namespace: {NS}}}
-spec:
-  restartPolicy: Never
-  containers:
-  - name: main
-    image: {TOOLS_IMAGE}
-    imagePullPolicy: Never
-    command: [cat, /data/hello.txt]
-    volumeMounts: [{{name: v, mountPath: /data}}]
-  volumes: [{{name: v, persistentVolumeClaim: {{claimName: files}}}}]
-"#
-            ),
-            NS,
-            pod,
-        )
-        .await
-        .unwrap();
-    out.trim().to_string()
+    read_in_pod(
+        c,
+        NS,
+        (pod, "files"),
+        Mount::Filesystem,
+        "cat /data/hello.txt",
+    )
+    .await
 }
 
 /// Names of what the populator made that is still there.
@@ -307,7 +249,7 @@ async fn claims_from_points_are_bound_to_verified_volumes_and_a_damaged_chunk_to
         "Bound",
         "bound without the populator"
     );
-    start_populating(&mut p, &c);
+    standby::start_target(&mut p, &c);
     c.wait_for(PVC, NS, "again", Duration::from_secs(180), |o| {
         o.pointer("/status/phase") == Some(&"Bound".into())
     })

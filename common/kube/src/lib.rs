@@ -12,6 +12,7 @@ pub mod apply;
 pub mod bundle;
 pub mod capture;
 pub mod client;
+pub mod controller;
 pub mod crd;
 pub mod exec;
 pub mod manifests;

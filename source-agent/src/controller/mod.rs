@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -25,6 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use understudy_common::metrics::Metrics;
+pub use understudy_kube::controller::ReconcileError;
+use understudy_kube::controller::{publish, shutdown_on};
 use understudy_kube::crd::replication_group::{ReplicationGroup, ReplicationGroupStatus};
 
 /// Finalizer that makes the controller delete a group's cycle objects before the group goes.
@@ -68,11 +70,6 @@ pub struct ControllerConfig {
     pub state_dir: PathBuf,
 }
 
-/// An error a reconcile ended with (the controller logs it and retries).
-#[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct ReconcileError(#[from] anyhow::Error);
-
 /// Runs the controller until `stop` completes.
 pub async fn run(
     client: Client,
@@ -103,16 +100,8 @@ pub async fn run(
         metrics,
         fresh: Default::default(),
     });
-    // The controller wants a shutdown future that is also Sync: relay `stop` through a channel.
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        stop.await;
-        let _ = tx.send(());
-    });
     Controller::new(groups, watcher::Config::default())
-        .graceful_shutdown_on(async move {
-            let _ = rx.await;
-        })
+        .graceful_shutdown_on(shutdown_on(stop))
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -198,19 +187,7 @@ impl Context {
 
     /// Publishes an event on the group (a failure to do so is only logged).
     pub async fn event(&self, rg: &ReplicationGroup, warning: bool, reason: &str, note: String) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Replicate".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &rg.object_ref(&())).await {
-            tracing::warn!(error = %e, "cannot publish an event");
-        }
+        let group = rg.object_ref(&());
+        publish(&self.recorder, &group, "Replicate", (warning, reason), note).await
     }
 }

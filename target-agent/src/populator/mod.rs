@@ -24,13 +24,14 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 use understudy_common::transport::grants::Permit;
 use understudy_kube::agent_pods::{PodState, create_once, pod_state, ticket_of};
+use understudy_kube::controller::{ReconcileError, publish, shutdown_on};
 use understudy_kube::crd::point_volume::{PointVolume, PointVolumeStatus, PopulatePhase};
 
 /// Writers run for one claim before it is given up.
@@ -57,11 +58,6 @@ pub struct Context {
     recorder: Recorder,
 }
 
-/// An error a reconcile ended with (logged, retried).
-#[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct ReconcileError(#[from] anyhow::Error);
-
 /// Runs the populator until `stop` completes.
 pub async fn run(
     client: Client,
@@ -83,16 +79,9 @@ pub async fn run(
         sessions,
         cfg,
     });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        stop.await;
-        let _ = tx.send(());
-    });
     let claims: Api<PersistentVolumeClaim> = Api::all(client);
     Controller::new(claims, watcher::Config::default())
-        .graceful_shutdown_on(async move {
-            let _ = rx.await;
-        })
+        .graceful_shutdown_on(shutdown_on(stop))
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -441,27 +430,17 @@ impl Step<'_> {
         Ok(())
     }
 
-    /// Publishes an event on the claim (a failure to do so is only logged).
+    /// Publishes an event on the claim.
     async fn event(&self, warning: bool, reason: &str, note: String) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Populate".into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&event, &self.claim.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot publish an event");
-        }
+        let claim = self.claim.object_ref(&());
+        publish(
+            &self.ctx.recorder,
+            &claim,
+            "Populate",
+            (warning, reason),
+            note,
+        )
+        .await
     }
 }
 

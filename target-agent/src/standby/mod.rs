@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -30,6 +30,7 @@ use std::time::Duration;
 use understudy_common::store::PointRecord;
 use understudy_kube::agent_pods::create_once;
 use understudy_kube::apply::{ApplyOptions, Outcome, apply};
+use understudy_kube::controller::{ReconcileError, publish, shutdown_on};
 use understudy_kube::crd::failover::*;
 use understudy_kube::crd::point_volume::{PointVolume, PopulatePhase};
 
@@ -56,11 +57,6 @@ fn refused(e: impl std::fmt::Display) -> anyhow::Error {
     Refused(e.to_string()).into()
 }
 
-/// An error a reconcile ended with (logged, retried).
-#[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct ReconcileError(#[from] anyhow::Error);
-
 /// Runs the Failover controller until `stop` completes.
 pub async fn run(
     client: Client,
@@ -80,15 +76,8 @@ pub async fn run(
         client,
         sessions,
     });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        stop.await;
-        let _ = tx.send(());
-    });
     Controller::new(runs, watcher::Config::default())
-        .graceful_shutdown_on(async move {
-            let _ = rx.await;
-        })
+        .graceful_shutdown_on(shutdown_on(stop))
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -548,26 +537,16 @@ impl<'a> Run<'a> {
         .await
     }
 
-    /// Publishes an event on the Failover (a failure to do so is only logged).
+    /// Publishes an event on the Failover.
     async fn event(&self, warning: bool, reason: &str, note: String) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Failover".into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&event, &self.fo.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot publish an event");
-        }
+        let run = self.fo.object_ref(&());
+        publish(
+            &self.ctx.recorder,
+            &run,
+            "Failover",
+            (warning, reason),
+            note,
+        )
+        .await
     }
 }
