@@ -3,8 +3,9 @@
 //! application (a Deployment on a Block PVC, a ConfigMap) made by a standalone source, then
 //! a `Failover` into a mapped namespace (the claim rebuilt and verified, the objects applied,
 //! the Deployment ready and reading the point's bytes), a drill beside it while points keep
-//! committing (torn down with its Failover, the failover's copy untouched), and a Failover to a
-//! point that does not exist (Failed, saying so). Nothing of the primary is needed: there is no
+//! committing (torn down with its Failover, the failover's copy untouched), a second failover
+//! onto the first one's claim and a Failover to a point that does not exist (both Failed, saying
+//! so). Nothing of the primary is needed: there is no
 //! primary cluster here at all.
 
 use serde_json::Value;
@@ -208,6 +209,17 @@ async fn a_failover_runs_the_application_from_its_point_and_a_drill_beside_it_is
         .as_str()
         .unwrap_or_default();
     assert!(e.contains("namespace shop-dr exists already"), "{e}");
+    // Another failover into shop-dr, of point 2: the claim there is point 1's, never reused.
+    c.create_yaml(&failover_yaml("again", "failover", "shop-dr", "2"))
+        .await
+        .unwrap();
+    let again = finished(&c, &p, "again").await;
+    assert_eq!(again["status"]["phase"], "Failed", "{again}");
+    let e = again["status"]["report"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(e.contains("claim shop-dr/data exists already"), "{e}");
+    assert_eq!(digest_in_app(&c, "shop-dr").await, at_point_1);
     c.create_yaml(&failover_yaml("nine", "failover", "shop-nine", "9"))
         .await
         .unwrap();

@@ -207,7 +207,7 @@ impl<'a> Run<'a> {
         .await;
         self.advance(FailoverPhase::RestoringVolumes, |s| s.report = Some(report))
             .await?;
-        Ok(Action::requeue(Duration::ZERO))
+        Ok(Action::requeue(POLL))
     }
 
     /// Every claim with its PointVolume; on once every claim is bound.
@@ -232,7 +232,9 @@ impl<'a> Run<'a> {
             let claims: Api<PersistentVolumeClaim> =
                 Api::namespaced(self.ctx.client.clone(), &c.namespace);
             create_once(&claims, &serde_json::from_value(c.object.clone())?).await?;
-            let status = sources.get(&c.name).await?.status.unwrap_or_default();
+            let made = sources.get(&c.name).await?;
+            self.check_ours(c, &made, &claims.get(&c.name).await?, point.seq)?;
+            let status = made.status.unwrap_or_default();
             if status.phase == PopulatePhase::Failed {
                 return Err(refused(format!(
                     "claim {}/{} (volume {} of point {}) was not rebuilt: {}",
@@ -276,7 +278,37 @@ impl<'a> Run<'a> {
             format!("{n} claims rebuilt, verified and bound"),
         )
         .await;
-        Ok(Action::requeue(Duration::ZERO))
+        Ok(Action::requeue(POLL))
+    }
+
+    /// A claim (or PointVolume) of that name that was there before is never taken for this
+    /// run's: it may hold other data, or another point's.
+    fn check_ours(
+        &self,
+        c: &plan::Claim,
+        source: &PointVolume,
+        claim: &PersistentVolumeClaim,
+        seq: u64,
+    ) -> Result<()> {
+        let wanted = (
+            self.fo.spec.group.as_str(),
+            seq.to_string(),
+            c.volume.as_str(),
+        );
+        let has = (
+            source.spec.group.as_str(),
+            source.spec.point.clone(),
+            source.spec.volume.as_str(),
+        );
+        let source_ref = claim.spec.as_ref().and_then(|s| s.data_source_ref.as_ref());
+        let points_at_it = source_ref.is_some_and(|r| r.kind == "PointVolume" && r.name == c.name);
+        if has != wanted || !points_at_it {
+            return Err(refused(format!(
+                "claim {}/{} exists already and is not this run's rebuild of volume {} of point {seq}: a run rebuilds claims that do not exist yet; delete it, or map the namespace to a new one",
+                c.namespace, c.name, c.volume
+            )));
+        }
+        Ok(())
     }
 
     /// Every other object, through the apply engine.
@@ -314,7 +346,7 @@ impl<'a> Run<'a> {
                 rejected.join("; ")
             )));
         }
-        Ok(Action::requeue(Duration::ZERO))
+        Ok(Action::requeue(POLL))
     }
 
     /// The workloads ready, or the timeout.
