@@ -255,12 +255,14 @@ async fn receive(
                 Err(e) => return Err(e.context("the data stream broke")),
             },
         };
-        let w = tokio::task::block_in_place(|| rx.on_frame(&frame, &mut buf))?;
-        tokio::task::block_in_place(|| -> Result<()> {
+        // Decode, check and write in one blocking section per block.
+        let w = tokio::task::block_in_place(|| -> Result<_> {
+            let w = rx.on_frame(&frame, &mut buf)?;
             if zero_holes {
                 writer.zero_range(covered, w.offset - covered)?;
             }
-            writer.write_at(&buf, w.offset)
+            writer.write_at(&buf, w.offset)?;
+            Ok(w)
         })?;
         covered = w.offset + buf.len() as u64;
         match runs.last_mut() {

@@ -45,6 +45,9 @@ pub struct Context {
     client: Client,
     sessions: Arc<SessionContext>,
     recorder: Recorder,
+    /// Plans by (Failover uid, generation, point): a run polls every few seconds, and a plan
+    /// reads and checks the point's manifests from the store.
+    plans: std::sync::Mutex<std::collections::HashMap<(String, i64, u64), Arc<Plan>>>,
 }
 
 /// A decision that ends the run as Failed (no such point, the RPO guard, a drill's namespaces,
@@ -75,6 +78,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         client,
         sessions,
+        plans: Default::default(),
     });
     Controller::new(runs, watcher::Config::default())
         .graceful_shutdown_on(shutdown_on(stop))
@@ -319,7 +323,7 @@ impl<'a> Run<'a> {
             field_manager: MANAGER.into(),
             ..ApplyOptions::default()
         };
-        let report = apply(&self.ctx.client, plan.objects, &opts).await;
+        let report = apply(&self.ctx.client, plan.objects.clone(), &opts).await;
         let objects: Vec<AppliedObject> = report
             .results
             .iter()
@@ -354,8 +358,9 @@ impl<'a> Run<'a> {
         let point = self.chosen_point().await?;
         let plan = self.plan(&point).await?;
         let mut waiting = Vec::new();
+        let mut resolver = understudy_kube::Resolver::new(self.ctx.client.clone());
         for (id, obj) in &plan.objects {
-            if let Some(why) = self.not_ready(id, obj).await? {
+            if let Some(why) = self.not_ready(&mut resolver, id, obj).await? {
                 waiting.push(why);
             }
         }
@@ -396,6 +401,7 @@ impl<'a> Run<'a> {
     /// Why a workload is not ready yet, if it is one and is not.
     async fn not_ready(
         &self,
+        resolver: &mut understudy_kube::Resolver,
         id: &understudy_kube::bundle::ObjectId,
         obj: &serde_json::Value,
     ) -> Result<Option<String>> {
@@ -404,7 +410,6 @@ impl<'a> Run<'a> {
             ("apps", "DaemonSet") => ("/status/desiredNumberScheduled", "/status/numberReady"),
             _ => return Ok(None),
         };
-        let mut resolver = understudy_kube::Resolver::new(self.ctx.client.clone());
         let api_version = obj
             .get("apiVersion")
             .and_then(serde_json::Value::as_str)
@@ -479,13 +484,29 @@ impl<'a> Run<'a> {
         .await?
     }
 
-    /// The plan for `point` with the Failover's rules.
-    async fn plan(&self, point: &PointRecord) -> Result<Plan> {
+    /// The plan for `point` with the Failover's rules, made once per run, generation and point.
+    async fn plan(&self, point: &PointRecord) -> Result<Arc<Plan>> {
+        let key = (
+            self.fo.uid().unwrap_or_default(),
+            self.fo.metadata.generation.unwrap_or(0),
+            point.seq,
+        );
+        if let Some(p) = self.ctx.plans.lock().expect("plans lock").get(&key) {
+            return Ok(p.clone());
+        }
         let text = self.rules_text().await?;
         let rules = plan::rules(&self.fo.spec, text.as_deref())?;
         let store = self.ctx.sessions.store.clone();
-        let point = point.clone();
-        tokio::task::spawn_blocking(move || plan::plan(&store, &point, &rules)).await?
+        let p = point.clone();
+        let made =
+            Arc::new(tokio::task::spawn_blocking(move || plan::plan(&store, &p, &rules)).await??);
+        let mut plans = self.ctx.plans.lock().expect("plans lock");
+        // Only runs under way keep theirs; a finished run's plan is never asked for again.
+        if plans.len() > 64 {
+            plans.clear();
+        }
+        plans.insert(key, made.clone());
+        Ok(made)
     }
 
     /// The rules text: inline, or the `rules.yaml` of a ConfigMap in the Failover's namespace.
