@@ -389,6 +389,7 @@ fn failover_cmd(store: &Store, a: &FailoverArgs, progress: bool) -> Result<Reply
         age_guard: a.max_point_age.map(|max_age| AgeGuard {
             max_age,
             on_older: a.rpo_guard,
+            words: crate::failover::GuardWords::CLI,
         }),
     };
     let bars =

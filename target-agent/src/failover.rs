@@ -133,6 +133,30 @@ pub struct AgeGuard {
     pub max_age: Duration,
     /// What an older point does.
     pub on_older: RpoGuard,
+    /// How the user set them (messages name these).
+    pub words: GuardWords,
+}
+
+/// The names of the guard's settings where the user gave them.
+#[derive(Clone, Copy, Debug)]
+pub struct GuardWords {
+    /// The bound (`--max-point-age`).
+    pub bound: &'static str,
+    /// Going on with a warning (`--rpo-guard warn`).
+    pub warn: &'static str,
+}
+
+impl GuardWords {
+    /// `target-agent failover`'s flags.
+    pub const CLI: GuardWords = GuardWords {
+        bound: "--max-point-age",
+        warn: "--rpo-guard warn",
+    };
+    /// A Failover's fields.
+    pub const FAILOVER: GuardWords = GuardWords {
+        bound: "maxPointAge",
+        warn: "rpoGuard: warn",
+    };
 }
 
 /// What `guard` says of point `seq`, cut at `cut_ms`, at `now_ms`: nothing, a warning (the
@@ -151,14 +175,17 @@ pub fn check_point_age(
         return Ok(None);
     }
     let what = format!(
-        "point {seq} was cut {} ago (at {}), longer ago than --max-point-age {}: replication may have stopped; check the source agent and `target-agent points`",
+        "point {seq} was cut {} ago (at {}), longer ago than {} {}: replication may have stopped; check the source agent and `target-agent points`",
         humantime::format_duration(Duration::from_secs(age.as_secs())),
         understudy_common::format_ms(cut_ms),
+        g.words.bound,
         humantime::format_duration(g.max_age)
     );
     match g.on_older {
         RpoGuard::Refuse => bail!(
-            "{what}. Nothing was written; to fail over to it anyway, pass --rpo-guard warn or a larger --max-point-age"
+            "{what}. Nothing was written; to fail over to it anyway, set {} or a larger {}",
+            g.words.warn,
+            g.words.bound
         ),
         RpoGuard::Warn => Ok(Some(what)),
     }
@@ -466,6 +493,7 @@ mod tests {
         let guard = |on_older| AgeGuard {
             max_age: Duration::from_secs(600),
             on_older,
+            words: GuardWords::CLI,
         };
         let cut = 1_800_000_000_000;
         let fresh = cut + 599_000;
@@ -489,5 +517,18 @@ mod tests {
         );
         let warn = check_point_age(Some(&guard(RpoGuard::Warn)), 7, cut, stale).unwrap();
         assert!(warn.is_some_and(|w| w.contains("replication may have stopped")));
+        // A Failover's refusal names its fields, not the command's flags.
+        let in_crd = AgeGuard {
+            words: GuardWords::FAILOVER,
+            ..refuse
+        };
+        let e = format!(
+            "{:#}",
+            check_point_age(Some(&in_crd), 7, cut, stale).unwrap_err()
+        );
+        assert!(
+            e.contains("maxPointAge 10m") && e.contains("set rpoGuard: warn") && !e.contains("--"),
+            "{e}"
+        );
     }
 }

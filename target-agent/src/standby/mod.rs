@@ -159,6 +159,7 @@ impl<'a> Run<'a> {
                     RpoGuardPolicy::Refuse => crate::failover::RpoGuard::Refuse,
                     RpoGuardPolicy::Warn => crate::failover::RpoGuard::Warn,
                 },
+                words: crate::failover::GuardWords::FAILOVER,
             }),
             None => None,
         };
