@@ -88,6 +88,27 @@ pub fn pair(a: &PairArgs) -> Result<()> {
     Ok(())
 }
 
+/// An agent's identity and its pinned peers: from `identity` when given (a directory holding
+/// `cert.pem`, `key.pem` and `peers.json`, such as a mounted Secret), else from the agent
+/// directory `dir`; refuses to run with no peer.
+pub fn credentials(
+    dir: &std::path::Path,
+    identity: Option<&std::path::Path>,
+) -> Result<(Identity, Vec<Fingerprint>)> {
+    match identity {
+        None => Ok((Identity::load(dir)?, require_peers(dir)?)),
+        Some(d) => {
+            let id = Identity::load_mounted(d)?;
+            anyhow::ensure!(
+                d.join("peers.json").exists(),
+                "no peers.json in {}: the identity Secret needs it (the file `pair` writes)",
+                d.display()
+            );
+            Ok((id, require_peers(d)?))
+        }
+    }
+}
+
 /// Loads pinned peers, refusing to run with none.
 pub fn require_peers(dir: &std::path::Path) -> Result<Vec<Fingerprint>> {
     let fps = Peers::load(dir)?.fingerprints();
@@ -128,4 +149,38 @@ pub fn run_main<C: clap::Parser>(
         eprintln!("error: {e:#}");
         std::process::ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mounted identity (the files of an agent directory side by side, as a Secret holds
+    /// them) loads as the directory's own; one without peers.json is refused, naming the key.
+    #[test]
+    fn a_mounted_identity_is_the_agent_directorys() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::init(dir.path(), "standby").unwrap();
+        let peer = Identity::ephemeral("primary").unwrap().0.fingerprint;
+        Peers::pair(dir.path(), "primary", peer.clone()).unwrap();
+        let mounted = tempfile::tempdir().unwrap();
+        for (from, to) in [
+            ("identity/cert.pem", "cert.pem"),
+            ("identity/key.pem", "key.pem"),
+            ("peers.json", "peers.json"),
+        ] {
+            std::fs::copy(dir.path().join(from), mounted.path().join(to)).unwrap();
+        }
+        let empty = tempfile::tempdir().unwrap();
+        let (loaded, peers) = credentials(empty.path(), Some(mounted.path())).unwrap();
+        assert_eq!(loaded.fingerprint, id.fingerprint);
+        assert_eq!(peers, [peer]);
+
+        std::fs::remove_file(mounted.path().join("peers.json")).unwrap();
+        let Err(e) = credentials(empty.path(), Some(mounted.path())) else {
+            panic!("an identity without peers.json was loaded");
+        };
+        let e = format!("{e:#}");
+        assert!(e.contains("no peers.json in"), "{e}");
+    }
 }

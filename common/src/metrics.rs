@@ -27,6 +27,22 @@ pub struct ChangeSourceLabel {
     pub source: String,
 }
 
+/// Label set: a drill schedule (`namespace/name`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabel {
+    /// The DrillSchedule.
+    pub schedule: String,
+}
+
+/// Label set: a drill schedule and a run's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrillResultLabel {
+    /// The DrillSchedule (`namespace/name`).
+    pub schedule: String,
+    /// `succeeded` or `failed`.
+    pub result: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric an agent exports.
@@ -52,6 +68,22 @@ pub struct Metrics {
     /// Volume reads of committed points, by what named their blocks (changed-block tracking
     /// or hash-diff).
     pub volume_reads: Family<ChangeSourceLabel, Counter>,
+    /// Finished scheduled drills, by outcome.
+    pub drill_runs: Family<DrillResultLabel, Counter>,
+    /// When the schedule's newest successful drill finished (Unix seconds).
+    pub drill_last_success: Family<ScheduleLabel, FGauge>,
+    /// 1 while the schedule's newest finished drill failed, else 0.
+    pub drill_failing: Family<ScheduleLabel, Gauge>,
+    /// The archive tier's lag: committed points its newest snapshot does not hold.
+    pub archive_points_behind: Gauge,
+    /// The archive tier's lag: bytes of committed packs not in the bucket yet.
+    pub archive_bytes_behind: Gauge,
+    /// Bytes uploaded to the archive.
+    pub archive_uploaded: Counter,
+    /// When the newest archive snapshot was written (Unix seconds).
+    pub archive_last_success: FGauge,
+    /// Archive rounds that failed.
+    pub archive_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +110,14 @@ impl Metrics {
             failures: Family::default(),
             points: Family::default(),
             volume_reads: Family::default(),
+            drill_runs: Family::default(),
+            drill_last_success: Family::default(),
+            drill_failing: Family::default(),
+            archive_points_behind: Gauge::default(),
+            archive_bytes_behind: Gauge::default(),
+            archive_uploaded: Counter::default(),
+            archive_last_success: FGauge::default(),
+            archive_failures: Counter::default(),
         };
         r.register(
             "last_recovery_point_timestamp_seconds",
@@ -120,6 +160,46 @@ impl Metrics {
             "Volume reads of committed points by change source (csi-delta, csi-allocated, hash-diff)",
             m.volume_reads.clone(),
         );
+        r.register(
+            "drill_runs",
+            "Finished scheduled drills by result (succeeded, failed)",
+            m.drill_runs.clone(),
+        );
+        r.register(
+            "drill_last_success_timestamp_seconds",
+            "When the schedule's newest successful drill finished",
+            m.drill_last_success.clone(),
+        );
+        r.register(
+            "drill_failing",
+            "1 while the schedule's newest finished drill failed",
+            m.drill_failing.clone(),
+        );
+        r.register(
+            "archive_points_behind",
+            "Committed recovery points the archive's newest snapshot does not hold",
+            m.archive_points_behind.clone(),
+        );
+        r.register(
+            "archive_bytes_behind",
+            "Bytes of committed packs not yet in the archive bucket",
+            m.archive_bytes_behind.clone(),
+        );
+        r.register(
+            "archive_uploaded_bytes",
+            "Bytes uploaded to the archive bucket",
+            m.archive_uploaded.clone(),
+        );
+        r.register(
+            "archive_last_success_timestamp_seconds",
+            "When the archive's newest snapshot was written",
+            m.archive_last_success.clone(),
+        );
+        r.register(
+            "archive_failures",
+            "Archive rounds that failed",
+            m.archive_failures.clone(),
+        );
         *m.registry.lock().expect("registry") = r;
         m
     }
@@ -138,6 +218,36 @@ impl Metrics {
             .set(created_ms as f64 / 1000.0);
         self.points.get_or_create(&Self::group(group)).inc();
         self.track(group);
+    }
+
+    /// Records the outcome of a schedule's newest finished drill: `new` counts it (a run seen
+    /// again after a restart only sets the gauges); `last_success_ms` is the newest success.
+    pub fn drill_outcome(
+        &self,
+        schedule: &str,
+        (succeeded, new): (bool, bool),
+        last_success_ms: Option<i64>,
+    ) {
+        let label = ScheduleLabel {
+            schedule: schedule.to_string(),
+        };
+        if new {
+            let result = if succeeded { "succeeded" } else { "failed" };
+            self.drill_runs
+                .get_or_create(&DrillResultLabel {
+                    schedule: schedule.to_string(),
+                    result: result.into(),
+                })
+                .inc();
+        }
+        self.drill_failing
+            .get_or_create(&label)
+            .set(i64::from(!succeeded));
+        if let Some(ms) = last_success_ms {
+            self.drill_last_success
+                .get_or_create(&label)
+                .set(ms as f64 / 1000.0);
+        }
     }
 
     /// Prometheus text exposition, with RPO refreshed for every tracked group.

@@ -13,7 +13,7 @@ use understudy_common::hash::{BlockRef, ChunkHash};
 use understudy_common::protocol::session_store::{MemoryStore, StoreOp};
 use understudy_common::protocol::source_session::{Offer, SourceSession, SourceStep};
 use understudy_common::protocol::target_session::{FlushPolicy, TargetSession, TargetStep};
-use understudy_common::protocol::{Control, RefuseCode, SessionStore};
+use understudy_common::protocol::{Control, MigrationState, RefuseCode, SessionStore};
 use understudy_common::store::Store;
 use understudy_common::transport::stream::StreamKind;
 
@@ -36,6 +36,16 @@ fn run(
     break_after: Option<usize>,
 ) -> Outcome {
     let (mut src, hello) = SourceSession::new("app", offer);
+    drive(store, (&mut src, hello), frames, break_after)
+}
+
+/// Runs source session `src` (its first message `hello`) against a new target session.
+fn drive(
+    store: &Arc<impl SessionStore + 'static>,
+    (src, hello): (&mut SourceSession, Control),
+    frames: &HashMap<ChunkHash, Vec<u8>>,
+    break_after: Option<usize>,
+) -> Outcome {
     let mut tgt = target(store);
     let mut to_target = vec![hello];
     let mut data_stream_done = false;
@@ -177,6 +187,48 @@ fn full_offer_turns_unlisted_blocks_into_holes() {
     assert_eq!(store.map("app", 2, "data"), img.map());
 }
 
+/// A migration asked on the target reaches the source in Welcome; the point whose Commit names
+/// it is marked final in the commit itself, and the source is told; a Commit naming a request
+/// that is not the pending one commits the point, not as final.
+#[test]
+fn a_migration_request_reaches_the_source_and_its_final_point_is_marked_at_commit() {
+    let store = Arc::new(MemoryStore::new());
+    let mut img = Image::new(16);
+    fill(&mut img, 0..8, 1);
+    store.request_migration("app", "m1");
+    let (mut src, hello) = SourceSession::new("app", img.offer("c1", None));
+    assert!(matches!(
+        drive(&store, (&mut src, hello), &img.frames(), None),
+        Outcome::Committed { seq: 1, .. }
+    ));
+    let pending = MigrationState {
+        id: "m1".into(),
+        final_seq: None,
+    };
+    assert_eq!(src.migration(), Some(&pending), "told in Welcome");
+
+    fill(&mut img, 8..10, 2);
+    let (mut src, hello) = SourceSession::new("app", img.offer("c2", None));
+    src.end_migration("other");
+    drive(&store, (&mut src, hello), &img.frames(), None);
+    assert_eq!(src.migration(), Some(&pending), "not taken as final");
+    assert_eq!(store.migration("app").unwrap().unwrap().final_seq, None);
+
+    fill(&mut img, 10..12, 3);
+    let (mut src, hello) = SourceSession::new("app", img.offer("c3", None));
+    src.end_migration("m1");
+    assert!(matches!(
+        drive(&store, (&mut src, hello), &img.frames(), None),
+        Outcome::Committed { seq: 3, .. }
+    ));
+    let done = MigrationState {
+        id: "m1".into(),
+        final_seq: Some(3),
+    };
+    assert_eq!(src.migration(), Some(&done));
+    assert_eq!(store.migration("app").unwrap().unwrap().final_seq, Some(3));
+}
+
 #[test]
 fn target_refuses_bad_input() {
     let store = Arc::new(MemoryStore::new());
@@ -184,7 +236,8 @@ fn target_refuses_bad_input() {
     assert!(
         t.on_message(Control::Commit {
             data_streams: 1,
-            chunks: 0
+            chunks: 0,
+            final_for: None,
         })
         .is_err(),
         "commit before hello"
@@ -347,6 +400,7 @@ fn a_pushed_chunk_the_offer_does_not_reference_is_refused() {
     src.on_message(Control::Welcome {
         latest: None,
         push: true,
+        migration: None,
     })
     .unwrap();
     let SourceStep::Send(msgs) = src.set_offer(img.offer("c1", None), 0, 1).unwrap() else {
@@ -388,7 +442,8 @@ fn after_a_broken_transfer_the_target_forbids_pushing_until_a_commit() {
         reply,
         vec![Control::Welcome {
             latest: None,
-            push: true
+            push: true,
+            migration: None,
         }]
     );
     // A transfer breaks after 5 durable chunks: pushing now would send them again.
@@ -402,7 +457,8 @@ fn after_a_broken_transfer_the_target_forbids_pushing_until_a_commit() {
         reply,
         vec![Control::Welcome {
             latest: None,
-            push: false
+            push: false,
+            migration: None,
         }]
     );
     let pushed = chunk::verify(img.frames().into_values().next().unwrap()).unwrap();

@@ -45,6 +45,14 @@ pub enum Command {
     /// Stage one volume of a cut on the target, as a data mover (the source agent starts these
     /// in pods, one per volume, with a ticket it made for the cut).
     Mover(MoverArgs),
+    /// Write a mounted file system's cached writes to its device (syncfs), for each path: a
+    /// migration runs it in a pod on each of the application's volumes once the application has
+    /// stopped, before the final snapshot.
+    Flush {
+        /// A path on each file system to flush.
+        #[arg(long = "path", required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
 }
 
 /// `controller` arguments.
@@ -165,6 +173,17 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+/// `flush`: syncfs on the file system of every path.
+fn flush(paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    for p in paths {
+        let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        rustix::fs::syncfs(&f).with_context(|| format!("syncfs on {} failed", p.display()))?;
+        eprintln!("flushed the file system of {}", p.display());
+    }
+    Ok(())
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     understudy_common::cli::run_main(
@@ -177,6 +196,7 @@ pub fn main() -> ExitCode {
                 Command::Mover(a) => mover(a)?,
                 Command::Controller(a) => controller(a)?,
                 Command::Crds => print!("{}", understudy_kube::crd::yaml()?),
+                Command::Flush { paths } => flush(&paths)?,
             }
             Ok(ExitCode::SUCCESS)
         },

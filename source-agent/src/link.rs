@@ -39,7 +39,7 @@ pub enum Outcome {
 }
 
 /// What a session sent and learnt.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Sent {
     /// Chunks sent (pushed and asked for).
     pub chunks: u64,
@@ -53,6 +53,8 @@ pub struct Sent {
     pub blocks_changed: u64,
     /// True when the target had already committed the cut.
     pub already_committed: bool,
+    /// The group's planned migration as the target told it (protocol 6).
+    pub migration: Option<understudy_common::protocol::MigrationState>,
 }
 
 /// The task pushing a cut's frames while it is made.
@@ -180,6 +182,7 @@ impl Link {
                 }
                 SourceStep::AlreadyCommitted { seq } => {
                     sent.already_committed = true;
+                    sent.migration = session.migration().cloned();
                     self.conn.close(0u32.into(), b"done");
                     return Ok(Outcome::Committed(seq));
                 }
@@ -192,6 +195,7 @@ impl Link {
                     blocks_changed,
                 } => {
                     sent.blocks_changed = blocks_changed;
+                    sent.migration = session.migration().cloned();
                     let _ = send.finish();
                     self.conn.close(0u32.into(), b"done");
                     return Ok(Outcome::Committed(seq));

@@ -85,7 +85,7 @@ pub async fn authorize(
 }
 
 /// What the commit of a staged cut did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct StagedCommit {
     /// The point's sequence number.
     pub seq: u64,
@@ -109,6 +109,8 @@ pub struct StagedCut<'a> {
     pub volumes: Vec<VolumeMeta>,
     /// The application's manifests at the instant.
     pub manifests: &'a CapturedManifests,
+    /// The pending migration whose final state this cut is.
+    pub final_for: Option<&'a str>,
 }
 
 /// Commits a staged cut as one point: the offer declares every volume (its mover's size and
@@ -135,6 +137,9 @@ pub async fn commit(
         // Welcomed first: the offer's kind follows the target's latest point, against which
         // the movers staged their deltas.
         let (mut session, hello) = SourceSession::pushing(cut.group);
+        if let Some(id) = cut.final_for {
+            session.end_migration(id);
+        }
         stream::send(&mut control.0, &hello).await?;
         let welcome = stream::recv(&mut control.1)
             .await

@@ -38,6 +38,12 @@ pub enum Command {
     /// Rebuild one volume of a point from a running target agent into a device or an image,
     /// verifying every chunk and the digest of what was written.
     Write(crate::writer::WriteArgs),
+    /// After a failover, bring the old primary's PVCs to a point of the standby, fetching only
+    /// the blocks that differ (basis writer pods on its cluster).
+    Failback(crate::failback::FailbackArgs),
+    /// The archive tier in an S3 bucket: its snapshots, and a store rebuilt from it.
+    #[command(subcommand)]
+    Archive(crate::archive::ArchiveCommand),
     #[command(flatten)]
     Store(StoreCommand),
 }
@@ -48,6 +54,10 @@ pub struct ServeArgs {
     /// Agent state directory.
     #[arg(long, env = "UNDERSTUDY_DIR")]
     pub dir: PathBuf,
+    /// Directory holding this agent's identity as `cert.pem`, `key.pem` and `peers.json` (in a
+    /// cluster, the mounted identity Secret); default: `identity/` and `peers.json` of --dir.
+    #[arg(long, env = "UNDERSTUDY_IDENTITY")]
+    pub identity: Option<PathBuf>,
     /// UDP address for QUIC.
     #[arg(long, default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
@@ -64,6 +74,8 @@ pub struct ServeArgs {
     pub flush_every_mib: u64,
     #[command(flatten)]
     pub retention: RetentionRules,
+    #[command(flatten)]
+    pub archive: crate::archive::ArchiveArgs,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -121,6 +133,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(a) => return crate::apply::run(a),
         Command::Ticket(a) => ticket(a)?,
         Command::Write(a) => return crate::writer::run(a),
+        Command::Failback(a) => return crate::failback::run(a),
+        Command::Archive(c) => return c.run(),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -172,6 +186,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         let metrics = Arc::new(Metrics::new());
         let cfg = ServerConfig {
             dir: a.dir.clone(),
+            identity: a.identity.clone(),
             listen: a.listen,
             retention: a.retention.policy(),
             flush_bytes: a.flush_every_mib << 20,
@@ -179,16 +194,17 @@ fn serve(a: ServeArgs) -> Result<()> {
         let server = Server::bind(&cfg, metrics.clone())?;
         let addr = server.local_addr()?;
         if let Some(m) = a.metrics_addr {
-            let bound = metrics.serve(m).await?;
+            let bound = metrics.clone().serve(m).await?;
             tracing::info!(%bound, "serving metrics");
         }
         if let Some(f) = &a.ready_file {
             understudy_common::files::write_atomic(f, addr.to_string().as_bytes())?;
         }
         tracing::info!(%addr, "target agent listening");
+        crate::archive::start(&a.archive, a.dir.clone(), server.context(), metrics.clone())?;
         if let Some(cfg) = a.kube.config(addr)? {
             let client = understudy_kube::connect(a.kube.kubeconfig.as_deref()).await?;
-            start_controllers(client, server.context(), cfg);
+            start_controllers(client, server.context(), cfg, metrics.clone());
         }
         server.run(stop_signal()).await?;
         eprintln!("target-agent stopped by a signal; every committed point is kept");
@@ -196,12 +212,13 @@ fn serve(a: ServeArgs) -> Result<()> {
     })
 }
 
-/// Starts the populator and the Failover controller beside the server; a controller that stops
+/// Starts the populator, the Failover and the DrillSchedule controllers beside the server; a controller that stops
 /// is logged (the server goes on: replication does not depend on them).
 fn start_controllers(
     client: kube::Client,
     sessions: Arc<crate::session::SessionContext>,
     cfg: crate::populator::PopulatorConfig,
+    metrics: Arc<Metrics>,
 ) {
     let (c, s) = (client.clone(), sessions.clone());
     tokio::spawn(async move {
@@ -209,12 +226,19 @@ fn start_controllers(
             tracing::error!(error = %format!("{e:#}"), "the volume populator stopped; PVCs from PointVolumes wait until the agent restarts");
         }
     });
+    let c = client.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::standby::run(client, sessions, std::future::pending()).await {
+        if let Err(e) = crate::standby::run(c, sessions, std::future::pending()).await {
             tracing::error!(error = %format!("{e:#}"), "the Failover controller stopped; Failovers wait until the agent restarts");
         }
     });
-    tracing::info!("running the volume populator and the Failover controller");
+    tokio::spawn(async move {
+        if let Err(e) = crate::standby::schedule::run(client, metrics, std::future::pending()).await
+        {
+            tracing::error!(error = %format!("{e:#}"), "the DrillSchedule controller stopped; scheduled drills wait until the agent restarts");
+        }
+    });
+    tracing::info!("running the volume populator, the Failover and the DrillSchedule controllers");
 }
 
 /// Completes at the first SIGTERM or SIGINT; a second one exits the process at once (the store

@@ -1,7 +1,8 @@
 //! Serves a writer's fetch session (protocol 5, [`understudy_common::protocol::fetch`]): one
 //! volume of one committed point, its data blocks in block order on the control stream and their
 //! chunk frames, as stored, on one data stream. Holes are never sent. The writer checks every
-//! chunk; the target only reads.
+//! chunk; the target only reads. In a basis fetch (protocol 7, failback) the target sends a
+//! batch's frames only after the writer's `Want`, and only the ones it picks.
 
 use crate::session::SessionContext;
 use anyhow::{Context, Result};
@@ -18,6 +19,10 @@ use understudy_common::transport::stream::{self, StreamKind};
 /// How long a writer that read everything may take to close the connection.
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a basis writer may take to compare one batch of entries with its copy (a batch is
+/// up to 16384 blocks, 1 GiB at the default block size, read from its device).
+const WANT_WAIT: Duration = Duration::from_secs(600);
+
 /// Runs a writer's session to its end.
 pub async fn serve(
     ctx: &SessionContext,
@@ -31,9 +36,9 @@ pub async fn serve(
     let first = tokio::time::timeout(Duration::from_secs(30), stream::recv(recv))
         .await
         .context("the writer sent no Fetch within 30 s")??;
-    match send_volume(ctx, conn, send, &grant, first).await {
+    match send_volume(ctx, conn, (send, recv), &grant, first).await {
         Ok(Ok(blocks)) => {
-            tracing::info!(group = %grant.group, seq = grant.seq, volume = %grant.volume, blocks, "a writer fetched a volume");
+            tracing::info!(group = %grant.group, seq = grant.seq, volume = %grant.volume, blocks_sent = blocks, "a writer fetched a volume");
             let _ = tokio::time::timeout(DRAIN_WAIT, conn.closed()).await;
             Ok(())
         }
@@ -49,15 +54,20 @@ pub async fn serve(
 }
 
 /// Sends the volume; the inner error is a refusal the writer should hear, the outer one a broken
-/// connection. Returns the data blocks sent.
+/// connection. Returns the chunk frames sent.
 async fn send_volume(
     ctx: &SessionContext,
     conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
+    (send, recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
     grant: &FetchGrant,
     first: Control,
 ) -> Result<Result<u64, SessionError>> {
-    let (group, seq, volume) = match fetch::admit(grant, first) {
+    let fetch::FetchRequest {
+        group,
+        seq,
+        volume,
+        basis,
+    } = match fetch::admit(grant, first) {
         Ok(v) => v,
         Err(e) => return Ok(Err(e)),
     };
@@ -70,6 +80,7 @@ async fn send_volume(
     stream::send(send, &header).await?;
     let mut data = stream::open_data(conn, StreamKind::Data).await?;
     let mut frame = Vec::new();
+    let mut sent = 0u64;
     for (entries, locs) in map
         .data()
         .chunks(ENTRIES_PER_MESSAGE)
@@ -82,7 +93,21 @@ async fn send_volume(
             },
         )
         .await?;
-        for loc in locs {
+        let picks = if basis {
+            let want = tokio::time::timeout(WANT_WAIT, stream::recv(recv))
+                .await
+                .with_context(|| {
+                    format!("the writer chose nothing within {} s", WANT_WAIT.as_secs())
+                })??;
+            match fetch::picked(locs.len(), want) {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            }
+        } else {
+            (0..locs.len()).collect()
+        };
+        for loc in picks.into_iter().map(|k| &locs[k]) {
+            sent += 1;
             if let Err(e) = tokio::task::block_in_place(|| store.read_frame_into(*loc, &mut frame))
             {
                 let _ = data.reset(0u32.into());
@@ -100,7 +125,7 @@ async fn send_volume(
     stream::send(send, &Control::BaseEnd { entries: blocks }).await?;
     data.finish().context("cannot end the data stream")?;
     send.finish().context("cannot end the control stream")?;
-    Ok(Ok(blocks))
+    Ok(Ok(sent))
 }
 
 /// The volume's header, map and chunk locations; a refusal naming what is missing.

@@ -5,8 +5,10 @@
 
 pub mod admin;
 pub mod apply;
+pub mod archive;
 pub mod cli;
 pub mod commands;
+pub mod failback;
 pub mod failover;
 pub mod fetch;
 pub mod populator;

@@ -12,13 +12,15 @@ use understudy_common::protocol::target_session::FlushPolicy;
 use understudy_common::store::Store;
 use understudy_common::store::retention::RetentionPolicy;
 use understudy_common::transport::grants::Grants;
-use understudy_common::transport::{Identity, quic};
+use understudy_common::transport::quic;
 
 /// How the server runs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Agent directory (identity, peers, store/).
     pub dir: PathBuf,
+    /// Where the identity and peers are kept instead of `dir` (a mounted Secret).
+    pub identity: Option<PathBuf>,
     /// UDP address to listen on.
     pub listen: SocketAddr,
     /// Retention applied after every commit.
@@ -37,8 +39,8 @@ pub struct Server {
 impl Server {
     /// Opens the store and binds the endpoint.
     pub fn bind(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Result<Self> {
-        let identity = Identity::load(&cfg.dir)?;
-        let peers = understudy_common::cli::require_peers(&cfg.dir)?;
+        let (identity, peers) =
+            understudy_common::cli::credentials(&cfg.dir, cfg.identity.as_deref())?;
         let store = Arc::new(Store::open(&cfg.dir.join("store"))?);
         let grants = Arc::new(Grants::new());
         let endpoint = quic::server_endpoint(&identity, peers.clone(), grants.clone(), cfg.listen)?;

@@ -241,6 +241,7 @@ fn log_commit(session: &TargetSession, reply: &Control) {
     if let Control::Committed {
         seq,
         blocks_changed,
+        ..
     } = reply
     {
         let (chunks, bytes) = session.received();

@@ -8,7 +8,9 @@ pub mod node;
 pub mod oci;
 pub mod relay;
 pub mod replication;
+pub mod s3;
 pub mod standby;
+pub mod target_pod;
 pub mod testbed;
 
 use anyhow::{Context, Result, bail};
@@ -100,6 +102,34 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// What a build script of the test bed (`tests/<script> <args>`) prints: the path of what it
+/// built, or found built. `None` where it cannot build here (a missing Go toolchain, say), which
+/// fails the test in CI.
+pub(crate) fn built_by(script: &str, args: &[&str], what: &str) -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        }
+        other => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "{what} is required in CI: {other:?}"
+            );
+            eprintln!(
+                "SKIP: {what} could not be built ({} failed)",
+                script.display()
+            );
+            None
+        }
     }
 }
 
@@ -274,6 +304,46 @@ impl Pair {
         a
     }
 
+    /// `target-agent ticket` for `volume` of `point` of `group`, through the running target; the
+    /// ticket's path and the command's output.
+    pub fn ticket(
+        &self,
+        group: &str,
+        volume: &str,
+        point: &str,
+        extra: &[&str],
+    ) -> (PathBuf, Output) {
+        let out = self.path(&format!("ticket.{group}.{volume}.{point}.json"));
+        let mut a = vec![
+            "ticket",
+            "--dir",
+            s(&self.target_dir),
+            "--group",
+            group,
+            "--point",
+            point,
+            "--volume",
+            volume,
+            "--target",
+            &self.addr,
+            "--out",
+            s(&out),
+        ];
+        a.extend_from_slice(extra);
+        (out.clone(), run("target-agent", &a))
+    }
+
+    /// A ticket that must be made.
+    pub fn ticket_ok(&self, group: &str, volume: &str, point: &str) -> PathBuf {
+        let (t, o) = self.ticket(group, volume, point, &[]);
+        assert!(
+            o.status.success(),
+            "ticket: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        t
+    }
+
     /// Runs one source cycle that must succeed; returns its report.
     pub fn cycle(&self, group: &str, volumes: &[(&str, &Path)], extra: &[&str]) -> Value {
         let args = self.source_args(group, volumes, extra);
@@ -362,6 +432,37 @@ pub fn damage_chunk(p: &Pair, hash: &[u8; 32]) {
         }
     }
     panic!("chunk not found in the packs");
+}
+
+/// Runs `target-agent write --ticket T <to...>`; its exit code and report.
+pub fn write_volume(ticket: &Path, to: &[&str]) -> (i32, Value) {
+    let mut a = vec!["write", "--ticket", s(ticket)];
+    a.extend_from_slice(to);
+    let o = run("target-agent", &a);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains('{'),
+        "write printed no report: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), json(&stdout))
+}
+
+/// What a basis writer (`write --basis`) must do to turn image `old` into `new`, in blocks of
+/// `block` bytes: (data blocks of `new` that `old` does not hold, bytes of `old` to zero where
+/// `new` is a hole, data blocks of `new`). Counted here from the bytes, to check its report.
+pub fn basis_difference(old: &Path, new: &Path, block: usize) -> (u64, u64, u64) {
+    let (old, new) = (std::fs::read(old).unwrap(), std::fs::read(new).unwrap());
+    let (mut fetch, mut zero, mut data) = (0, 0, 0);
+    for (o, n) in old.chunks(block).zip(new.chunks(block)) {
+        if n.iter().any(|b| *b != 0) {
+            data += 1;
+            fetch += u64::from(o != n);
+        } else if o.iter().any(|b| *b != 0) {
+            zero += o.len() as u64;
+        }
+    }
+    (fetch, zero, data)
 }
 
 /// Path as &str (test paths are UTF-8).

@@ -107,6 +107,13 @@ impl Drop for NodeCluster {
 }
 
 impl NodeCluster {
+    /// Stops the API server (and the controller manager, which needs it): from then on the
+    /// cluster is unreachable, as a primary site that went down. Its node's pods keep running.
+    pub fn stop_api_server(&mut self) {
+        self.api.stop("kube-controller-manager");
+        self.api.stop("kube-apiserver");
+    }
+
     /// Starts a cluster with one node and storage; `None` when the test bed cannot be built
     /// here (no Go, or not root) and this is not CI: the caller returns early.
     pub async fn start() -> Result<Option<Self>> {
@@ -502,6 +509,20 @@ state = "{d}/state"
             .join(format!("{handle}.img"))
     }
 
+    /// The backing file of claim `namespace/name` (its PV's CSI volume, the test driver's file).
+    pub async fn claim_image(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let claim = self
+            .get("v1", "PersistentVolumeClaim", namespace, name)
+            .await?
+            .with_context(|| format!("no PVC {namespace}/{name}"))?;
+        let volume = claim["spec"]["volumeName"].as_str().unwrap_or("");
+        let pv = self
+            .get("v1", "PersistentVolume", "", volume)
+            .await?
+            .with_context(|| format!("PVC {namespace}/{name} has no PV"))?;
+        Ok(self.volume_image(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap_or("")))
+    }
+
     /// The last lines of a node daemon's or a control-plane component's log.
     pub fn log(&self, name: &str) -> String {
         self.api.log_tail(name)
@@ -890,28 +911,7 @@ pub fn node_testbed_dir() -> Option<PathBuf> {
     static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         testbed_dir()?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube-testbed/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("--node")
-            .stderr(Stdio::inherit())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-            }
-            other => {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "the node test bed is required in CI: {other:?}"
-                );
-                eprintln!(
-                    "SKIP: the node test bed could not be built ({} --node failed)",
-                    script.display()
-                );
-                None
-            }
-        }
+        crate::built_by("kube-testbed/build.sh", &["--node"], "the node test bed")
     })
     .clone()
 }

@@ -8,33 +8,63 @@ use crate::{Pair, s};
 /// The cluster (CRDs installed, agents imported) and the pair, its target agent on the bridge
 /// with `--kube`; `None` when the node test bed cannot run here (not CI).
 pub async fn start() -> Option<(NodeCluster, Pair)> {
+    start_with(&[]).await
+}
+
+/// [`start`], with more arguments for the target agent's `serve`.
+pub async fn start_with(extra: &[&str]) -> Option<(NodeCluster, Pair)> {
+    let c = cluster().await?;
+    let mut p = Pair::new();
+    p.addr = format!("{}:0", c.bridge_ip);
+    start_target(&mut p, &c, extra);
+    Some((c, p))
+}
+
+/// The cluster with the project's CRDs and the agents image; `None` when the node test bed
+/// cannot run here (not CI).
+pub async fn cluster() -> Option<NodeCluster> {
     let c = NodeCluster::start()
         .await
         .expect("start the node test bed")?;
     c.import_agents().expect("import the agents image");
-    let crds: kube::Api<
-        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    > = kube::Api::all(c.client().await.expect("client"));
-    for crd in understudy_kube::crd::all() {
-        crds.create(&Default::default(), &crd)
-            .await
-            .expect("install a CRD");
-    }
-    let mut p = Pair::new();
-    p.addr = format!("{}:0", c.bridge_ip);
-    start_target(&mut p, &c);
-    Some((c, p))
+    crate::replication::install_crds(&c).await;
+    Some(c)
 }
 
-/// Starts (or restarts, on the same address) the target agent with the standby's controllers.
-pub fn start_target(p: &mut Pair, c: &NodeCluster) {
-    p.start_target(&[
+/// Starts (or restarts, on the same address) the target agent with the standby's controllers;
+/// `extra` are more arguments for `serve`.
+pub fn start_target(p: &mut Pair, c: &NodeCluster, extra: &[&str]) {
+    let mut args = vec![
         "--kube",
         "--kubeconfig",
         s(&c.kubeconfig),
         "--writer-image",
         AGENTS_IMAGE,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    p.start_target(&args);
+}
+
+/// The Failover `default/name` once it has finished (Succeeded or Failed), within `timeout`.
+pub async fn finished(
+    c: &NodeCluster,
+    name: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<serde_json::Value> {
+    c.wait_for(
+        ("understudy.io/v1alpha1", "Failover"),
+        "default",
+        name,
+        timeout,
+        |o| {
+            matches!(
+                o.pointer("/status/phase")
+                    .and_then(serde_json::Value::as_str),
+                Some("Succeeded" | "Failed")
+            )
+        },
+    )
+    .await
 }
 
 /// How a reading pod gets its claim.

@@ -372,7 +372,7 @@ fn kubeconfig_yaml(url: &str, ca: &Path, token: &str) -> String {
     )
 }
 
-fn rand_u128() -> u128 {
+pub(crate) fn rand_u128() -> u128 {
     let mut b = [0u8; 16];
     rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).expect("getrandom");
     u128::from_le_bytes(b)

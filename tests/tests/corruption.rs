@@ -192,7 +192,12 @@ fn a_damaged_or_truncated_catalog_is_reported_never_trusted() {
             fo.status.success() && json(&String::from_utf8_lossy(&fo.stdout))["ok"] == true;
         if verify.status.success() {
             assert!(!must_detect, "{name}: verify passed a damaged catalog");
-            assert!(failover_ok, "{name}: verify passed but failover failed");
+            assert!(
+                failover_ok,
+                "{name}: verify passed but failover failed: {}{}",
+                String::from_utf8_lossy(&fo.stdout),
+                String::from_utf8_lossy(&fo.stderr)
+            );
             assert_eq!(digest(&out.join("volumes/a.img")), digest(&a), "{name}");
             assert_eq!(digest(&out.join("volumes/b.img")), digest(&b), "{name}");
         } else {

@@ -73,14 +73,9 @@ fn failover_yaml(name: &str, mode: &str, to: &str, point: &str) -> String {
 }
 
 async fn finished(c: &NodeCluster, p: &Pair, name: &str) -> Value {
-    c.wait_for(FAILOVER, "default", name, Duration::from_secs(300), |o| {
-        matches!(
-            o.pointer("/status/phase").and_then(Value::as_str),
-            Some("Succeeded" | "Failed")
-        )
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", tail(&p.target_log())))
+    standby::finished(c, name, Duration::from_secs(300))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", tail(&p.target_log())))
 }
 
 fn tail(s: &str) -> String {
@@ -236,4 +231,210 @@ async fn a_failover_runs_the_application_from_its_point_and_a_drill_beside_it_is
             .is_none(),
         "nothing made"
     );
+}
+
+const SCHEDULE: (&str, &str) = ("understudy.io/v1alpha1", "DrillSchedule");
+
+/// The value of metric `name` with `labels` (as the exposition prints them), if exported.
+fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The schedule, once `check` holds for it.
+async fn schedule_when(
+    c: &NodeCluster,
+    p: &Pair,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    c.wait_for(
+        SCHEDULE,
+        "default",
+        "nightly",
+        Duration::from_secs(240),
+        check,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e:#}\ntarget log:\n{}", tail(&p.target_log())))
+}
+
+/// A DrillSchedule (every 20 s here) runs drills that tear themselves down after their ttl and
+/// keep their reports; the schedule records the outcome, the metrics say when a drill last
+/// succeeded; a drill that fails turns the condition False with a Warning event and the
+/// failing gauge to 1; old runs go by the history limits, and deleting the schedule removes its
+/// runs and whatever they made. A ttl on a failover (not a drill) is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_drills_tear_down_keep_their_reports_and_a_failed_one_raises_the_alarm() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let Some((c, p)) = standby::start_with(&["--metrics-addr", &metrics]).await else {
+        return;
+    };
+    let (dir, img) = (p.path("manifests"), p.path("data.img"));
+    manifests(&dir);
+    sparse_image(&img, SIZE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[7u8; 100_000], MIB)
+        .unwrap();
+    p.cycle("shop", &[("shop.data", &img)], &["--manifests", s(&dir)]);
+
+    c.create_yaml("apiVersion: understudy.io/v1alpha1\nkind: Failover\nmetadata: {name: kept, namespace: default}\nspec: {group: shop, ttl: 1m, namespaceMap: {shop: shop-kept}}\n")
+        .await
+        .unwrap();
+    let kept = finished(&c, &p, "kept").await;
+    let e = kept["status"]["report"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(e.contains("ttl is for drills"), "{kept}");
+
+    c.create_yaml("apiVersion: understudy.io/v1alpha1\nkind: DrillSchedule\nmetadata: {name: nightly, namespace: default}\nspec:\n  schedule: '*/20 * * * * *'\n  successfulRunsHistoryLimit: 1\n  failedRunsHistoryLimit: 1\n  template: {group: shop, namespaceMap: {shop: shop-drill}, ttl: 2s, timeout: 3m}\n")
+        .await
+        .unwrap();
+    let ok = schedule_when(&c, &p, "a drill that succeeded and was torn down", |d| {
+        d.pointer("/status/lastRun/phase") == Some(&"TornDown".into())
+            && d.pointer("/status/lastRun/succeeded") == Some(&Value::Bool(true))
+    })
+    .await;
+    let run = &ok["status"]["lastRun"];
+    assert_eq!(
+        (&run["point"], &run["volumesVerified"]),
+        (&Value::from(1), &Value::from(1)),
+        "{ok}"
+    );
+    let cond = |d: &Value| {
+        d["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "LastDrillSucceeded")
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(cond(&ok)["status"], "True", "{ok}");
+    assert!(ok["status"]["lastSuccessTime"].is_string(), "{ok}");
+    let name = run["name"].as_str().unwrap();
+    let fo = c
+        .get(FAILOVER.0, FAILOVER.1, "default", name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fo["spec"]["mode"], "drill");
+    assert_eq!(
+        fo["status"]["report"]["volumes"][0]["verified"], true,
+        "the report stays: {fo}"
+    );
+    assert!(
+        c.get("v1", "Namespace", "", "shop-drill")
+            .await
+            .unwrap()
+            .is_none(),
+        "a torn-down drill leaves no namespace"
+    );
+    let label = "schedule=\"default/nightly\"";
+    let text = scrape(&metrics);
+    assert!(
+        metric(
+            &text,
+            "understudy_drill_last_success_timestamp_seconds",
+            label
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "understudy_drill_failing", label),
+        Some(0.0),
+        "{text}"
+    );
+
+    // The template now names a point that does not exist: the next drill fails, and says so.
+    let schedules: kube::Api<understudy_kube::crd::DrillSchedule> =
+        kube::Api::namespaced(c.client().await.unwrap(), "default");
+    schedules
+        .patch(
+            "nightly",
+            &Default::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"template": {"point": "9"}}})),
+        )
+        .await
+        .unwrap();
+    let bad = schedule_when(&c, &p, "a failed drill", |d| cond(d)["status"] == "False").await;
+    let c2 = cond(&bad);
+    assert_eq!(c2["reason"], "DrillFailed");
+    assert!(
+        c2["message"].as_str().unwrap().contains("no point 9"),
+        "{bad}"
+    );
+    assert!(bad["status"]["consecutiveFailures"].as_u64() >= Some(1));
+    let text = scrape(&metrics);
+    assert_eq!(
+        metric(&text, "understudy_drill_failing", label),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "understudy_drill_runs_total",
+            &format!("{label},result=\"failed\"")
+        ) >= Some(1.0),
+        "{text}"
+    );
+    let warned = c
+        .client()
+        .await
+        .map(|cl| kube::Api::<k8s_openapi::api::events::v1::Event>::namespaced(cl, "default"))
+        .unwrap()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("DrillFailed") && e.type_.as_deref() == Some("Warning")
+        });
+    assert!(warned, "a Warning event DrillFailed");
+
+    // History: one torn-down run of each outcome at most, once the failed one is torn down.
+    let runs_of = || async {
+        let api: kube::Api<understudy_kube::crd::Failover> =
+            kube::Api::namespaced(c.client().await.unwrap(), "default");
+        api.list(&kube::api::ListParams::default().labels("understudy.io/drill-schedule=nightly"))
+            .await
+            .unwrap()
+            .items
+    };
+    manifests::eventually("the history limits to hold", || async {
+        let runs = runs_of().await;
+        let torn = |ok: bool| {
+            runs.iter()
+                .filter(|r| {
+                    let s = r.status.clone().unwrap_or_default();
+                    s.phase == understudy_kube::crd::failover::FailoverPhase::TornDown
+                        && s.succeeded() == Some(ok)
+                })
+                .count()
+        };
+        Ok(torn(true) <= 1 && torn(false) == 1)
+    })
+    .await
+    .unwrap();
+
+    // Deleting the schedule deletes its runs (garbage collection), and they their copies.
+    schedules
+        .delete("nightly", &Default::default())
+        .await
+        .unwrap();
+    manifests::eventually("the schedule's runs and copies to go", || async {
+        Ok(runs_of().await.is_empty()
+            && c.get("v1", "Namespace", "", "shop-drill").await?.is_none())
+    })
+    .await
+    .unwrap();
 }

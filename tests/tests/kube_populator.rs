@@ -3,14 +3,17 @@
 //! Block PVC whose dataSourceRef names a PointVolume is bound only to a volume a writer pod
 //! rebuilt from the point and verified; a verifier pod reads it back byte for byte; a
 //! Filesystem PVC mounts the source's file system. A damaged
-//! chunk leaves the claim unbound with the point, volume and offset named; the target agent
-//! SIGKILLed mid-populate leaves it unbound, and its restart completes it.
+//! chunk leaves the claim unbound with the point, volume and offset named. The agent as users
+//! deploy it, a pod with its store on a claim (understudy_e2e::target_pod): store commands
+//! reach the store through it, and its process SIGKILLed mid-populate leaves the claim unbound
+//! until the restarted container completes it.
 
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 use understudy_e2e::node::{NodeCluster, STORAGE_CLASS};
 use understudy_e2e::standby::{self, Mount, read_in_pod, sha256_of};
+use understudy_e2e::target_pod;
 use understudy_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -21,6 +24,13 @@ const SIZE: u64 = 24 * MIB;
 /// The standby bed ([`standby::start`]) holding point 1 of group `app` (volume `db`).
 async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
     let (c, p) = standby::start().await?;
+    let db = first_point(&c, &p).await;
+    Some((c, p, db))
+}
+
+/// Namespace `dr`, and point 1 of group `app` from a new volume `db` (copied to `db.1.img`);
+/// returns the volume's path.
+async fn first_point(c: &NodeCluster, p: &Pair) -> std::path::PathBuf {
     c.create_yaml(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"
     ))
@@ -34,7 +44,7 @@ async fn standby() -> Option<(NodeCluster, Pair, std::path::PathBuf)> {
     f.write_all_at(&pattern(4096, 3), SIZE - 4096).unwrap();
     p.cycle("app", &[("db", &db)], &[]);
     snapshot_copy(&db, &p.path("db.1.img"));
-    Some((c, p, db))
+    db
 }
 
 /// Bytes that differ block to block (no two blocks the same chunk).
@@ -181,7 +191,7 @@ async fn leftovers(c: &NodeCluster) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn claims_from_points_are_bound_to_verified_volumes_and_a_damaged_chunk_to_none() {
-    let Some((c, mut p, db)) = standby().await else {
+    let Some((c, p, db)) = standby().await else {
         return;
     };
     let t0 = Instant::now();
@@ -233,30 +243,62 @@ async fn claims_from_points_are_bound_to_verified_volumes_and_a_damaged_chunk_to
     );
     assert_eq!(failed["status"]["attempts"], 3);
     assert_ne!(phase_of(&c, PVC, "bad").await, "Bound");
+}
+
+/// Sequence numbers of the points `target-agent points` lists, run in the agent's pod.
+async fn points_in_pod(c: &NodeCluster) -> Vec<u64> {
+    let out = target_pod::exec(c, &["/bin/target-agent", "points", "--json"])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    json(&out)
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["seq"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_pod_keeps_its_store_on_a_claim_and_a_kill_mid_populate_leaves_the_claim_unbound()
+{
+    let Some(c) = standby::cluster().await else {
+        return;
+    };
+    let mut p = Pair::new();
+    p.addr = target_pod::deploy(&c, &p)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let db = first_point(&c, &p).await;
+    // Store commands in the pod reach the store through the running server.
+    assert_eq!(points_in_pod(&c).await, [1]);
 
     // SIGKILL the agent (and its populator) as a writer starts: the claim stays unbound; the
-    // restarted agent makes a new ticket and completes it.
+    // kubelet restarts the container, whose populator makes a new ticket and completes it.
     claim_from(&c, "again", "1").await;
     c.wait_for(SOURCE, NS, "again", Duration::from_secs(120), |o| {
         o.pointer("/status/phase") == Some(&"Writing".into())
     })
     .await
     .unwrap();
-    p.kill_target();
+    target_pod::kill(&c).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_ne!(
         phase_of(&c, PVC, "again").await,
         "Bound",
         "bound without the populator"
     );
-    standby::start_target(&mut p, &c);
-    c.wait_for(PVC, NS, "again", Duration::from_secs(180), |o| {
+    let agent_log = || async { target_pod::logs(&c).await.unwrap_or_default() };
+    c.wait_for(PVC, NS, "again", Duration::from_secs(240), |o| {
         o.pointer("/status/phase") == Some(&"Bound".into())
     })
     .await
-    .unwrap_or_else(|e| panic!("{e:#}\ntarget log:\n{}", p.target_log()));
-    assert_eq!(
-        digest_in_pod(&c, "again").await,
-        sha256_of(&p.path("db.1.img"))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        target_pod::restarts(&c).await.unwrap() >= 1,
+        "{}",
+        agent_log().await
     );
+    assert_eq!(digest_in_pod(&c, "again").await, sha256_of(&db));
+    // The store outlived its process: it is on the claim.
+    assert_eq!(points_in_pod(&c).await, [1]);
 }

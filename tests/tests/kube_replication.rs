@@ -6,100 +6,21 @@
 //! (standalone) to volumes holding exactly a prefix of the sequence. The CSI driver is the
 //! project's test driver (no reference driver is served here); everything else is real.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use understudy_e2e::crash::{CONTROLLER_POINTS, crash_at};
-use understudy_e2e::node::{NodeCluster, PROGRAMS_IMAGE, TOOLS_IMAGE};
-use understudy_e2e::replication::{Bed, MIN, NS, group_yaml, tail};
-use understudy_e2e::{bin, s, scrape};
-
-/// The writer application: its PVCs and a Deployment writing records round-robin to the two
-/// Block PVCs and a file on the Filesystem PVC.
-fn writer_app() -> String {
-    let pvc = |name: &str, mode: &str| {
-        format!(
-            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: {NS}, labels: {{app: writer}}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: {mode}\n  resources: {{requests: {{storage: 32Mi}}}}\n---\n"
-        )
-    };
-    pvc("data-a", "Block")
-        + &pvc("data-b", "Block")
-        + &pvc("logs", "Filesystem")
-        + &format!(
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: writer, namespace: {NS}, labels: {{app: writer}}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: writer}}}}\n  template:\n    metadata: {{labels: {{app: writer}}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n      - name: main\n        image: {PROGRAMS_IMAGE}\n        imagePullPolicy: Never\n        args: [write-records, /dev/v0, /dev/v1, /data/records, --pause-ms, '3', --quiesce-dir, /tmp/quiesce]\n        volumeDevices: [{{name: a, devicePath: /dev/v0}}, {{name: b, devicePath: /dev/v1}}]\n        volumeMounts: [{{name: logs, mountPath: /data}}]\n      volumes:\n      - {{name: a, persistentVolumeClaim: {{claimName: data-a}}}}\n      - {{name: b, persistentVolumeClaim: {{claimName: data-b}}}}\n      - {{name: logs, persistentVolumeClaim: {{claimName: logs}}}}\n"
-        )
-}
-
-/// Waits until the writer pod runs and has written records.
-async fn start_writer(c: &NodeCluster) {
-    c.create_yaml(&writer_app()).await.unwrap();
-    let deadline = Instant::now() + MIN;
-    loop {
-        let pods = c.names("v1", "Pod", NS).await.unwrap();
-        if let Some(p) = pods.iter().find(|p| p.starts_with("writer-"))
-            && c.wait_pod(NS, p, "Running", MIN).await.is_ok()
-            && c.pod_logs(NS, p)
-                .await
-                .unwrap_or_default()
-                .contains("wrote 301")
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the writer did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use understudy_e2e::node::{NodeCluster, TOOLS_IMAGE};
+use understudy_e2e::replication::{
+    Bed, MIN, NS, assert_prefix, group_yaml, records_of, start_writer, tail,
+};
+use understudy_e2e::{s, scrape};
 
 /// Per volume of a failed-over point, how many records it holds (a, b, logs), read from the
-/// rebuilt images (the Filesystem one through debugfs).
+/// rebuilt images.
 fn records(out: &Path) -> Vec<u64> {
     let vols = out.join("volumes");
-    let logs = out.join("records");
-    let o = Command::new("debugfs")
-        .args([
-            "-R",
-            &format!("dump /records {}", s(&logs)),
-            s(&vols.join(format!("{NS}.logs.img"))),
-        ])
-        .output()
-        .expect("debugfs (e2fsprogs)");
-    assert!(
-        logs.exists(),
-        "no /records in the logs volume: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let args: Vec<PathBuf> = vec![
-        vols.join(format!("{NS}.data-a.img")),
-        vols.join(format!("{NS}.data-b.img")),
-        logs,
-    ];
-    let o = Command::new(bin("understudy-testbed-tool"))
-        .arg("check-records")
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "check-records: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["counts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap())
-        .collect()
-}
-
-/// Records i went to volume i mod 3 only after record i-1 was durable: a cut at one instant
-/// holds records 0..n, so the counts fall by at most one from each volume to the next.
-fn assert_prefix(counts: &[u64], what: &str) {
-    let (a, b, c) = (counts[0], counts[1], counts[2]);
-    assert!(
-        a >= b && b >= c && a <= c + 1 && a + b + c > 0,
-        "{what} is not one instant of the writer: {counts:?}"
-    );
+    let img = |n: &str| vols.join(format!("{NS}.{n}.img"));
+    records_of([&img("data-a"), &img("data-b"), &img("logs")], out)
 }
 
 /// Fails every point of the group over (standalone) and checks each holds a prefix; returns
@@ -454,26 +375,7 @@ async fn last_volume(bed: &Bed, name: &str, seq: u64) -> (u64, serde_json::Value
 /// Fails point `seq` over and checks the volume is bit-exact with the PVC's data now (the
 /// application writes nothing between cycles here).
 async fn assert_exact(bed: &Bed, seq: u64) {
-    let pvc = bed
-        .primary
-        .get("v1", "PersistentVolumeClaim", NS, "disk")
-        .await
-        .unwrap()
-        .unwrap();
-    let pv = bed
-        .primary
-        .get(
-            "v1",
-            "PersistentVolume",
-            "",
-            pvc["spec"]["volumeName"].as_str().unwrap(),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    let live = bed
-        .primary
-        .volume_image(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap());
+    let live = bed.primary.claim_image(NS, "disk").await.unwrap();
     let out = bed.pair.path(&format!("failover-{seq}"));
     bed.pair
         .failover(&format!("{NS}.blocks"), &seq.to_string(), &out, &[]);

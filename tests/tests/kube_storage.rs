@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 use understudy_e2e::node::{CBT_CLIENT_ROLE, DRIVER, NodeCluster, PROGRAMS_IMAGE, TOOLS_IMAGE};
+use understudy_e2e::replication::record_counts;
 use understudy_kube::snapshot_metadata::{Extent, SnapshotMetadata, extents};
 
 macro_rules! cluster {
@@ -73,17 +74,6 @@ async fn wait_written(c: &NodeCluster, pod: &str, at_least: u64) -> u64 {
         "the writer never wrote {at_least} records: {}",
         c.pod_logs("default", pod).await.unwrap_or_default()
     );
-}
-
-fn counts(log: &str) -> Vec<u64> {
-    let v: serde_json::Value =
-        serde_json::from_str(log.trim()).unwrap_or_else(|e| panic!("checker output {log:?}: {e}"));
-    v["counts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,8 +166,8 @@ async fn snapshots_and_group_snapshots_hold_one_instant_while_a_pod_writes() {
             "Never",
         );
     c.create_yaml(&yaml).await.unwrap();
-    let group = counts(&c.wait_and_log("check-group").await);
-    let single = counts(&c.wait_and_log("check-single").await);
+    let group = record_counts(&c.wait_and_log("check-group").await);
+    let single = record_counts(&c.wait_and_log("check-single").await);
     // Record i went to volume i mod 2 only after record i-1 was durable: a cut at one instant
     // holds records 0..n on both volumes, so a's count is b's or one more.
     let (na, nb) = (group[0], group[1]);

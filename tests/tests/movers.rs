@@ -145,6 +145,7 @@ fn commit(p: &Pair, stage: &str, reports: &[MoverReport]) -> u64 {
             })
             .collect(),
         manifests: &manifests,
+        final_for: None,
     };
     let spool = p.path("commit-spool");
     std::fs::create_dir_all(&spool).unwrap();

@@ -286,6 +286,7 @@ fn garbage_after_the_handshake_is_refused_and_writes_nothing() {
             preamble_then(codec::encode(&Control::Commit {
                 data_streams: 1,
                 chunks: 1,
+                final_for: None,
             })),
         ),
     ];

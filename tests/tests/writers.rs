@@ -47,51 +47,14 @@ fn stored() -> Stored {
 }
 
 impl Stored {
-    /// `ticket` for `volume` of `point`; the command's output.
+    /// `ticket` for `volume` of `point` of group `app`; the command's output.
     fn ticket(&self, volume: &str, point: &str, extra: &[&str]) -> (PathBuf, std::process::Output) {
-        let out = self.p.path(&format!("ticket.{volume}.{point}.json"));
-        let mut a = vec![
-            "ticket",
-            "--dir",
-            s(&self.p.target_dir),
-            "--group",
-            "app",
-            "--point",
-            point,
-            "--volume",
-            volume,
-            "--target",
-            &self.p.addr,
-            "--out",
-            s(&out),
-        ];
-        a.extend_from_slice(extra);
-        (out.clone(), run("target-agent", &a))
+        self.p.ticket("app", volume, point, extra)
     }
 
     fn ticket_ok(&self, volume: &str, point: &str) -> PathBuf {
-        let (t, o) = self.ticket(volume, point, &[]);
-        assert!(
-            o.status.success(),
-            "ticket: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        t
+        self.p.ticket_ok("app", volume, point)
     }
-}
-
-/// Runs `write`; (exit code, report).
-fn write(ticket: &Path, to: &[&str]) -> (i32, Value) {
-    let mut a = vec!["write", "--ticket", s(ticket)];
-    a.extend_from_slice(to);
-    let o = run("target-agent", &a);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout.contains('{'),
-        "write printed no report: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code().unwrap_or(-1), json(&stdout))
 }
 
 fn same_bytes(x: &Path, y: &Path) -> bool {
@@ -110,7 +73,7 @@ fn a_writer_rebuilds_a_point_bit_exact_into_an_image_or_over_old_data() {
         "a ticket holds a key"
     );
     let img = st.p.path("rebuilt.img");
-    let (code, r) = write(&t1, &["--image", s(&img)]);
+    let (code, r) = write_volume(&t1, &["--image", s(&img)]);
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["ok"], true);
     assert_eq!(r["expected_digest"], r["actual_digest"]);
@@ -126,7 +89,7 @@ fn a_writer_rebuilds_a_point_bit_exact_into_an_image_or_over_old_data() {
     let dev = lo.as_ref().map_or(backing.clone(), |l| l.path.clone());
     let latest = st.ticket_ok("a", "latest");
     let report = st.p.path("termination-log");
-    let (code, r) = write(&latest, &["--device", s(&dev), "--report", s(&report)]);
+    let (code, r) = write_volume(&latest, &["--device", s(&dev), "--report", s(&report)]);
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["seq"], 2);
     assert!(same_bytes(&dev, &st.a_at[1]), "point 2 of a over old data");
@@ -134,13 +97,13 @@ fn a_writer_rebuilds_a_point_bit_exact_into_an_image_or_over_old_data() {
     assert_eq!(kept["ok"], true);
 
     // Run again (a pod restarted after the write): the same result.
-    let (code, r) = write(&latest, &["--device", s(&dev)]);
+    let (code, r) = write_volume(&latest, &["--device", s(&dev)]);
     assert_eq!((code, &r["ok"]), (0, &Value::Bool(true)), "{r}");
 
     // A device too small is refused before anything is written.
     let small = st.p.path("small.img");
     std::fs::write(&small, vec![0u8; MIB as usize]).unwrap();
-    let (code, r) = write(&latest, &["--device", s(&small)]);
+    let (code, r) = write_volume(&latest, &["--device", s(&small)]);
     assert_eq!(code, 2);
     assert!(
         r["error"]
@@ -160,7 +123,7 @@ fn a_writer_reads_only_its_grant_and_a_damaged_chunk_or_a_lapsed_ticket_is_refus
     edited["volume"] = "a".into();
     let forged = st.p.path("forged.json");
     std::fs::write(&forged, edited.to_string()).unwrap();
-    let (code, r) = write(&forged, &["--image", s(&st.p.path("x.img"))]);
+    let (code, r) = write_volume(&forged, &["--image", s(&st.p.path("x.img"))]);
     assert_eq!(code, 2);
     let e = r["error"].as_str().unwrap();
     assert!(
@@ -179,7 +142,7 @@ fn a_writer_reads_only_its_grant_and_a_damaged_chunk_or_a_lapsed_ticket_is_refus
     let (short, o) = st.ticket("b", "2", &["--ttl", "1s"]);
     assert!(o.status.success());
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let (code, r) = write(&short, &["--image", s(&st.p.path("y.img"))]);
+    let (code, r) = write_volume(&short, &["--image", s(&st.p.path("y.img"))]);
     assert_eq!(code, 2, "{r}");
     assert!(r["error"].as_str().unwrap().contains("certificate"), "{r}");
 
@@ -187,7 +150,7 @@ fn a_writer_reads_only_its_grant_and_a_damaged_chunk_or_a_lapsed_ticket_is_refus
     let block = std::fs::read(&st.a_at[1]).unwrap()[5 * MIB as usize..][..64 << 10].to_vec();
     damage_chunk(&st.p, blake3::hash(&block).as_bytes());
     let ta = st.ticket_ok("a", "2");
-    let (code, r) = write(&ta, &["--image", s(&st.p.path("z.img"))]);
+    let (code, r) = write_volume(&ta, &["--image", s(&st.p.path("z.img"))]);
     assert_eq!(code, 2, "{r}");
     assert_eq!(r["ok"], false);
     let e = r["error"].as_str().unwrap();
@@ -196,7 +159,7 @@ fn a_writer_reads_only_its_grant_and_a_damaged_chunk_or_a_lapsed_ticket_is_refus
         "{e}"
     );
     // The target itself is unharmed: volume b still rebuilds.
-    let (code, r) = write(
+    let (code, r) = write_volume(
         &st.ticket_ok("b", "2"),
         &["--image", s(&st.p.path("b.img.2"))],
     );

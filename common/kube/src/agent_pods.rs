@@ -38,6 +38,18 @@ where
     }
 }
 
+/// Deletes `name` (in the background); one that is not there is fine.
+pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot delete {name}")),
+    }
+}
+
 /// The Secret holding a worker's ticket.
 pub fn ticket_secret<T: Serialize>(
     namespace: &str,

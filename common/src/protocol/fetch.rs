@@ -13,6 +13,13 @@
 //!
 //! The caller then reads back what it wrote and compares that digest too, so a volume is declared
 //! rebuilt only from the bytes on it.
+//!
+//! A **basis fetch** (protocol 7, failback) is for a writer whose device already holds an earlier
+//! copy of the volume (the old primary's): after each batch of entries the target waits for the
+//! writer's `Want`, the positions of the entries whose block the device does not hold
+//! ([`FetchReceiver::offered`], [`FetchReceiver::want`]; the target checks it with [`picked`]),
+//! and sends only those frames. Only the blocks that differ travel; the digest checks are the
+//! same.
 
 use super::messages::{Control, ENTRIES_PER_MESSAGE};
 use super::source_session::SessionError;
@@ -23,9 +30,28 @@ use crate::store::PointRecord;
 use crate::transport::grants::FetchGrant;
 use std::collections::VecDeque;
 
-/// Checks a writer's first message against its grant; returns the (group, seq, volume) it reads.
-pub fn admit(grant: &FetchGrant, first: Control) -> Result<(String, u64, String), SessionError> {
-    let Control::Fetch { group, seq, volume } = first else {
+/// What a writer asked to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// The group.
+    pub group: String,
+    /// The point.
+    pub seq: u64,
+    /// The volume.
+    pub volume: String,
+    /// The writer holds an earlier copy and picks the frames it needs (protocol 7).
+    pub basis: bool,
+}
+
+/// Checks a writer's first message against its grant; returns what it reads.
+pub fn admit(grant: &FetchGrant, first: Control) -> Result<FetchRequest, SessionError> {
+    let Control::Fetch {
+        group,
+        seq,
+        volume,
+        basis,
+    } = first
+    else {
         return Err(SessionError::Unexpected {
             got: first.name(),
             state: "awaiting a writer's Fetch",
@@ -37,7 +63,41 @@ pub fn admit(grant: &FetchGrant, first: Control) -> Result<(String, u64, String)
             grant.volume, grant.seq, grant.group
         )));
     }
-    Ok((group, seq, volume))
+    Ok(FetchRequest {
+        group,
+        seq,
+        volume,
+        basis,
+    })
+}
+
+/// The positions a writer's `Want` picks out of a batch of `batch` entries: increasing, each
+/// inside the batch.
+pub fn picked(batch: usize, want: Control) -> Result<Vec<usize>, SessionError> {
+    let Control::Want { picks } = want else {
+        return Err(SessionError::Unexpected {
+            got: want.name(),
+            state: "awaiting a writer's Want",
+        });
+    };
+    positions(batch, &picks)
+}
+
+/// `picks` as positions in a batch of `batch` entries: increasing, each inside the batch.
+fn positions(batch: usize, picks: &[u32]) -> Result<Vec<usize>, SessionError> {
+    let mut last = None;
+    let mut out = Vec::with_capacity(picks.len());
+    for &p in picks {
+        let p = p as usize;
+        if last.is_some_and(|l| p <= l) || p >= batch {
+            return Err(SessionError::Invalid(format!(
+                "the writer wants entry {p} of a batch of {batch}, out of order or outside it"
+            )));
+        }
+        last = Some(p);
+        out.push(p);
+    }
+    Ok(out)
 }
 
 /// The `Volume` message for `volume` of `point`; an error when the point has no such volume.
@@ -128,6 +188,12 @@ pub struct FetchReceiver {
     header: Option<VolumeHeader>,
     /// Entries received whose frames have not come yet.
     pending: VecDeque<(u64, ChunkHash)>,
+    /// A basis fetch: the writer picks the frames it needs.
+    basis: bool,
+    /// A basis fetch's batch awaiting the writer's [`FetchReceiver::want`].
+    offered: Vec<(u64, ChunkHash)>,
+    /// Blocks the writer's copy held already (a basis fetch).
+    matched: u64,
     /// The last entry's block index.
     last: Option<u64>,
     entries: u64,
@@ -156,18 +222,33 @@ pub struct Fetched {
     pub blocks: u64,
     /// Bytes of data written (holes not counted).
     pub bytes: u64,
+    /// Data blocks the writer's copy held already and were not sent (a basis fetch).
+    pub matched: u64,
 }
 
 impl FetchReceiver {
     /// A receiver for `volume` of point `seq` of `group`, and the message that opens the
     /// session.
     pub fn new(group: &str, seq: u64, volume: &str) -> (Self, Control) {
+        Self::open(group, seq, volume, false)
+    }
+
+    /// A receiver for a writer whose device holds an earlier copy of the volume: it is offered
+    /// each batch of entries and picks the ones it needs (protocol 7).
+    pub fn with_basis(group: &str, seq: u64, volume: &str) -> (Self, Control) {
+        Self::open(group, seq, volume, true)
+    }
+
+    fn open(group: &str, seq: u64, volume: &str, basis: bool) -> (Self, Control) {
         let r = FetchReceiver {
             group: group.into(),
             seq,
             volume: volume.into(),
             header: None,
             pending: VecDeque::new(),
+            basis,
+            offered: Vec::new(),
+            matched: 0,
             last: None,
             entries: 0,
             frames: 0,
@@ -179,6 +260,7 @@ impl FetchReceiver {
             group: group.into(),
             seq,
             volume: volume.into(),
+            basis,
         };
         (r, hello)
     }
@@ -190,12 +272,28 @@ impl FetchReceiver {
 
     /// True when a frame can only be placed after more control messages (entries or the end).
     pub fn wants_entries(&self) -> bool {
-        self.pending.is_empty() && self.end.is_none()
+        self.pending.is_empty() && self.offered.is_empty() && self.end.is_none()
     }
 
     /// True once every entry was announced and every frame placed.
     pub fn complete(&self) -> bool {
-        self.end.is_some() && self.pending.is_empty()
+        self.end.is_some() && self.pending.is_empty() && self.offered.is_empty()
+    }
+
+    /// A basis fetch's batch of entries awaiting the writer's choice (empty otherwise).
+    pub fn offered(&self) -> &[(u64, ChunkHash)] {
+        &self.offered
+    }
+
+    /// The writer's choice for the offered batch: `picks` are the positions (increasing) of the
+    /// entries its copy does not hold, whose frames come next. Returns the `Want` to send.
+    pub fn want(&mut self, picks: Vec<u32>) -> Result<Control, FetchError> {
+        let chosen =
+            positions(self.offered.len(), &picks).map_err(|e| self.protocol(format!("{e}")))?;
+        let offered = std::mem::take(&mut self.offered);
+        self.matched += (offered.len() - chosen.len()) as u64;
+        self.pending.extend(chosen.into_iter().map(|p| offered[p]));
+        Ok(Control::Want { picks })
     }
 
     fn protocol(&self, what: impl Into<String>) -> FetchError {
@@ -233,6 +331,9 @@ impl FetchReceiver {
                 });
                 Ok(())
             }
+            (Control::BaseEntries { .. }, Some(_)) if !self.offered.is_empty() => {
+                Err(self.protocol("a batch of entries before the writer chose from the last one"))
+            }
             (Control::BaseEntries { entries }, Some(h)) if self.end.is_none() => {
                 let blocks = block_count(h.size, h.block_size);
                 for (index, hash) in entries {
@@ -247,7 +348,11 @@ impl FetchReceiver {
                         .as_mut()
                         .expect("set with the header")
                         .push(index, &hash);
-                    self.pending.push_back((index, hash));
+                    if self.basis {
+                        self.offered.push((index, hash));
+                    } else {
+                        self.pending.push_back((index, hash));
+                    }
                 }
                 Ok(())
             }
@@ -336,6 +441,7 @@ impl FetchReceiver {
             header: h,
             blocks: self.frames,
             bytes: self.bytes,
+            matched: self.matched,
         })
     }
 
@@ -440,6 +546,7 @@ mod tests {
             group: "app".into(),
             seq: 2,
             volume: "data".into(),
+            basis: false,
         };
         let e = admit(&grant(), other).unwrap_err();
         assert!(e.to_string().contains("not volume data of point 2"), "{e}");
@@ -536,6 +643,97 @@ mod tests {
         p.cut.volumes[0].digest = "0".repeat(64);
         let e = run(&p, &map, &frames).unwrap_err();
         assert!(matches!(e, FetchError::Digest { .. }), "{e}");
+    }
+
+    /// Runs a basis fetch: the writer's copy holds `have` (block index -> byte); the target
+    /// sends the frames the writer picks. Returns the fetch and the blocks written.
+    fn run_basis(
+        p: &PointRecord,
+        map: &BlockMap,
+        frames: &[Vec<u8>],
+        have: &[(u64, u8)],
+    ) -> Result<(Fetched, Written), FetchError> {
+        let (mut rx, hello) = FetchReceiver::with_basis("app", 3, "data");
+        assert!(admit(&grant(), hello).unwrap().basis);
+        rx.on_message(header(p, "data").unwrap())?;
+        let mut written = Vec::new();
+        let mut buf = Vec::new();
+        let mut sent = 0;
+        for m in entry_messages(map) {
+            rx.on_message(m)?;
+            let batch = rx.offered().to_vec();
+            if batch.is_empty() {
+                continue;
+            }
+            let picks: Vec<u32> = (0..batch.len() as u32)
+                .filter(|&k| {
+                    let (index, hash) = batch[k as usize];
+                    have.iter()
+                        .find(|(i, _)| *i == index)
+                        .is_none_or(|(_, b)| ChunkHash::of(&block(*b)) != hash)
+                })
+                .collect();
+            // The target's side: the frames of the picked entries, in order.
+            let positions = picked(batch.len(), rx.want(picks)?).unwrap();
+            for k in positions {
+                let w = rx.on_frame(&frames[sent + k], &mut buf)?;
+                written.push((w.index, buf.clone()));
+            }
+            sent += batch.len();
+        }
+        Ok((rx.finish()?, written))
+    }
+
+    #[test]
+    fn a_basis_fetch_sends_only_the_blocks_the_writer_lacks() {
+        let (p, map, frames) = point(100, &[(0, 1), (5, 2), (9, 3), (99, 1)]);
+        // The writer's copy: block 0 right, 5 different, 9 right, 99 missing.
+        let (done, written) = run_basis(&p, &map, &frames, &[(0, 1), (5, 7), (9, 3)]).unwrap();
+        assert_eq!((done.blocks, done.matched), (2, 2));
+        let idx: Vec<u64> = written.iter().map(|(i, _)| *i).collect();
+        assert_eq!(idx, vec![5, 99]);
+        assert_eq!(written[0].1, block(2));
+        assert_eq!(done.header.digest, p.cut.volumes[0].digest);
+        // A copy that already holds the point: nothing travels, and the digest still checks.
+        let all = [(0, 1), (5, 2), (9, 3), (99, 1)];
+        let (done, written) = run_basis(&p, &map, &frames, &all).unwrap();
+        assert_eq!((done.blocks, done.matched, written.len()), (0, 4, 0));
+        // A damaged frame of a picked block is refused as in a full fetch.
+        let mut bad = frames.clone();
+        let last = bad[1].len() - 1;
+        bad[1][last] ^= 0xff;
+        let e = run_basis(&p, &map, &bad, &[]).unwrap_err();
+        assert!(
+            matches!(e, FetchError::BadChunk { offset, .. } if offset == 5 * BS as u64),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_want_out_of_order_or_outside_its_batch_is_refused() {
+        for bad in [vec![1, 1], vec![2, 1], vec![3]] {
+            let e = picked(3, Control::Want { picks: bad }).unwrap_err();
+            assert!(e.to_string().contains("out of order or outside"), "{e}");
+        }
+        assert_eq!(
+            picked(3, Control::Want { picks: vec![0, 2] }).unwrap(),
+            vec![0, 2]
+        );
+        assert!(matches!(
+            picked(3, Control::BaseEnd { entries: 3 }),
+            Err(SessionError::Unexpected { got: "BaseEnd", .. })
+        ));
+        // The writer's side: a second batch before its choice is a protocol violation.
+        let (p, map, _) = point(10, &[(2, 1)]);
+        let (mut rx, _) = FetchReceiver::with_basis("app", 3, "data");
+        rx.on_message(header(&p, "data").unwrap()).unwrap();
+        let mut msgs = entry_messages(&map);
+        rx.on_message(msgs.next().unwrap()).unwrap();
+        assert!(!rx.wants_entries() && !rx.complete());
+        let again = Control::BaseEntries {
+            entries: vec![(5, ChunkHash::of(b"x"))],
+        };
+        assert!(rx.on_message(again).is_err());
     }
 
     #[test]

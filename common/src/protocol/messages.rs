@@ -5,7 +5,7 @@ use crate::store::CutMeta;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// TLS ALPN token of Understudy sessions (the version is negotiated in the preamble).
 pub const ALPN: &[u8] = b"understudy";
 /// First bytes of the control stream, in both directions, before the version.
@@ -60,9 +60,12 @@ pub enum Control {
     /// Target -> source: the group's latest committed point (seq, cut id), if any, and whether
     /// the source may push chunks before its offer (protocol 2): not after a transfer of the
     /// group broke, because pushing cannot skip what the target already holds.
+    /// It also says whether a planned migration of the group was asked on the standby
+    /// (protocol 6): the source quiesces the application and commits one final point for it.
     Welcome {
         latest: Option<(u64, String)>,
         push: bool,
+        migration: Option<MigrationState>,
     },
     /// Source -> target: a cut to replicate.
     Offer { kind: OfferKind, cut: CutMeta },
@@ -78,9 +81,19 @@ pub enum Control {
     /// Target -> source: all needs sent; `held` counts referenced chunks it already had.
     NeedEnd { needed: u64, held: u64 },
     /// Source -> target: every needed chunk was sent on `data_streams` data streams; commit.
-    Commit { data_streams: u32, chunks: u64 },
-    /// Target -> source: the point is durable and visible.
-    Committed { seq: u64, blocks_changed: u64 },
+    /// `final_for` names the pending migration whose final state this point is (protocol 6).
+    Commit {
+        data_streams: u32,
+        chunks: u64,
+        final_for: Option<String>,
+    },
+    /// Target -> source: the point is durable and visible; `final_point` when it was taken as
+    /// the final state of the migration the Commit named (false: that migration was withdrawn).
+    Committed {
+        seq: u64,
+        blocks_changed: u64,
+        final_point: bool,
+    },
     /// Either side: the session cannot go on.
     Refused { code: RefuseCode, message: String },
     /// Source -> target, before Offer: chunks were pushed on `streams` push streams while the
@@ -119,12 +132,18 @@ pub enum Control {
     /// Writer -> target, first message of a writer's session (protocol 5): read `volume` of point
     /// `seq` of `group`, as the writer's grant allows. The target answers `Volume`, then the
     /// volume's data blocks as `BaseEntries` and `BaseEnd`, and sends each entry's chunk frame,
-    /// in the same order, on one data stream (see [`super::fetch`]).
+    /// in the same order, on one data stream (see [`super::fetch`]). With `basis` (protocol 7)
+    /// the writer holds an earlier copy of the volume: after each `BaseEntries` the target waits
+    /// for its `Want` and sends only the frames it picks.
     Fetch {
         group: String,
         seq: u64,
         volume: String,
+        basis: bool,
     },
+    /// Writer -> target, once per `BaseEntries` of a basis fetch (protocol 7): the positions, in
+    /// that message, of the entries whose block the writer's copy does not hold, increasing.
+    Want { picks: Vec<u32> },
     /// Target -> writer: the volume fetched, and the digest the source declared at the cut.
     Volume {
         size: u64,
@@ -132,6 +151,15 @@ pub enum Control {
         digest: String,
         created_ms: i64,
     },
+}
+
+/// A planned migration of a group, as the target tells the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationState {
+    /// The request's id (the source names it in the final Commit).
+    pub id: String,
+    /// The point committed as the final state, once there is one.
+    pub final_seq: Option<u64>,
 }
 
 /// Lets one mover certificate stage one volume.
@@ -166,6 +194,7 @@ impl Control {
             Control::Staged { .. } => "Staged",
             Control::UseParts { .. } => "UseParts",
             Control::Fetch { .. } => "Fetch",
+            Control::Want { .. } => "Want",
             Control::Volume { .. } => "Volume",
         }
     }

@@ -5,8 +5,8 @@
 use crate::block_map::BlockMap;
 use crate::hash::{BlockRef, ChunkHash};
 use crate::store::{
-    CommitError, CutMeta, PointRecord, PointStats, StagedPart, Store, VolumeEntries,
-    already_committed,
+    CommitError, CommitRequest, CutMeta, Migration, PointRecord, PointStats, StagedPart, Store,
+    VolumeEntries, already_committed,
 };
 use anyhow::Result;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -35,15 +35,9 @@ pub trait SessionStore: Send + Sync {
     /// Makes every appended chunk durable; returns how many became durable.
     fn flush(&self) -> Result<usize>;
     /// Commits a recovery point atomically (see [`Store::commit_point`]).
-    fn commit_point(
-        &self,
-        group: &str,
-        cut: CutMeta,
-        base: Option<u64>,
-        entries: &[VolumeEntries],
-        received: (u64, u64),
-        now_ms: i64,
-    ) -> Result<PointRecord, CommitError>;
+    fn commit_point(&self, req: CommitRequest<'_>) -> Result<PointRecord, CommitError>;
+    /// The group's planned migration, if one was asked (see [`Store::migration`]).
+    fn migration(&self, group: &str) -> Result<Option<Migration>>;
 }
 
 impl SessionStore for Store {
@@ -81,16 +75,11 @@ impl SessionStore for Store {
     fn flush(&self) -> Result<usize> {
         Store::flush(self)
     }
-    fn commit_point(
-        &self,
-        group: &str,
-        cut: CutMeta,
-        base: Option<u64>,
-        entries: &[VolumeEntries],
-        received: (u64, u64),
-        now_ms: i64,
-    ) -> Result<PointRecord, CommitError> {
-        Store::commit_point(self, group, cut, base, entries, received, now_ms)
+    fn commit_point(&self, req: CommitRequest<'_>) -> Result<PointRecord, CommitError> {
+        Store::commit_point(self, req)
+    }
+    fn migration(&self, group: &str) -> Result<Option<Migration>> {
+        Store::migration(self, group)
     }
 }
 
@@ -123,6 +112,7 @@ struct Memory {
     points: HashMap<String, Vec<(PointRecord, Vec<Map>)>>,
     receiving: HashSet<String>,
     parts: HashMap<(String, String, String), StagedPart>,
+    migrations: HashMap<String, Migration>,
     failing: HashMap<StoreOp, u32>,
 }
 
@@ -140,6 +130,18 @@ impl MemoryStore {
     /// Chunks made durable so far.
     pub fn durable(&self) -> usize {
         self.lock().durable.len()
+    }
+
+    /// Asks for a migration of `group` under `id` (as [`Store::request_migration`]).
+    pub fn request_migration(&self, group: &str, id: &str) {
+        self.lock().migrations.insert(
+            group.to_string(),
+            Migration {
+                id: id.to_string(),
+                requested_ms: 0,
+                final_seq: None,
+            },
+        );
     }
 
     /// Forgets what was appended and not flushed, as a crash of the target would.
@@ -264,30 +266,23 @@ impl SessionStore for MemoryStore {
         Ok(n)
     }
 
-    fn commit_point(
-        &self,
-        group: &str,
-        cut: CutMeta,
-        base: Option<u64>,
-        entries: &[VolumeEntries],
-        received: (u64, u64),
-        now_ms: i64,
-    ) -> Result<PointRecord, CommitError> {
+    fn commit_point(&self, req: CommitRequest<'_>) -> Result<PointRecord, CommitError> {
+        let (group, cut, base, received) = (req.group, req.cut, req.base, req.received);
         self.flush()?;
         let mut m = self.lock();
         Self::check(&mut m, StoreOp::Commit)?;
         let latest = m.points.get(group).and_then(|p| p.last()).cloned();
-        if let Some(done) = already_committed(latest.as_ref().map(|(l, _)| l), &cut, base)? {
+        if let Some(done) = already_committed(latest.as_ref().map(|(l, _)| l), cut, base)? {
             return Ok(done);
         }
         let latest_seq = latest.as_ref().map(|(l, _)| l.seq);
         let (maps, blocks_changed) =
-            memory_maps(&m, &cut, latest.as_ref(), entries, base.is_none())?;
+            memory_maps(&m, cut, latest.as_ref(), req.entries, base.is_none())?;
         let record = PointRecord {
             group: group.to_string(),
             seq: latest_seq.unwrap_or(0) + 1,
-            cut,
-            committed_ms: now_ms,
+            cut: cut.clone(),
+            committed_ms: req.committed_ms,
             stats: PointStats {
                 blocks_changed,
                 chunks_received: received.0,
@@ -301,7 +296,18 @@ impl SessionStore for MemoryStore {
         let parts = format!("{group}/");
         m.receiving.retain(|s| s != group && !s.starts_with(&parts));
         m.parts.retain(|(g, _, _), _| g != group);
+        if let Some(mig) = m.migrations.get_mut(group)
+            && req
+                .final_for
+                .is_some_and(|id| id == mig.id && mig.pending())
+        {
+            mig.final_seq = Some(record.seq);
+        }
         Ok(record)
+    }
+
+    fn migration(&self, group: &str) -> Result<Option<Migration>> {
+        Ok(self.lock().migrations.get(group).cloned())
     }
 }
 

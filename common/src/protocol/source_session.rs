@@ -89,6 +89,10 @@ pub struct SourceSession {
     push_allowed: bool,
     state: State,
     need: Vec<ChunkHash>,
+    /// The group's migration as the target told it (Welcome, then Committed).
+    migration: Option<MigrationState>,
+    /// The pending migration this session's point ends, named in its Commit.
+    final_for: Option<String>,
 }
 
 impl SourceSession {
@@ -124,6 +128,17 @@ impl SourceSession {
         self.latest.clone()
     }
 
+    /// The group's planned migration as the target last told it (Welcome; Committed when this
+    /// session's point was taken as its final state).
+    pub fn migration(&self) -> Option<&MigrationState> {
+        self.migration.as_ref()
+    }
+
+    /// Commits this session's point as the final state of pending migration `id`.
+    pub fn end_migration(&mut self, id: &str) {
+        self.final_for = Some(id.to_string());
+    }
+
     /// A mover: true once the whole base arrived.
     pub fn base_complete(&self) -> bool {
         self.base.is_none_or(|(_, _, done)| done)
@@ -138,6 +153,8 @@ impl SourceSession {
             push_allowed: false,
             state: State::AwaitWelcome,
             need: Vec::new(),
+            migration: None,
+            final_for: None,
         };
         (
             s,
@@ -196,8 +213,16 @@ impl SourceSession {
                 self.state = State::Done;
                 Err(SessionError::Refused { code, message })
             }
-            (State::AwaitWelcome, Control::Welcome { latest, push }) => {
+            (
+                State::AwaitWelcome,
+                Control::Welcome {
+                    latest,
+                    push,
+                    migration,
+                },
+            ) => {
                 self.push_allowed = push;
+                self.migration = migration;
                 Ok(self.on_welcome(latest))
             }
             (State::AwaitCut, Control::BaseEntries { entries }) if !self.base_complete() => {
@@ -246,9 +271,16 @@ impl SourceSession {
                 Control::Committed {
                     seq,
                     blocks_changed,
+                    final_point,
                 },
             ) => {
                 self.state = State::Done;
+                if let (true, Some(id)) = (final_point, &self.final_for) {
+                    self.migration = Some(MigrationState {
+                        id: id.clone(),
+                        final_seq: Some(seq),
+                    });
+                }
                 Ok(SourceStep::Committed {
                     seq,
                     blocks_changed,
@@ -317,6 +349,7 @@ impl SourceSession {
         Control::Commit {
             data_streams,
             chunks,
+            final_for: self.final_for.clone(),
         }
     }
 }

@@ -13,7 +13,7 @@ use super::session_store::SessionStore;
 use super::source_session::SessionError;
 use crate::chunk::Verified;
 use crate::hash::{BlockRef, ChunkHash, block_count};
-use crate::store::{CommitError, CutMeta, StagedPart, VolumeEntries};
+use crate::store::{CommitError, CommitRequest, CutMeta, StagedPart, VolumeEntries};
 use crate::transport::Fingerprint;
 use crate::transport::grants::{Grant, MAX_GRANT_MS};
 use crate::transport::stream::StreamKind;
@@ -105,6 +105,8 @@ pub struct TargetSession {
     scope: String,
     /// Set by `UseParts`: the offer's entries are staged parts.
     parts: bool,
+    /// Set by `Commit`: the pending migration this point ends.
+    final_for: Option<String>,
 }
 
 /// Streams of one kind: how many the source announced, and how many ended.
@@ -179,6 +181,7 @@ impl TargetSession {
             mover: None,
             scope: String::new(),
             parts: false,
+            final_for: None,
         }
     }
 
@@ -256,8 +259,16 @@ impl TargetSession {
                 self.push.streams.announced = Some(streams);
                 TargetStep::Reply(vec![])
             }
-            (State::ReceivingChunks, Control::Commit { data_streams, .. }) => {
+            (
+                State::ReceivingChunks,
+                Control::Commit {
+                    data_streams,
+                    final_for,
+                    ..
+                },
+            ) => {
                 self.state = State::Committing;
+                self.final_for = final_for;
                 self.data.announced = Some(data_streams);
                 self.commit_if_drained()?
             }
@@ -281,9 +292,14 @@ impl TargetSession {
         self.scope = group.clone();
         self.group = group;
         self.state = State::AwaitOffer;
+        let migration = self.store.migration(&self.group).map_err(store_failed)?;
         Ok(TargetStep::Reply(vec![Control::Welcome {
             latest: latest.map(|p| (p.seq, p.cut.cut_id)),
             push: self.push.allowed,
+            migration: migration.map(|m| MigrationState {
+                id: m.id,
+                final_seq: m.final_seq,
+            }),
         }]))
     }
 
@@ -365,9 +381,11 @@ impl TargetSession {
             .map_err(store_failed)?;
         self.group = group;
         self.state = State::AwaitOffer;
+        // A mover is never asked to migrate: its source is.
         let mut out = vec![Control::Welcome {
             latest: latest.map(|p| (p.seq, p.cut.cut_id)),
             push: self.push.allowed,
+            migration: None,
         }];
         out.extend(
             base.data()
@@ -708,13 +726,20 @@ impl TargetSession {
         if self.mover.is_some() {
             return self.stage(p, base);
         }
-        match self
-            .store
-            .commit_point(&self.group, p.cut, base, &p.entries, self.received, now)
-        {
+        let final_for = self.final_for.take();
+        match self.store.commit_point(CommitRequest {
+            group: &self.group,
+            cut: &p.cut,
+            base,
+            entries: &p.entries,
+            received: self.received,
+            committed_ms: now,
+            final_for: final_for.as_deref(),
+        }) {
             Ok(rec) => Ok(Control::Committed {
                 seq: rec.seq,
                 blocks_changed: rec.stats.blocks_changed,
+                final_point: final_for.is_some() && self.is_final(&rec.seq)?,
             }),
             Err(CommitError::BaseMismatch { .. }) => Err(refuse(
                 RefuseCode::BaseMismatch,
@@ -732,6 +757,12 @@ impl TargetSession {
 }
 
 impl TargetSession {
+    /// True when `seq` is the final point of the group's migration (marked at its commit).
+    fn is_final(&self, seq: &u64) -> Result<bool, SessionError> {
+        let m = self.store.migration(&self.group).map_err(store_failed)?;
+        Ok(m.and_then(|m| m.final_seq) == Some(*seq))
+    }
+
     /// A mover's commit: its one volume becomes a staged part, durable, for the source's commit.
     fn stage(&mut self, p: Pending, base: Option<u64>) -> Result<Control, SessionError> {
         let grant = self.mover.as_ref().expect("a mover's session");

@@ -37,6 +37,9 @@ pub const PARTS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::n
 pub const PART_ENTRIES: TableDefinition<(&str, &str, &str, u64), &[u8]> =
     TableDefinition::new("part_entries");
 
+/// Group -> encoded [`super::migration::Migration`]: its planned migration, if one was asked.
+pub const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
+
 /// Decodes a chunk-table value.
 pub fn location((pack, offset, len): (u32, u64, u32)) -> Location {
     Location { pack, offset, len }
@@ -117,6 +120,7 @@ impl Catalog {
             txn.open_table(UNDO)?;
             txn.open_table(PARTS)?;
             txn.open_table(PART_ENTRIES)?;
+            txn.open_table(MIGRATIONS)?;
         }
         txn.commit()?;
         Ok(())

@@ -2,12 +2,14 @@
 //! docs/store-format.md describes the layout byte by byte.
 
 pub mod catalog;
+pub mod migration;
 pub mod pack;
 mod packs;
 mod parts;
 pub mod recovery_point;
 pub mod restore;
 pub mod retention;
+pub mod snapshot;
 pub mod verify;
 
 use crate::block_map::BlockMap;
@@ -15,10 +17,12 @@ use crate::chunk;
 use crate::hash::{BlockRef, ChunkHash, block_count};
 use anyhow::{Context, Result};
 use catalog::*;
+pub use migration::Migration;
 use pack::{Location, PackWriter};
 use packs::{Packs, Writing};
 pub use recovery_point::{
-    CutMeta, ManifestRef, PointRecord, PointStats, StagedPart, VolumeEntries, VolumeMeta,
+    CommitRequest, CutMeta, ManifestRef, PointRecord, PointStats, StagedPart, VolumeEntries,
+    VolumeMeta,
 };
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
@@ -194,7 +198,9 @@ impl Store {
 
     /// Creates the next pack and records it (empty) in the catalog before any chunk goes in.
     fn new_pack(&self) -> Result<PackWriter> {
-        let w = self.packs.create(self.next_pack_id()?)?;
+        let id = self.next_pack_id()?;
+        self.packs.raise_high(id)?;
+        let w = self.packs.create(id)?;
         self.catalog.add_pack(w.id())?;
         Ok(w)
     }
@@ -202,7 +208,8 @@ impl Store {
     fn next_pack_id(&self) -> Result<u32> {
         let on_disk = self.packs.files()?.into_iter().max();
         let committed = self.committed_packs()?.into_iter().map(|(id, _)| id).max();
-        Ok(on_disk.max(committed).map_or(1, |m| m + 1))
+        let high = Some(self.packs.high()?).filter(|h| *h > 0);
+        Ok(on_disk.max(committed).max(high).map_or(1, |m| m + 1))
     }
 
     /// Makes every appended chunk durable: fsyncs the pack, then records the chunks in the catalog.
@@ -236,8 +243,11 @@ impl Store {
 
     /// Seals the current pack: later appends go to a new one.
     pub fn seal(&self) -> Result<()> {
-        let mut w = self.packs.writing();
-        self.flush_locked(&mut w)?;
+        self.seal_locked(&mut self.packs.writing())
+    }
+
+    fn seal_locked(&self, w: &mut Writing) -> Result<()> {
+        self.flush_locked(w)?;
         if let Some(p) = w.writer.take()
             && p.is_empty()
         {
@@ -326,31 +336,33 @@ impl Store {
     /// entries are a delta against it; `None` means the entries declare every block (a full offer).
     /// Entries equal to the latest point are dropped, so a full offer stores only what changed.
     /// A cut already committed (same cut id as the latest point) is returned as is.
-    pub fn commit_point(
-        &self,
-        group: &str,
-        cut: CutMeta,
-        base: Option<u64>,
-        entries: &[VolumeEntries],
-        received: (u64, u64),
-        committed_ms: i64,
-    ) -> Result<PointRecord, CommitError> {
+    /// `final_for` names the pending migration this point ends (marked in the same transaction).
+    pub fn commit_point(&self, req: CommitRequest<'_>) -> Result<PointRecord, CommitError> {
+        let CommitRequest {
+            group,
+            cut,
+            base,
+            entries,
+            received,
+            committed_ms,
+            final_for,
+        } = req;
         self.flush()?;
         let txn = self.db().begin_write().map_err(anyhow::Error::from)?;
         let record = {
             let mut points = txn.open_table(POINTS).map_err(anyhow::Error::from)?;
             let latest = last_point(&points, group)?;
-            if let Some(done) = already_committed(latest.as_ref(), &cut, base)? {
+            if let Some(done) = already_committed(latest.as_ref(), cut, base)? {
                 return Ok(done);
             }
             let latest_seq = latest.as_ref().map(|l| l.seq);
-            check_entries(&txn, &cut, entries)?;
+            check_entries(&txn, cut, entries)?;
             let changed = apply_entries(&txn, group, latest_seq, entries, base.is_none())
                 .map_err(anyhow::Error::from)?;
             let record = PointRecord {
                 group: group.to_string(),
                 seq: latest_seq.unwrap_or(0) + 1,
-                cut,
+                cut: cut.clone(),
                 committed_ms,
                 stats: PointStats {
                     blocks_changed: changed,
@@ -363,6 +375,9 @@ impl Store {
                 .map_err(anyhow::Error::from)?;
             clear_receiving(&txn, group).map_err(anyhow::Error::from)?;
             parts::drop_parts(&txn, group).map_err(anyhow::Error::from)?;
+            if let Some(id) = final_for {
+                migration::mark_final(&txn, group, id, record.seq)?;
+            }
             record
         };
         crate::failpoint::hit("store.commit.before");

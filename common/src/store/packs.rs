@@ -11,6 +11,9 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// File of the highest pack id ever used, beside the packs.
+const HIGH: &str = ".high";
+
 /// The pack files under `<store>/packs`.
 pub(crate) struct Packs {
     dir: PathBuf,
@@ -71,6 +74,27 @@ impl Packs {
     /// Creates pack `id` (header only).
     pub(crate) fn create(&self, id: u32) -> Result<PackWriter> {
         PackWriter::create(&self.dir, id)
+    }
+
+    /// The highest pack id ever used here (0 for none), from `packs/.high`. A pack id is never
+    /// used twice, even after its pack was deleted, so a copy of pack N (in the archive) always
+    /// holds the same bytes.
+    pub(crate) fn high(&self) -> Result<u32> {
+        match std::fs::read_to_string(self.dir.join(HIGH)) {
+            Ok(s) => Ok(s.trim().parse().unwrap_or(0)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot read {}", self.dir.join(HIGH).display()))
+            }
+        }
+    }
+
+    /// Raises the highest pack id ever used to `id` (written atomically).
+    pub(crate) fn raise_high(&self, id: u32) -> Result<()> {
+        if id > self.high()? {
+            crate::files::write_atomic(&self.dir.join(HIGH), id.to_string().as_bytes())?;
+        }
+        Ok(())
     }
 
     /// Ids of the pack files on disk.

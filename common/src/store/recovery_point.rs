@@ -65,6 +65,26 @@ pub struct PointStats {
     pub bytes_received: u64,
 }
 
+/// What a commit makes a point of (see `Store::commit_point`).
+#[derive(Clone, Copy, Debug)]
+pub struct CommitRequest<'a> {
+    /// The group.
+    pub group: &'a str,
+    /// The cut.
+    pub cut: &'a CutMeta,
+    /// The group's latest point when `entries` are a delta against it; `None` when they declare
+    /// every block (a full offer).
+    pub base: Option<u64>,
+    /// Block-map entries per volume.
+    pub entries: &'a [VolumeEntries],
+    /// Chunks and bytes of frames received for it.
+    pub received: (u64, u64),
+    /// When it commits (ms since the Unix epoch).
+    pub committed_ms: i64,
+    /// The pending migration this point ends, marked in the same transaction.
+    pub final_for: Option<&'a str>,
+}
+
 /// A committed recovery point.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointRecord {

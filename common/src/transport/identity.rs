@@ -118,6 +118,21 @@ impl Identity {
         Self::from_pem(&cert_pem, &key_pem).context("the identity in identity/ is not usable")
     }
 
+    /// Loads an identity kept as `cert.pem` and `key.pem` in `dir` itself: in a cluster, a
+    /// mounted Secret made from the files of an agent directory (docs/operations.md, Pairing).
+    pub fn load_mounted(dir: &Path) -> Result<Self> {
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).with_context(|| {
+                format!(
+                    "no {f} in {}: the identity Secret needs the keys cert.pem, key.pem and peers.json (the files `init` and `pair` write)",
+                    dir.display()
+                )
+            })
+        };
+        Self::from_pem(&read("cert.pem")?, &read("key.pem")?)
+            .with_context(|| format!("the identity in {} is not usable", dir.display()))
+    }
+
     /// An identity from a PEM certificate and a PEM PKCS#8 private key.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self> {
         let cert = pem_block(cert_pem, "CERTIFICATE").context("cert.pem holds no certificate")?;

@@ -3,6 +3,7 @@
 //! cleanup, which deletes everything the cycle made (found by its labels) and ends it.
 
 use super::Context;
+use super::migration;
 use super::objects::{self, MoverState, object_name};
 use super::scope::{self, Member, Stages};
 use crate::mover::{CbtBase, CbtTicket, MoverTicket};
@@ -18,8 +19,8 @@ use understudy_common::metrics::Metrics;
 use understudy_common::store::VolumeMeta;
 use understudy_common::transport::Identity;
 use understudy_kube::crd::replication_group::{
-    Consistency, CyclePhase, CycleStatus, ExecHook, OnError, PointStatus, ReplicationGroup,
-    ReplicationGroupStatus, VolumeStatus,
+    Consistency, CyclePhase, CycleStatus, ExecHook, MigrationPhase, MigrationStatus, OnError,
+    PointStatus, ReplicationGroup, ReplicationGroupStatus, VolumeStatus,
 };
 use understudy_kube::crd::set_condition;
 use understudy_kube::snapshot_metadata::Access;
@@ -96,6 +97,13 @@ async fn maybe_start(
         }
     };
     refresh_rpo(&mut status);
+    let quiescing = status
+        .migration
+        .as_ref()
+        .is_some_and(|m| m.phase == MigrationPhase::Quiescing);
+    if quiescing && !rg.spec.paused {
+        return quiesce(rg, ctx, status).await;
+    }
     if rg.spec.paused {
         set_condition(
             &mut status.conditions,
@@ -141,6 +149,40 @@ async fn maybe_start(
         "the group replicates on schedule",
         rg.metadata.generation,
     );
+    start_cycle(rg, ctx, status).await
+}
+
+/// A migration asked for: the application scaled to zero; once its pods are gone, the final
+/// cycle starts at once.
+async fn quiesce(
+    rg: &ReplicationGroup,
+    ctx: &Context,
+    mut status: ReplicationGroupStatus,
+) -> Result<Action> {
+    let left = migration::quiesce(rg, ctx).await?;
+    if left > 0 {
+        return Ok(Action::requeue(POLL));
+    }
+    if let Some(m) = status.migration.as_mut() {
+        m.phase = MigrationPhase::FinalCycle;
+    }
+    ctx.event(
+        rg,
+        false,
+        "Quiesced",
+        "the application is stopped (scaled to zero); the final cycle starts".into(),
+    )
+    .await;
+    start_cycle(rg, ctx, status).await
+}
+
+/// Starts a cycle now.
+async fn start_cycle(
+    rg: &ReplicationGroup,
+    ctx: &Context,
+    mut status: ReplicationGroupStatus,
+) -> Result<Action> {
+    let now = understudy_common::now_ms();
     let stage = format!("{now}-{}", &blake3::hash(&now.to_le_bytes()).to_hex()[..6]);
     status.cycle = Some(CycleStatus {
         stage: stage.clone(),
@@ -633,7 +675,8 @@ async fn commit(
     let captured = understudy_kube::capture::capture(&ctx.client, &spec)
         .await
         .context("capturing the application's objects failed")?;
-    let manifests = captured.bundle.captured();
+    let final_for = migration::final_for(status.migration.as_ref()).map(str::to_string);
+    let manifests = migration::as_running(captured.bundle)?.captured();
     let (connector, target, _) = connector(rg, ctx).await?;
     let group = scope::group_name(rg);
     let snapshot_ms = cycle.snapshot_ms.unwrap_or_else(understudy_common::now_ms);
@@ -652,6 +695,7 @@ async fn commit(
             })
             .collect(),
         manifests: &manifests,
+        final_for: final_for.as_deref(),
     };
     let dir = ctx.state_dir.join(&group);
     std::fs::create_dir_all(&dir)?;
@@ -722,7 +766,8 @@ async fn commit(
         rg.metadata.generation,
     );
     set_phase(status, CyclePhase::CleaningUp);
-    ctx.set_status(rg, status).await?;
+    let change = migration::after_commit(status.migration.as_ref(), done.sent.migration.as_ref());
+    migrate(rg, ctx, status, change).await?;
     let label = Metrics::group(&group);
     ctx.metrics.point_committed(&group, snapshot_ms);
     ctx.metrics.bytes_read.get_or_create(&label).inc_by(read);
@@ -741,6 +786,62 @@ async fn commit(
     tracing::info!(%group, seq = done.seq, read, sent, seconds, "recovery point committed");
     ctx.event(rg, false, "PointCommitted", msg).await;
     Ok(Action::requeue(NEXT_STEP))
+}
+
+/// Acts on what the commit's session said about a migration, and writes the status.
+async fn migrate(
+    rg: &ReplicationGroup,
+    ctx: &Context,
+    status: &mut ReplicationGroupStatus,
+    change: migration::Change,
+) -> Result<()> {
+    let generation = rg.metadata.generation;
+    let note = match &change {
+        migration::Change::None => None,
+        migration::Change::Start(id) => {
+            status.migration = Some(MigrationStatus {
+                id: id.clone(),
+                phase: MigrationPhase::Quiescing,
+                final_point: None,
+            });
+            Some(("MigrationRequested", "the standby asks for a planned migration: the application is stopped for a final cycle".to_string()))
+        }
+        migration::Change::Done(seq) => {
+            if let Some(m) = status.migration.as_mut() {
+                m.phase = MigrationPhase::Done;
+                m.final_point = Some(*seq);
+            }
+            let msg = format!(
+                "point {seq} is the application's final state here; the standby runs it from that point; the group is paused and the application stays stopped"
+            );
+            set_condition(
+                &mut status.conditions,
+                "Migrated",
+                true,
+                "FinalPointCommitted",
+                &msg,
+                generation,
+            );
+            Some(("Migrated", msg))
+        }
+        migration::Change::Withdrawn => {
+            migration::resume(rg, ctx).await?;
+            status.migration = None;
+            Some((
+                "MigrationWithdrawn",
+                "the standby withdrew the migration: the application's replicas are back"
+                    .to_string(),
+            ))
+        }
+    };
+    ctx.set_status(rg, status).await?;
+    if matches!(change, migration::Change::Done(_)) {
+        migration::pause(rg, ctx).await?;
+    }
+    if let Some((reason, msg)) = note {
+        ctx.event(rg, false, reason, msg).await;
+    }
+    Ok(())
 }
 
 /// A step failed: say why (condition, last error, event, metric) and clean the cycle up.

@@ -10,6 +10,7 @@
 //! -> clean up (every object the cycle made, found by its labels).
 
 pub mod cycle;
+pub mod migration;
 pub mod objects;
 pub mod scope;
 

@@ -57,7 +57,7 @@ pub fn selector(rg: &ReplicationGroup, stages: Stages<'_>) -> String {
 }
 
 /// Label values are at most 63 characters: long group names are shortened with a hash.
-fn label_value(v: &str) -> String {
+pub(crate) fn label_value(v: &str) -> String {
     if v.len() <= 63 {
         return v.to_string();
     }

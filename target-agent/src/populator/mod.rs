@@ -22,7 +22,7 @@ use crate::writer::WriteReport;
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -30,7 +30,7 @@ use kube::{Client, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 use understudy_common::transport::grants::Permit;
-use understudy_kube::agent_pods::{PodState, create_once, pod_state, ticket_of};
+use understudy_kube::agent_pods::{PodState, create_once, delete_if_present, pod_state, ticket_of};
 use understudy_kube::controller::{ReconcileError, publish, shutdown_on};
 use understudy_kube::crd::point_volume::{PointVolume, PointVolumeStatus, PopulatePhase};
 
@@ -150,6 +150,7 @@ impl Step<'_> {
     async fn run(&self) -> Result<Action> {
         let bound = self.claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
         if bound {
+            self.confirm_bound().await?;
             return Ok(if self.clean_up().await? {
                 Action::await_change()
             } else {
@@ -277,6 +278,16 @@ impl Step<'_> {
         let Some(volume) = prime.spec.and_then(|s| s.volume_name) else {
             return Ok(Action::requeue(POLL));
         };
+        // Recorded before the hand-over, so that the claim is never bound to a volume whose
+        // verification is not on record (an agent killed right after it finishes the job).
+        self.set_status(PopulatePhase::Writing, |s| {
+            s.bytes_written = report.bytes_written;
+            s.actual_digest = Some(report.actual_digest.clone());
+            s.message = Some(format!(
+                "written and verified; handing volume {volume} to the claim"
+            ));
+        })
+        .await?;
         let pvs: Api<PersistentVolume> = Api::all(self.ctx.client.clone());
         let volume = if objects::is_block(self.claim) {
             pvs.patch(
@@ -291,8 +302,6 @@ impl Step<'_> {
             self.hand_over_as_filesystem(&pvs, &volume).await?
         };
         self.set_status(PopulatePhase::Bound, |s| {
-            s.bytes_written = report.bytes_written;
-            s.actual_digest = Some(report.actual_digest.clone());
             s.message = Some(format!(
                 "written and verified; volume {volume} bound to the claim"
             ));
@@ -308,6 +317,23 @@ impl Step<'_> {
         )
         .await;
         Ok(Action::requeue(POLL))
+    }
+
+    /// The claim is bound: a verified PointVolume whose hand-over was cut short (the agent
+    /// stopped between the two) is marked Bound. One without a verification on record stays as
+    /// it is, so that nothing reads it as rebuilt.
+    async fn confirm_bound(&self) -> Result<()> {
+        let Some(pv) = self.sources.get_opt(&self.source).await? else {
+            return Ok(());
+        };
+        let status = pv.status.unwrap_or_default();
+        if status.phase == PopulatePhase::Writing && status.verified() {
+            self.set_status(PopulatePhase::Bound, |s| {
+                s.message = Some("written and verified; bound to the claim".into());
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// A Filesystem claim gets the written volume through a second PV of the same CSI volume
@@ -441,16 +467,5 @@ impl Step<'_> {
             note,
         )
         .await
-    }
-}
-
-async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot delete {name}")),
     }
 }

@@ -69,22 +69,12 @@ pub fn prime_claim(claim: &PersistentVolumeClaim) -> Result<PersistentVolumeClai
 pub fn writer_pod(claim: &PersistentVolumeClaim, image: &str) -> Result<Pod> {
     let name = name_for(claim);
     let ns = claim.namespace().unwrap_or_default();
-    let command = [
-        "/bin/target-agent",
-        "write",
-        "--ticket",
-        TICKET_PATH,
-        "--device",
-        DEVICE_PATH,
-        "--report",
-        "/dev/termination-log",
-    ];
     let mut pod = WorkerPod {
         namespace: &ns,
         name: &name,
         role: "writer",
         image,
-        command: command.map(String::from).to_vec(),
+        command: writer_command(false),
         claim: &name,
         secret: &name,
         labels: &labels(claim),
@@ -100,6 +90,17 @@ pub fn writer_pod(claim: &PersistentVolumeClaim, image: &str) -> Result<Pod> {
         spec.node_name = Some(node.clone());
     }
     Ok(pod)
+}
+
+/// A writer pod's command: `target-agent write` onto the pod's device with its ticket, the
+/// report as the termination message; `basis` for a failback's writer (only differing blocks).
+pub fn writer_command(basis: bool) -> Vec<String> {
+    let mut c = vec!["/bin/target-agent", "write", "--ticket", TICKET_PATH];
+    c.extend(["--device", DEVICE_PATH, "--report", "/dev/termination-log"]);
+    if basis {
+        c.push("--basis");
+    }
+    c.into_iter().map(String::from).collect()
 }
 
 /// The ticket's Secret.

@@ -13,6 +13,7 @@
 //! them (a finalizer), and replication into the store goes on meanwhile.
 
 pub mod plan;
+pub mod schedule;
 
 use crate::session::SessionContext;
 use anyhow::{Context as _, Result};
@@ -131,8 +132,13 @@ impl<'a> Run<'a> {
     async fn step(&self) -> Result<Action> {
         let status = self.status();
         let result = match status.phase {
-            FailoverPhase::Succeeded | FailoverPhase::Failed => return Ok(Action::await_change()),
-            FailoverPhase::Pending => self.choose().await,
+            FailoverPhase::Succeeded | FailoverPhase::Failed => return self.expire().await,
+            FailoverPhase::TornDown => return Ok(Action::await_change()),
+            FailoverPhase::Pending if self.fo.spec.mode == FailoverMode::Migrate => {
+                self.request_migration().await
+            }
+            FailoverPhase::Pending => self.choose(None).await,
+            FailoverPhase::FinalSync => self.await_final_point().await,
             FailoverPhase::RestoringVolumes => self.restore().await,
             FailoverPhase::ApplyingObjects => self.apply_objects().await,
             FailoverPhase::WaitingReady => self.wait_ready().await,
@@ -146,9 +152,87 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The point the spec names, checked against the RPO guard.
-    async fn choose(&self) -> Result<Action> {
-        let point = self.point().await.map_err(|e| refused(format!("{e:#}")))?;
+    /// A migration: asks the primary's source agent (through the store: it learns at its next
+    /// session) for a final point.
+    async fn request_migration(&self) -> Result<Action> {
+        self.ttl()?;
+        let (store, group, id) = self.migration_key();
+        tokio::task::spawn_blocking(move || {
+            store.request_migration(&group, &id, understudy_common::now_ms())
+        })
+        .await??;
+        self.event(
+            false,
+            "MigrationRequested",
+            format!(
+                "asked the primary for a final point of group {}: its source agent stops the application at its next cycle",
+                self.fo.spec.group
+            ),
+        )
+        .await;
+        self.advance(FailoverPhase::FinalSync, |_| {}).await?;
+        Ok(Action::requeue(POLL))
+    }
+
+    /// A migration: on once the primary's final point is in the store.
+    async fn await_final_point(&self) -> Result<Action> {
+        let (store, group, id) = self.migration_key();
+        let m = tokio::task::spawn_blocking(move || store.migration(&group)).await??;
+        match m {
+            Some(m) if m.id == id => match m.final_seq {
+                Some(seq) => self.choose(Some(seq)).await,
+                None => self.before_timeout("the primary's final point did not arrive: is its source agent running and reaching this target? Without the primary, fail over with mode: failover").await,
+            },
+            _ => Err(refused(
+                "another migration of the group replaced this one; make a new Failover",
+            )),
+        }
+    }
+
+    /// Requeues, or refuses with `why` once the run's timeout has passed.
+    async fn before_timeout(&self, why: &str) -> Result<Action> {
+        let limit = self.timeout()?;
+        let elapsed_ms = understudy_common::now_ms() - self.requested_ms();
+        if elapsed_ms as u128 >= limit.as_millis() {
+            return Err(refused(format!(
+                "not done after {}: {why}",
+                humantime::format_duration(limit)
+            )));
+        }
+        Ok(Action::requeue(POLL))
+    }
+
+    /// The store, group and id of this run's migration request.
+    fn migration_key(&self) -> (Arc<understudy_common::store::Store>, String, String) {
+        (
+            self.ctx.sessions.store.clone(),
+            self.fo.spec.group.clone(),
+            self.fo.uid().unwrap_or_default(),
+        )
+    }
+
+    /// Withdraws this run's migration request if the final point has not come (the primary's
+    /// source brings its application back).
+    async fn withdraw_migration(&self) -> Result<()> {
+        if self.fo.spec.mode != FailoverMode::Migrate {
+            return Ok(());
+        }
+        let (store, group, id) = self.migration_key();
+        tokio::task::spawn_blocking(move || match store.migration(&group)? {
+            Some(m) if m.id == id && m.pending() => store.cancel_migration(&group, &id),
+            _ => Ok(()),
+        })
+        .await?
+    }
+
+    /// The point the spec names (or a migration's final point), checked against the RPO guard.
+    async fn choose(&self, final_point: Option<u64>) -> Result<Action> {
+        self.ttl()?;
+        let point = match final_point {
+            Some(seq) => self.point_seq(seq).await,
+            None => self.point().await,
+        }
+        .map_err(|e| refused(format!("{e:#}")))?;
         let requested = self.requested_ms();
         let guard = match &self.fo.spec.max_point_age {
             Some(d) => Some(crate::failover::AgeGuard {
@@ -192,6 +276,7 @@ impl<'a> Run<'a> {
             }),
             rpo_seconds: Some((requested - point.cut.created_ms).max(0) / 1000),
             namespaces: plan.namespaces.iter().cloned().collect(),
+            final_state: final_point.is_some(),
             ..Default::default()
         };
         if let Some(w) = warning {
@@ -257,24 +342,23 @@ impl<'a> Run<'a> {
                 .and_then(|s| s.phase)
                 .as_deref()
                 == Some("Bound");
-            volumes.push((
-                bound,
-                RestoredVolume {
-                    pvc: format!("{}/{}", c.namespace, c.name),
-                    bytes_written: status.bytes_written,
-                    expected_digest: status.expected_digest.unwrap_or_default(),
-                    actual_digest: status.actual_digest.unwrap_or_default(),
-                    verified: bound && status.phase == PopulatePhase::Bound,
-                },
-            ));
+            volumes.push(RestoredVolume {
+                pvc: format!("{}/{}", c.namespace, c.name),
+                bytes_written: status.bytes_written,
+                verified: bound && status.phase == PopulatePhase::Bound && status.verified(),
+                expected_digest: status.expected_digest.unwrap_or_default(),
+                actual_digest: status.actual_digest.unwrap_or_default(),
+            });
         }
-        if volumes.iter().any(|(bound, _)| !bound) {
+        // The populator marks its PointVolume Bound after the hand-over, so a claim can be seen
+        // bound a moment before: on only when both say so.
+        if volumes.iter().any(|v| !v.verified) {
             return Ok(Action::requeue(POLL));
         }
         let n = volumes.len();
         self.advance(FailoverPhase::ApplyingObjects, |s| {
             let r = s.report.get_or_insert_with(Default::default);
-            r.volumes = volumes.into_iter().map(|(_, v)| v).collect();
+            r.volumes = volumes;
         })
         .await?;
         self.event(
@@ -365,18 +449,12 @@ impl<'a> Run<'a> {
                 waiting.push(why);
             }
         }
-        let elapsed_ms = understudy_common::now_ms() - self.requested_ms();
         if !waiting.is_empty() {
-            let limit = self.timeout()?;
-            if elapsed_ms as u128 >= limit.as_millis() {
-                return Err(refused(format!(
-                    "not ready after {}: {}",
-                    humantime::format_duration(limit),
-                    waiting.join("; ")
-                )));
-            }
-            return Ok(Action::requeue(POLL));
+            return self
+                .before_timeout(&format!("not ready: {}", waiting.join("; ")))
+                .await;
         }
+        let elapsed_ms = understudy_common::now_ms() - self.requested_ms();
         let rto = elapsed_ms as f64 / 1000.0;
         self.advance(FailoverPhase::Succeeded, |s| {
             s.report.get_or_insert_with(Default::default).rto_seconds = Some(rto);
@@ -430,34 +508,89 @@ impl<'a> Run<'a> {
 
     /// A drill's namespaces go with it (a failover's application stays).
     async fn tear_down(&self) -> Result<Action> {
+        self.withdraw_migration().await?;
         if self.fo.spec.mode != FailoverMode::Drill {
             return Ok(Action::await_change());
         }
-        let api: Api<Namespace> = Api::all(self.ctx.client.clone());
-        let namespaces = self
+        let left = self.delete_namespaces().await?;
+        if left > 0 {
+            // The finalizer holds until they are gone.
+            anyhow::bail!("waiting for {left} drill namespaces to be deleted");
+        }
+        if self.status().phase != FailoverPhase::TornDown {
+            self.torn_down_event().await;
+        }
+        Ok(Action::await_change())
+    }
+
+    /// A finished drill with a `ttl`: its copy deleted once the ttl has passed, then TornDown
+    /// (the Failover and its report stay).
+    async fn expire(&self) -> Result<Action> {
+        // A bad ttl failed the run in Pending already; it is not refused twice.
+        let Ok(Some(ttl)) = self.ttl() else {
+            return Ok(Action::await_change());
+        };
+        let finished = self
             .status()
-            .report
-            .map(|r| r.namespaces)
-            .unwrap_or_default();
+            .finished_time
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map_or_else(understudy_common::now_ms, |t| t.as_millisecond());
+        let left_ms = finished + ttl.as_millis() as i64 - understudy_common::now_ms();
+        if left_ms > 0 {
+            return Ok(Action::requeue(Duration::from_millis(left_ms as u64)));
+        }
+        if self.delete_namespaces().await? > 0 {
+            return Ok(Action::requeue(POLL));
+        }
+        self.advance(FailoverPhase::TornDown, |_| {}).await?;
+        self.torn_down_event().await;
+        Ok(Action::await_change())
+    }
+
+    /// Deletes the run's namespaces; returns how many are still there (being deleted).
+    async fn delete_namespaces(&self) -> Result<usize> {
+        let api: Api<Namespace> = Api::all(self.ctx.client.clone());
         let mut left = 0;
-        for ns in &namespaces {
-            match api.delete(ns, &DeleteParams::background()).await {
+        for ns in self.namespaces() {
+            match api.delete(&ns, &DeleteParams::background()).await {
                 Ok(_) => left += 1,
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e).with_context(|| format!("cannot delete namespace {ns}")),
             }
         }
-        if left > 0 {
-            // The finalizer holds until they are gone.
-            anyhow::bail!("waiting for {left} drill namespaces to be deleted");
-        }
+        Ok(left)
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        self.status()
+            .report
+            .map(|r| r.namespaces)
+            .unwrap_or_default()
+    }
+
+    async fn torn_down_event(&self) {
+        let namespaces = self.namespaces().join(", ");
         self.event(
             false,
             "TornDown",
-            format!("drill namespaces {} deleted", namespaces.join(", ")),
+            format!("drill namespaces {namespaces} deleted"),
         )
         .await;
-        Ok(Action::await_change())
+    }
+
+    /// The drill's `ttl`; refused on a run that is not a drill.
+    fn ttl(&self) -> Result<Option<Duration>> {
+        let Some(t) = &self.fo.spec.ttl else {
+            return Ok(None);
+        };
+        if self.fo.spec.mode != FailoverMode::Drill {
+            return Err(refused(
+                "ttl is for drills (a failover's application stays): remove it, or set mode: drill",
+            ));
+        }
+        humantime::parse_duration(t)
+            .map(Some)
+            .map_err(|_| refused(format!("ttl `{t}` is not a duration like 10m")))
     }
 
     /// The point the spec names.
@@ -477,6 +610,11 @@ impl<'a> Run<'a> {
             .and_then(|r| r.point)
             .map(|p| p.sequence)
             .context("no point chosen")?;
+        self.point_seq(seq).await
+    }
+
+    /// Point `seq` of the group.
+    async fn point_seq(&self, seq: u64) -> Result<PointRecord> {
         let store = self.ctx.sessions.store.clone();
         let group = self.fo.spec.group.clone();
         tokio::task::spawn_blocking(move || {
@@ -561,6 +699,9 @@ impl<'a> Run<'a> {
         let mut status = self.status();
         status.phase = phase;
         status.observed_generation = self.fo.metadata.generation;
+        if phase.finished() && status.finished_time.is_none() {
+            status.finished_time = Some(understudy_common::format_ms(understudy_common::now_ms()));
+        }
         change(&mut status);
         self.api
             .patch_status(
@@ -573,8 +714,9 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Failed, with what failed.
+    /// Failed, with what failed (a migration's request withdrawn).
     async fn fail(&self, why: String) -> Result<()> {
+        self.withdraw_migration().await?;
         self.event(true, "Failed", why.clone()).await;
         let generation = self.fo.metadata.generation;
         self.advance(FailoverPhase::Failed, |s| {

@@ -90,6 +90,7 @@ async fn demo(root: &Path, size: u64) -> Result<()> {
     step("3. target agent listening on loopback (QUIC, TLS 1.3, mutual auth)");
     let cfg = ServerConfig {
         dir: tdir.clone(),
+        identity: None,
         listen: "127.0.0.1:0".parse()?,
         retention: RetentionPolicy::default(),
         flush_bytes: understudy_common::protocol::target_session::FLUSH_BYTES,

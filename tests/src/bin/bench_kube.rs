@@ -15,6 +15,10 @@
 //! - `rpo`: 10 PVCs of 256 MiB, a pod changing 1% of each per minute, a 30 s interval, for
 //!   `--minutes` (default 5): the RPO sampled every second (now minus the last point's
 //!   snapshot time), points committed, cycle times.
+//! - `rto`: the standby's recovery time: one Block PVC of `--size-gib` (default 4) and then 10
+//!   PVCs of `--rto-volume-mib` (default 256), filled, each set with a Deployment using it,
+//!   replicated to a point; then a `Failover` on the standby: seconds from its creation to the
+//!   Deployment ready (every PVC rebuilt by writer pods and verified, the objects applied).
 //!
 //! The CSI driver is the project's test driver: its snapshots and restores copy the volume's
 //! file, which the cycle times include (a real array's snapshots are copy-on-write).
@@ -44,6 +48,9 @@ struct Args {
     /// Length of the `rpo` case.
     #[arg(long, default_value_t = 5)]
     minutes: u64,
+    /// Size of each of the `rto` case's 10 volumes.
+    #[arg(long, default_value_t = 256)]
+    rto_volume_mib: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -51,6 +58,7 @@ enum Case {
     Cbt,
     Parallel,
     Rpo,
+    Rto,
 }
 
 const BLOCK: u64 = 64 << 10;
@@ -59,7 +67,7 @@ const BLOCK: u64 = 64 << 10;
 async fn main() -> Result<()> {
     let args = Args::parse();
     let cases = if args.cases.is_empty() {
-        vec![Case::Cbt, Case::Parallel, Case::Rpo]
+        vec![Case::Cbt, Case::Parallel, Case::Rpo, Case::Rto]
     } else {
         args.cases.clone()
     };
@@ -71,7 +79,12 @@ async fn main() -> Result<()> {
     println!("# The primary side on the test bed\n");
     println!("{}\n", machine());
     for case in cases {
-        let Some(mut bed) = Bed::start().await else {
+        let bed = if case == Case::Rto {
+            Bed::start_with_standby().await
+        } else {
+            Bed::start().await
+        };
+        let Some(mut bed) = bed else {
             bail!(
                 "the node test bed is not available: run tests/kube-testbed/build.sh --node, as root"
             );
@@ -80,6 +93,7 @@ async fn main() -> Result<()> {
             Case::Cbt => cbt(&mut bed, args.size_gib).await?,
             Case::Parallel => parallel(&mut bed, args.volumes, args.volume_gib).await?,
             Case::Rpo => rpo(&mut bed, args.minutes).await?,
+            Case::Rto => rto(&mut bed, args.size_gib, args.rto_volume_mib).await?,
         }
     }
     Ok(())
@@ -97,25 +111,20 @@ fn machine() -> String {
     )
 }
 
-/// Block PVCs `names` of `gib` GiB each, filled with random data by one pod.
-async fn filled_pvcs(c: &NodeCluster, names: &[String], gib: u64, app: &str) -> Result<()> {
+/// Block PVCs `names` of `mib` MiB each, filled with random data by one pod.
+async fn filled_pvcs(c: &NodeCluster, names: &[String], mib: u64, app: &str) -> Result<()> {
     for n in names {
         c.create_yaml(&format!(
-            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {n}, namespace: {NS}, labels: {{app: {app}}}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  resources: {{requests: {{storage: {gib}Gi}}}}\n"
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {n}, namespace: {NS}, labels: {{app: {app}}}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  resources: {{requests: {{storage: {mib}Mi}}}}\n"
         ))
         .await?;
     }
     let dd: Vec<String> = (0..names.len())
-        .map(|i| {
-            format!(
-                "dd if=/dev/urandom of=/dev/v{i} bs=1048576 count={}",
-                gib << 10
-            )
-        })
+        .map(|i| format!("dd if=/dev/urandom of=/dev/v{i} bs=1048576 count={mib} oflag=direct"))
         .collect();
     run_on(
         c,
-        "fill",
+        &format!("fill-{app}"),
         TOOLS_IMAGE,
         &["sh", "-c", &format!("{} && sync", dd.join(" && "))],
         names,
@@ -140,20 +149,33 @@ async fn run_on(
 }
 
 fn pod_yaml(name: &str, image: &str, command: &[&str], pvcs: &[String], restart: &str) -> String {
-    let devices: Vec<String> = (0..pvcs.len())
-        .map(|i| format!("{{name: v{i}, devicePath: /dev/v{i}}}"))
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": pod_spec(image, command, pvcs, restart),
+    })
+    .to_string()
+}
+
+/// A pod's spec: one container running `command` with the PVCs `pvcs` as /dev/v0, /dev/v1, ...
+fn pod_spec(image: &str, command: &[&str], pvcs: &[String], restart: &str) -> Value {
+    let devices: Vec<Value> = (0..pvcs.len())
+        .map(|i| serde_json::json!({"name": format!("v{i}"), "devicePath": format!("/dev/v{i}")}))
         .collect();
-    let volumes: Vec<String> = pvcs
+    let volumes: Vec<Value> = pvcs
         .iter()
         .enumerate()
-        .map(|(i, p)| format!("{{name: v{i}, persistentVolumeClaim: {{claimName: {p}}}}}"))
+        .map(|(i, p)| serde_json::json!({"name": format!("v{i}"), "persistentVolumeClaim": {"claimName": p}}))
         .collect();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  restartPolicy: {restart}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: main\n    image: {image}\n    imagePullPolicy: Never\n    command: {}\n    volumeDevices: [{}]\n  volumes: [{}]\n",
-        serde_json::to_string(command).expect("JSON"),
-        devices.join(", "),
-        volumes.join(", ")
-    )
+    serde_json::json!({
+        "restartPolicy": restart,
+        "terminationGracePeriodSeconds": 0,
+        "containers": [{
+            "name": "main", "image": image, "imagePullPolicy": "Never",
+            "command": command, "volumeDevices": devices,
+        }],
+        "volumes": volumes,
+    })
 }
 
 /// Changes `fraction` of each PVC's blocks (the scribbler, seeded).
@@ -250,7 +272,7 @@ async fn resume(bed: &Bed, group: &str) {
 
 async fn cbt(bed: &mut Bed, gib: u64) -> Result<()> {
     let pvc = vec!["disk".to_string()];
-    filled_pvcs(&bed.primary, &pvc, gib, "bench").await?;
+    filled_pvcs(&bed.primary, &pvc, gib << 10, "bench").await?;
     let target = bed.pair.addr.clone();
     bed.primary
         .create_yaml(
@@ -285,7 +307,7 @@ async fn cbt(bed: &mut Bed, gib: u64) -> Result<()> {
 
 /// Seconds to read `blocks` random 64 KiB blocks of the PVC's file on the host, cold.
 async fn read_once_s(bed: &Bed, pvc: &str, blocks: u64) -> Result<f64> {
-    let path = pvc_image(bed, pvc).await?;
+    let path = bed.primary.claim_image(NS, pvc).await?;
     let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)?;
@@ -302,26 +324,9 @@ async fn read_once_s(bed: &Bed, pvc: &str, blocks: u64) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-async fn pvc_image(bed: &Bed, pvc: &str) -> Result<std::path::PathBuf> {
-    let claim = bed
-        .primary
-        .get("v1", "PersistentVolumeClaim", NS, pvc)
-        .await?
-        .context("the PVC is gone")?;
-    let volume = claim["spec"]["volumeName"].as_str().unwrap_or("");
-    let pv = bed
-        .primary
-        .get("v1", "PersistentVolume", "", volume)
-        .await?
-        .context("the PV is gone")?;
-    Ok(bed
-        .primary
-        .volume_image(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap_or("")))
-}
-
 async fn parallel(bed: &mut Bed, volumes: usize, gib: u64) -> Result<()> {
     let pvcs: Vec<String> = (0..volumes).map(|i| format!("par-{i}")).collect();
-    filled_pvcs(&bed.primary, &pvcs, gib, "bench").await?;
+    filled_pvcs(&bed.primary, &pvcs, gib << 10, "bench").await?;
     let target = bed.pair.addr.clone();
     bed.start_controller();
     let mut rows = Vec::new();
@@ -443,6 +448,84 @@ async fn rpo(bed: &mut Bed, minutes: u64) -> Result<()> {
         pct(&cycles, 0.5),
         cycles.last().copied().unwrap_or(0.0)
     );
+    bed.kill_controller();
+    Ok(())
+}
+
+/// The `rto` case: per set of volumes, the time from a Failover's creation on the standby to
+/// its application ready.
+async fn rto(bed: &mut Bed, gib: u64, volume_mib: u64) -> Result<()> {
+    let target = bed.pair.addr.clone();
+    bed.start_controller();
+    let mut rows = Vec::new();
+    for (app, count, size_mib) in [("rto-one", 1usize, gib << 10), ("rto-ten", 10, volume_mib)] {
+        let pvcs: Vec<String> = (0..count).map(|i| format!("{app}-{i}")).collect();
+        filled_pvcs(&bed.primary, &pvcs, size_mib, app)
+            .await
+            .with_context(|| format!("filling the PVCs of {app}"))?;
+        let deployment = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": app, "namespace": NS, "labels": {"app": app}},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": app}},
+                "template": {
+                    "metadata": {"labels": {"app": app}},
+                    "spec": pod_spec(TOOLS_IMAGE, &["sleep", "3600"], &pvcs, "Always"),
+                },
+            },
+        });
+        bed.primary
+            .create_yaml(&deployment.to_string())
+            .await
+            .context("creating the Deployment")?;
+        bed.primary
+            .create_yaml(
+                &group_yaml(app, "group", &target, "")
+                    .replace("{app: writer}", &format!("{{app: {app}}}")),
+            )
+            .await?;
+        bed.wait_point(app, 1, 30 * MIN).await;
+        bed.patch_spec(app, serde_json::json!({"paused": true}))
+            .await;
+        let name = format!("{app}-now");
+        bed.standby
+            .create_yaml(&format!(
+                "apiVersion: understudy.io/v1alpha1\nkind: Failover\nmetadata: {{name: {name}, namespace: default}}\nspec: {{group: {NS}.{app}, namespaceMap: {{{NS}: {app}}}, timeout: 30m}}\n"
+            ))
+            .await?;
+        let fo = understudy_e2e::standby::finished(&bed.standby, &name, 30 * MIN)
+            .await
+            .with_context(|| format!("waiting for Failover {name}"))?;
+        let report = &fo["status"]["report"];
+        if fo["status"]["phase"] != "Succeeded" {
+            bail!("the failover of {app} failed: {report}");
+        }
+        let written: u64 = report["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["bytesWritten"].as_u64())
+            .sum();
+        rows.push((
+            count,
+            size_mib,
+            report["rtoSeconds"].as_f64().unwrap_or(0.0),
+            written,
+        ));
+    }
+    println!("## Recovery time on the standby (Failover created -> Deployment ready)\n");
+    println!("| volumes | each | RTO s | written | written per s |");
+    println!("|---|---|---|---|---|");
+    for (count, each, rto, written) in rows {
+        println!(
+            "| {count} | {} | {rto:.1} | {} | {}/s |",
+            mib(each << 20),
+            mib(written),
+            mib((written as f64 / rto.max(0.001)) as u64)
+        );
+    }
+    println!();
     bed.kill_controller();
     Ok(())
 }

@@ -82,6 +82,11 @@ pub struct FailoverSpec {
     /// What a point older than `maxPointAge` does.
     #[serde(default)]
     pub rpo_guard: RpoGuardPolicy,
+    /// Drills only: how long the drill's copy stays once the drill has finished (succeeded or
+    /// failed), e.g. `10m`; then its namespaces are deleted and the Failover stays, phase
+    /// `TornDown`, with its report. Without it the copy stays until the Failover is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 fn latest() -> String {
@@ -103,6 +108,10 @@ pub enum FailoverMode {
     /// of the application mapped to one that does not exist yet), while replication goes on;
     /// deleting the Failover deletes those namespaces and everything in them.
     Drill,
+    /// A planned move with no data lost: the primary's source agent, told at its next cycle,
+    /// stops the application (scales it to zero), sends one final point and pauses its group;
+    /// the run then fails over to that point. Needs the primary up.
+    Migrate,
 }
 
 /// What the RPO guard does with a point older than the bound.
@@ -134,6 +143,8 @@ pub enum FailoverPhase {
     /// Accepted; the point is being chosen and checked.
     #[default]
     Pending,
+    /// A migration: waiting for the primary's final point.
+    FinalSync,
     /// The PVCs are being rebuilt from the point (volume populator writers).
     RestoringVolumes,
     /// The application's objects are being applied, transformed.
@@ -144,6 +155,15 @@ pub enum FailoverPhase {
     Succeeded,
     /// The run stopped; the report says where and why.
     Failed,
+    /// A drill's copy was deleted after its `ttl`; the report stays.
+    TornDown,
+}
+
+impl FailoverPhase {
+    /// True once the run has stopped (its outcome known).
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::TornDown)
+    }
 }
 
 /// What the run did.
@@ -163,6 +183,23 @@ pub struct FailoverStatus {
     /// The spec generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// When the run stopped, succeeded or failed (RFC 3339): a drill's `ttl` counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_time: Option<String>,
+}
+
+impl FailoverStatus {
+    /// Whether the run succeeded (the application ran from the point, every volume verified),
+    /// once it has stopped; a drill keeps its outcome after it is torn down.
+    pub fn succeeded(&self) -> Option<bool> {
+        if !self.phase.finished() {
+            return None;
+        }
+        let report = self.report.as_ref();
+        Some(report.is_some_and(|r| {
+            r.error.is_none() && r.rto_seconds.is_some() && r.volumes.iter().all(|v| v.verified)
+        }))
+    }
 }
 
 /// The report of a run.
@@ -187,6 +224,9 @@ pub struct FailoverReport {
     /// One per object applied, as the apply engine reports it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<AppliedObject>,
+    /// A migration: the point is the primary's final state (its application was stopped for it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub final_state: bool,
     /// Warnings (an old point under `rpoGuard: warn`, an object left out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

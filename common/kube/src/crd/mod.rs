@@ -1,10 +1,12 @@
 //! Understudy's own custom resources, defined as Rust types; their CRDs are generated from these
 //! (`source-agent crds`) into `deploy/crds/`, and a test fails when the files there are stale.
 
+pub mod drill_schedule;
 pub mod failover;
 pub mod point_volume;
 pub mod replication_group;
 
+pub use drill_schedule::DrillSchedule;
 pub use failover::Failover;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -15,7 +17,12 @@ pub use replication_group::ReplicationGroup;
 
 /// Every CRD of the project, in apply order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![ReplicationGroup::crd(), PointVolume::crd(), Failover::crd()]
+    vec![
+        ReplicationGroup::crd(),
+        PointVolume::crd(),
+        Failover::crd(),
+        DrillSchedule::crd(),
+    ]
 }
 
 /// The CRDs as one YAML stream, as `deploy/crds/understudy.yaml` holds them.

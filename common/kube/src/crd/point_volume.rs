@@ -85,3 +85,10 @@ pub struct PointVolumeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+impl PointVolumeStatus {
+    /// The writer read back what it wrote and it matched the digest the source declared.
+    pub fn verified(&self) -> bool {
+        self.actual_digest.is_some() && self.actual_digest == self.expected_digest
+    }
+}

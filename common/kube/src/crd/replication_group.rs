@@ -208,6 +208,10 @@ pub struct ReplicationGroupStatus {
     /// When the last cycle started (RFC 3339): the next starts one interval later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_cycle_start: Option<String>,
+    /// A planned migration the standby asked for (a `migrate` Failover), once the controller
+    /// learnt of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
     /// The spec generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -254,6 +258,33 @@ pub struct VolumeStatus {
     /// The point it is the snapshot of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_sequence: Option<u64>,
+}
+
+/// A planned migration, on the primary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// The standby's request (its Failover's uid).
+    pub id: String,
+    /// The step reached.
+    pub phase: MigrationPhase,
+    /// The point committed as the application's final state here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_point: Option<u64>,
+}
+
+/// Steps of a migration on the primary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MigrationPhase {
+    /// The application's Deployments and StatefulSets are scaled to zero (their replicas kept
+    /// in an annotation); the final cycle starts once their pods are gone.
+    #[default]
+    Quiescing,
+    /// The final cycle is under way.
+    FinalCycle,
+    /// The final point is on the standby; the group is paused and the application stays
+    /// stopped here.
+    Done,
 }
 
 /// The cycle under way.
