@@ -12,10 +12,13 @@ fn chunk_of(seed: u8) -> (ChunkHash, Vec<u8>) {
     (ChunkHash::of(&data), chunk::encode(&data, 1))
 }
 
+/// Sizes of the pack files (not `packs/.high`, the id record beside them).
 fn pack_sizes(dir: &std::path::Path) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir.join("packs"))
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .map(|p| p.metadata().unwrap().len())
         .collect();
     v.sort();
     v

@@ -5,6 +5,17 @@
 use std::os::unix::fs::FileExt;
 use understudy_e2e::*;
 
+/// The target's first pack file (`packs/` also holds `.high`, the pack id record).
+fn first_pack(p: &Pair) -> std::path::PathBuf {
+    let mut packs: Vec<_> = std::fs::read_dir(p.target_dir.join("store/packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    packs.sort();
+    packs.into_iter().next().expect("a pack")
+}
+
 #[test]
 fn a_corrupted_chunk_is_found_and_named_and_failover_refuses_it() {
     let (p, a, b) = stored_pair();
@@ -12,12 +23,7 @@ fn a_corrupted_chunk_is_found_and_named_and_failover_refuses_it() {
     // Damage the first data chunk of volume a: find its frame by content hash in the packs.
     let first = std::fs::read(&a).unwrap()[..64 << 10].to_vec();
     let hash = blake3::hash(&first);
-    let pack = std::fs::read_dir(p.target_dir.join("store/packs"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let pack = first_pack(&p);
     let bytes = std::fs::read(&pack).unwrap();
     let at = bytes
         .windows(32)
@@ -81,12 +87,7 @@ fn no_panic(o: &std::process::Output) {
 #[test]
 fn a_truncated_pack_is_found_and_named_and_failover_refuses_it() {
     let (p, _, _) = stored_pair();
-    let pack = std::fs::read_dir(p.target_dir.join("store/packs"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let pack = first_pack(&p);
     let len = std::fs::metadata(&pack).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
