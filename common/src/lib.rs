@@ -20,6 +20,7 @@ pub mod failpoint;
 pub mod files;
 pub mod hash;
 pub mod hooks;
+pub mod keys;
 pub mod metrics;
 pub mod pool;
 pub mod progress;

@@ -85,6 +85,15 @@ pub struct FailoverArgs {
     /// Agent state directory.
     #[arg(long, env = "UNDERSTUDY_DIR")]
     pub dir: PathBuf,
+    /// What to fail over, and where to.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub spec: FailoverSpec,
+}
+
+/// A failover's choices, whatever store it reads (the agent's, or one staged from the archive).
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverSpec {
     /// Group to fail over.
     #[arg(long)]
     pub group: String,
@@ -209,7 +218,7 @@ impl StoreCommand {
         let abs = |p: &Path| {
             std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
         };
-        if let StoreCommand::Failover(a) = self {
+        if let StoreCommand::Failover(FailoverArgs { spec: a, .. }) = self {
             a.out = abs(&a.out)?;
             if let Some(r) = &mut a.transform.rules {
                 *r = abs(r)?;
@@ -239,7 +248,7 @@ impl StoreCommand {
                     )
                 })))
             }
-            StoreCommand::Failover(a) => failover_cmd(store, a, progress),
+            StoreCommand::Failover(a) => failover_cmd(store, &a.spec, progress),
         }
     }
 }
@@ -373,7 +382,8 @@ fn retention(store: &Store, a: &RetentionArgs) -> Result<Reply> {
     )))
 }
 
-fn failover_cmd(store: &Store, a: &FailoverArgs, progress: bool) -> Result<Reply> {
+/// Fails over to a point of `store` as `a` says; `progress` draws a bar per volume.
+pub(crate) fn failover_cmd(store: &Store, a: &FailoverSpec, progress: bool) -> Result<Reply> {
     let devices = parse_map(&a.devices, "device")?
         .into_iter()
         .map(|(k, v)| (k, PathBuf::from(v)))

@@ -82,6 +82,28 @@ async fn a_store_rebuilt_from_the_bucket_alone_fails_every_point_over_bit_exact(
         e.contains("check the credentials"),
         "the reader may write: {e}"
     );
+    // Straight from the bucket, with no store at all.
+    let direct = p.path("direct");
+    let o = archive_cmd(
+        &["failover", "--group", "app", "--point", "2", "--out", s(&direct), "--json"],
+        &reader,
+    );
+    assert!(
+        o.status.success(),
+        "failover from the bucket with read-only keys: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!((r["ok"].clone(), r["point"].clone()), (true.into(), 2.into()), "{r}");
+    vols.assert_restored(&direct, &digests[1], "point 2 straight from the bucket");
+    // A scratch directory that holds something else (here the agent's own) is never used.
+    let o = archive_cmd(
+        &["failover", "--group", "app", "--scratch", s(&p.target_dir), "--out", s(&p.path("x"))],
+        &reader,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("give an empty directory"), "{e}");
+
     let o = archive_cmd(&["restore", "--dir", s(&p.target_dir)], &reader);
     assert!(
         o.status.success(),
@@ -296,23 +318,9 @@ async fn archive_verify_and_restore_name_an_altered_pack_a_cut_pack_and_an_alter
         out.contains("used by group app point 1 volume db at byte"),
         "{out}"
     );
-    let elsewhere = p.path("elsewhere");
-    let o = archive_cmd(&["restore", "--dir", s(&elsewhere)], &f);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = run(
-        "target-agent",
-        &[
-            "failover",
-            "--dir",
-            s(&elsewhere),
-            "--group",
-            "app",
-            "--point",
-            "1",
-            "--out",
-            s(&p.path("out")),
-            "--json",
-        ],
+    let o = archive_cmd(
+        &["failover", "--group", "app", "--point", "1", "--out", s(&p.path("out")), "--json"],
+        &f,
     );
     assert!(
         !o.status.success(),
@@ -320,6 +328,10 @@ async fn archive_verify_and_restore_name_an_altered_pack_a_cut_pack_and_an_alter
     );
     let report = json(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(report["ok"], false, "{report}");
+    assert!(
+        report["volumes"][0]["error"].as_str().is_some_and(|e| e.contains("volume db, block at byte")),
+        "the failover does not name where: {report}"
+    );
 
     // The pack cut short: verify and restore name it and what it should hold.
     std::fs::write(&file, &original[..len as usize - 100]).unwrap();
@@ -348,4 +360,159 @@ async fn archive_verify_and_restore_name_an_altered_pack_a_cut_pack_and_an_alter
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(2), "{out}");
     assert!(out.contains("does not match its manifest"), "{out}");
+}
+
+/// Every file under `dir` (recursively) with `needle` in it.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if std::fs::read(&path)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_archive_holds_nothing_readable_and_opens_only_with_its_key() {
+    let Some(s3) = S3Server::start().await else {
+        return;
+    };
+    let mut p = Pair::new();
+    let key = p.path("archive.key");
+    std::fs::write(&key, hex::encode(pattern(32, 200))).unwrap();
+    let f = s3.flags(
+        "sealed",
+        &["--archive-every", "1s", "--archive-key-file", s(&key)],
+    );
+    p.start_target_env(&f.serve(), &f.env());
+
+    // A block nobody could guess (stored raw: it does not compress) and a Secret's value.
+    let block = pattern(64 * 1024, 42);
+    let secret = "correct-horse-7f3a9c-battery";
+    let vols = Volumes::create(&p, &["db"], 16 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(vols.path(0))
+        .unwrap()
+        .write_all_at(&block, 2 * MIB)
+        .unwrap();
+    let manifests = p.path("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("secret.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db-password\n  namespace: shop\nstringData:\n  password: {secret}\n"
+        ),
+    )
+    .unwrap();
+    p.cycle("app", &vols.refs(), &["--manifests", s(&manifests)]);
+    let first = vols.digests();
+    archived(&s3, "sealed", "app", 1, &p).await;
+
+    // Nothing readable in the bucket: not the block, not its BLAKE3 (raw or hex), not the Secret.
+    let objects = s3.data().join("standby/sealed");
+    let hash = blake3::hash(&block);
+    for (what, needle) in [
+        ("the block", block.clone()),
+        ("the block's BLAKE3", hash.as_bytes().to_vec()),
+        ("the block's BLAKE3 in hex", hash.to_hex().as_bytes().to_vec()),
+        ("the Secret's value", secret.as_bytes().to_vec()),
+    ] {
+        let found = files_holding(&objects, &needle);
+        assert!(found.is_empty(), "{what} is readable in {found:?}");
+    }
+    // The same search finds the block in the target's own packs, which are not sealed yet
+    // (docs/operations.md, "Limits"): the search works.
+    assert!(!files_holding(&p.target_dir.join("store/packs"), &block).is_empty());
+
+    p.kill_target();
+    let out = p.path("out");
+    let failover = |point: &str, out: &std::path::Path, key_flags: &[&str]| {
+        let mut a = vec!["failover", "--group", "app", "--point", point, "--out", s(out), "--json"];
+        a.extend_from_slice(key_flags);
+        archive_cmd(&a, &f)
+    };
+    // Without the key, or with another, it says so and writes nothing.
+    let o = failover("1", &out, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("is encrypted"), "{e}");
+    let wrong = p.path("wrong.key");
+    std::fs::write(&wrong, pattern(32, 201)).unwrap();
+    let o = failover("1", &out, &["--archive-key-file", s(&wrong)]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("is the wrong key"), "{e}");
+    assert!(!out.exists(), "a refused failover wrote {}", out.display());
+
+    // With it: bit-exact, and the Secret comes back among the manifests.
+    let with_key = ["--archive-key-file", s(&key)];
+    let o = failover("1", &out, &with_key);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    vols.assert_restored(&out, &first, "point 1 of the encrypted archive");
+    assert!(!files_holding(&out.join("manifests"), secret.as_bytes()).is_empty());
+    let o = archive_cmd(&["verify", "--archive-key-file", s(&key)], &f);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+
+    // A new key generation seals what comes next; the older data stays readable.
+    let o = archive_cmd(&["rotate-key", "--archive-key-file", s(&key)], &f);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    p.start_target_env(&f.serve(), &f.env());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(vols.path(0))
+        .unwrap()
+        .write_all_at(&pattern(MIB as usize, 43), 8 * MIB)
+        .unwrap();
+    p.cycle("app", &vols.refs(), &["--manifests", s(&manifests)]);
+    let second = vols.digests();
+    archived(&s3, "sealed", "app", 2, &p).await;
+    p.kill_target();
+    let m = newest_manifest(&s3.bucket_at("sealed")).await.unwrap().unwrap();
+    assert_eq!(m.key_generation, Some(2), "{m:?}");
+    for (point, want) in [("1", &first), ("2", &second)] {
+        let out = p.path(&format!("rotated.{point}"));
+        let o = failover(point, &out, &with_key);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        vols.assert_restored(&out, want, &format!("point {point} after the rotation"));
+    }
+
+    // A sealed pack altered: verify names the object; nothing is restored from it.
+    let (id, _) = *m.packs.iter().max_by_key(|(_, l)| *l).unwrap();
+    let pack = objects.join(understudy_archive::layout::pack_name(id));
+    let original = std::fs::read(&pack).unwrap();
+    let mut altered = original.clone();
+    altered[16 + 48 + 100] ^= 0x10; // inside the first record's sealed frame
+    std::fs::write(&pack, &altered).unwrap();
+    let o = archive_cmd(&["verify", "--archive-key-file", s(&key)], &f);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains(&understudy_archive::layout::pack_name(id)) && out.contains("does not decrypt"),
+        "{out}"
+    );
+    std::fs::write(&pack, &original).unwrap();
+
+    // The first generation's key object lost: what it sealed is refused by name.
+    std::fs::remove_file(objects.join("keys/00000001.json")).unwrap();
+    let out = p.path("lost");
+    let o = failover("1", &out, &with_key);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("key generation 1 is missing"),
+        "{e}"
+    );
+    let o = archive_cmd(&["verify", "--archive-key-file", s(&key)], &f);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(out.contains("key generation 1 is missing"), "{out}");
 }

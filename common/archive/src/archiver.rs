@@ -2,15 +2,18 @@
 //! the pack being written and snapshots the catalog (a moment's lock, the only contact with
 //! commits), uploads the packs the bucket lacks (resumable multipart), then the snapshot, then
 //! its manifest; then applies the archive's own retention. Rounds run one at a time, every
-//! `--archive-every`, and a failed round is logged, counted and tried again at the next.
+//! `--archive-every`, and a failed round is logged, counted and tried again at the next. In an
+//! encrypted archive each pack is sealed into a file beside the store before its upload (the
+//! same bytes every time, so an interrupted upload resumes), and so is the snapshot.
 
 use crate::bucket::Bucket;
 use crate::layout::{self, Manifest};
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use understudy_common::keys::{Kek, Keyring};
 use understudy_common::metrics::Metrics;
 use understudy_common::store::Store;
 use understudy_common::store::pack::pack_path;
@@ -34,6 +37,10 @@ pub struct Archiver {
     scratch: PathBuf,
     policy: Policy,
     metrics: Arc<Metrics>,
+    /// The KEK of an encrypted archive.
+    kek: Option<Kek>,
+    /// Sealed sizes of packs, by (id, local length): what their objects' sizes must be.
+    sealed_len: Mutex<HashMap<(u32, u64), u64>>,
 }
 
 /// What a round did.
@@ -52,13 +59,14 @@ pub struct Round {
 }
 
 impl Archiver {
-    /// An archiver of `store` into `bucket`.
+    /// An archiver of `store` into `bucket`, encrypted when a `kek` is given.
     pub fn new(
         store: Arc<Store>,
         bucket: Bucket,
         scratch: PathBuf,
         policy: Policy,
         metrics: Arc<Metrics>,
+        kek: Option<Kek>,
     ) -> Self {
         Archiver {
             store,
@@ -66,6 +74,8 @@ impl Archiver {
             scratch,
             policy,
             metrics,
+            kek,
+            sealed_len: Mutex::default(),
         }
     }
 
@@ -105,6 +115,10 @@ impl Archiver {
 
     /// One round (see the module's doc).
     pub async fn round(&self, gate: &tokio::sync::RwLock<()>) -> Result<Round> {
+        // Read every round: a generation made by `archive rotate-key` seals from the next one.
+        let keys = crate::keys::for_writing(&self.bucket, self.kek.as_ref())
+            .await?
+            .map(Arc::new);
         let newest = newest_manifest(&self.bucket).await?;
         let tmp = self.scratch.join("archive-snapshot.tmp");
         let (sum, blake3, bytes) = self.snapshot(tmp.clone()).await?;
@@ -130,23 +144,20 @@ impl Archiver {
             .into_iter()
             .filter_map(|o| Some((layout::pack_id(&o.name)?, o.size)))
             .collect();
-        let behind = sum
-            .packs
-            .iter()
-            .filter(|(id, len)| in_bucket.get(id) != Some(len))
-            .map(|(_, len)| *len)
-            .sum::<u64>();
-        self.metrics.archive_bytes_behind.set(behind as i64);
         {
             let _shared = gate.read().await;
-            for (id, len) in &sum.packs {
-                if in_bucket.get(id) == Some(len) {
-                    continue;
+            let mut missing = Vec::new();
+            for &(id, len) in &sum.packs {
+                let object_len = self.object_len(keys.is_some(), id, len).await?;
+                if in_bucket.get(&id) != Some(&object_len) {
+                    missing.push((id, len, object_len));
                 }
-                let path = pack_path(&self.store.root().join("packs"), *id);
+            }
+            let behind = missing.iter().map(|(_, len, _)| len).sum::<u64>();
+            self.metrics.archive_bytes_behind.set(behind as i64);
+            for (id, len, object_len) in missing {
                 let up = self
-                    .bucket
-                    .upload_file(&layout::pack_name(*id), &path, *len)
+                    .upload_pack(keys.as_ref(), id, len, object_len)
                     .await
                     .with_context(|| format!("uploading pack {id}"))?;
                 round.packs += 1;
@@ -155,6 +166,10 @@ impl Archiver {
             }
         }
         let stamp = layout::stamp(understudy_common::now_ms());
+        let (blake3, bytes) = match &keys {
+            None => (blake3, bytes),
+            Some(k) => self.seal_snapshot(k.clone(), &stamp, &tmp).await?,
+        };
         let up = self
             .bucket
             .upload_file(&layout::snapshot_name(&stamp), &tmp, bytes)
@@ -170,6 +185,7 @@ impl Archiver {
             snapshot_blake3: blake3,
             packs: sum.packs.clone(),
             points: sum.points.clone(),
+            key_generation: keys.as_ref().and_then(|k| k.current()).map(|k| k.generation()),
         };
         let written = self
             .bucket
@@ -213,6 +229,67 @@ impl Archiver {
                 hashing.hash.finalize().to_hex().to_string(),
                 hashing.len,
             ))
+        })
+        .await?
+    }
+
+    /// The size pack `id` of `len` bytes has as an object: `len`, or sealed its sealed size
+    /// (counted once from its frame headers, then remembered).
+    async fn object_len(&self, sealed: bool, id: u32, len: u64) -> Result<u64> {
+        if !sealed {
+            return Ok(len);
+        }
+        if let Some(n) = self.sealed_len.lock().expect("lock").get(&(id, len)) {
+            return Ok(*n);
+        }
+        let path = pack_path(&self.store.root().join("packs"), id);
+        let n = tokio::task::spawn_blocking(move || crate::sealed::pack_sealed_len(&path, id, len))
+            .await??;
+        self.sealed_len.lock().expect("lock").insert((id, len), n);
+        Ok(n)
+    }
+
+    /// Uploads pack `id` (its first `len` bytes), sealed into a file beside the store first in an
+    /// encrypted archive.
+    async fn upload_pack(
+        &self,
+        keys: Option<&Arc<Keyring>>,
+        id: u32,
+        len: u64,
+        object_len: u64,
+    ) -> Result<crate::bucket::Upload> {
+        let path = pack_path(&self.store.root().join("packs"), id);
+        let name = layout::pack_name(id);
+        let Some(keys) = keys else {
+            return self.bucket.upload_file(&name, &path, len).await;
+        };
+        let sealed = self.scratch.join("archive-pack.sealed");
+        let (k, out) = (keys.clone(), sealed.clone());
+        let n = tokio::task::spawn_blocking(move || {
+            let key = k.current().expect("an encrypted archive has a generation");
+            crate::sealed::seal_pack(key, id, &path, len, &out)
+        })
+        .await??;
+        anyhow::ensure!(
+            n == object_len,
+            "pack {id} sealed into {n} bytes, its frames counted {object_len}: it changed while read"
+        );
+        let up = self.bucket.upload_file(&name, &sealed, n).await;
+        let _ = std::fs::remove_file(&sealed);
+        up
+    }
+
+    /// Seals the snapshot file `tmp` in place for `stamp`: its BLAKE3 and size sealed.
+    async fn seal_snapshot(&self, keys: Arc<Keyring>, stamp: &str, tmp: &Path) -> Result<(String, u64)> {
+        let (stamp, tmp) = (stamp.to_string(), tmp.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let key = keys.current().expect("an encrypted archive has a generation");
+            let sealed = tmp.with_extension("sealed");
+            let n = crate::sealed::seal_snapshot(key, &stamp, &tmp, &sealed)?;
+            std::fs::rename(&sealed, &tmp)?;
+            let mut h = blake3::Hasher::new();
+            h.update_reader(std::fs::File::open(&tmp)?)?;
+            Ok((h.finalize().to_hex().to_string(), n))
         })
         .await?
     }

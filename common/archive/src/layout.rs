@@ -4,7 +4,10 @@
 //! packs/<id, 8 hex digits>.pack    a sealed pack, byte for byte as the store has it
 //! catalog/<ms, 16 digits>.snap     a catalog snapshot (common::store::snapshot)
 //! catalog/<ms, 16 digits>.json     its manifest, written last: a snapshot counts once it is there
+//! keys/<generation, 8 digits>.json an encrypted archive's key generation, wrapped by the KEK
 //! ```
+//! In an encrypted archive packs and snapshots are sealed (crate::sealed); manifests and key
+//! objects hold no data.
 //!
 //! A manifest is written only after its snapshot and every pack it lists are complete objects,
 //! so the archive never lists a point whose data is not in the bucket.
@@ -17,6 +20,8 @@ use understudy_common::store::snapshot::PointSummary;
 pub const PACKS: &str = "packs/";
 /// Directory of the snapshots and their manifests.
 pub const CATALOG: &str = "catalog/";
+/// Directory of the key objects.
+pub const KEYS: &str = "keys/";
 
 /// The object of pack `id`.
 pub fn pack_name(id: u32) -> String {
@@ -66,6 +71,9 @@ pub struct Manifest {
     pub packs: Vec<(u32, u64)>,
     /// Its points.
     pub points: Vec<PointSummary>,
+    /// The key generation its snapshot is sealed with; `None`: the archive is not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_generation: Option<u32>,
 }
 
 /// Version of [`Manifest`].

@@ -4,10 +4,13 @@
 
 pub mod archiver;
 pub mod bucket;
+pub mod keys;
 pub mod layout;
 pub mod restore;
+pub mod sealed;
 pub mod verify;
 
 pub use archiver::{Archiver, Policy};
 pub use aws_sdk_s3::config::Credentials;
 pub use bucket::{Bucket, BucketArgs};
+pub use keys::KeyArgs;

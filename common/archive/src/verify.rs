@@ -8,6 +8,7 @@ use crate::bucket::Bucket;
 use crate::layout;
 use anyhow::Result;
 use std::path::Path;
+use understudy_common::keys::Keyring;
 use understudy_common::store::pack::pack_id_of;
 use understudy_common::store::verify::Problem;
 
@@ -42,9 +43,15 @@ impl ArchiveReport {
     }
 }
 
-/// Verifies the snapshots `stamps` (every one when `all`, else the newest) using `scratch` for
-/// the downloads.
-pub async fn verify(bucket: &Bucket, scratch: &Path, all: bool) -> Result<ArchiveReport> {
+/// Verifies the snapshots of the archive (every one when `all`, else the newest) using
+/// `scratch` for the downloads, with its `keys` when it is encrypted (a sealed object that does
+/// not open is a problem named by its object).
+pub async fn verify(
+    bucket: &Bucket,
+    keys: Option<&Keyring>,
+    scratch: &Path,
+    all: bool,
+) -> Result<ArchiveReport> {
     let mut chosen = manifests(bucket).await?;
     if !all && chosen.len() > 1 {
         chosen.drain(..chosen.len() - 1);
@@ -59,7 +66,7 @@ pub async fn verify(bucket: &Bucket, scratch: &Path, all: bool) -> Result<Archiv
     for m in &chosen {
         let _ = std::fs::remove_file(root.join("catalog.redb"));
         report.snapshots_checked += 1;
-        let store = match crate::restore::restore(bucket, &root, Some(&m.stamp)).await {
+        let store = match crate::restore::restore(bucket, keys, &root, Some(&m.stamp)).await {
             Ok((store, _)) => store,
             Err(e) => {
                 report.problems.push(ArchiveProblem {

@@ -38,6 +38,14 @@ pub fn pack_path(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("{id:08x}.pack"))
 }
 
+/// The header of pack `id`.
+pub fn pack_header(id: u32) -> [u8; PACK_HEADER_LEN as usize] {
+    let mut h = [0u8; PACK_HEADER_LEN as usize];
+    h[..8].copy_from_slice(PACK_MAGIC);
+    h[8..12].copy_from_slice(&id.to_le_bytes());
+    h
+}
+
 /// Parses a pack file name back into its id.
 pub fn pack_id_of(name: &str) -> Option<u32> {
     let hex = name.strip_suffix(".pack")?;
@@ -65,10 +73,7 @@ impl PackWriter {
             .create_new(true)
             .open(&path)
             .with_context(|| format!("cannot create pack {}", path.display()))?;
-        let mut header = PACK_MAGIC.to_vec();
-        header.extend_from_slice(&id.to_le_bytes());
-        header.extend_from_slice(&[0; 4]);
-        file.write_all(&header)
+        file.write_all(&pack_header(id))
             .with_context(|| format!("cannot write pack header {}", path.display()))?;
         crate::files::sync_dir(dir)?;
         Ok(PackWriter {

@@ -153,7 +153,13 @@ impl Store {
     /// Makes the catalog of a new store at `root` from a snapshot (its packs already in
     /// `root/packs`, each at least as long as the snapshot says), then opens the store. Refuses
     /// a store that already has a catalog, and a snapshot that is cut short or damaged.
-    pub fn import_catalog(root: &Path, input: impl Read) -> Result<(Store, SnapshotSummary)> {
+    /// `used_ids` is the highest pack id used elsewhere for this store's data (by newer packs
+    /// in its archive): the store never makes a pack of that id or below.
+    pub fn import_catalog(
+        root: &Path,
+        input: impl Read,
+        used_ids: u32,
+    ) -> Result<(Store, SnapshotSummary)> {
         let path = root.join("catalog.redb");
         if path.exists() {
             bail!(
@@ -186,9 +192,8 @@ impl Store {
             }
         }
         let store = Store::open(root)?;
-        if let Some(high) = sum.packs.iter().map(|(id, _)| *id).max() {
-            store.packs.raise_high(high)?;
-        }
+        let high = sum.packs.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        store.packs.raise_high(high.max(used_ids))?;
         Ok((store, sum))
     }
 }
