@@ -103,7 +103,8 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub all: bool,
     /// Where to download what is checked (needs room for the packs; default: a temporary
-    /// directory, removed after).
+    /// directory, removed after): an empty directory, or one an earlier `archive verify` or
+    /// `archive failover` staged in (packs already there are not fetched again).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
     /// Print JSON instead of text.
