@@ -78,9 +78,8 @@ impl Kek {
                 KekSecret::Key(parse_key(text.as_bytes()).with_context(|| format!("{source}"))?)
             }
             KekSource::PassphraseFile(p) => {
-                let raw = std::fs::read(p).with_context(|| {
-                    format!("cannot read the passphrase file {}", p.display())
-                })?;
+                let raw = std::fs::read(p)
+                    .with_context(|| format!("cannot read the passphrase file {}", p.display()))?;
                 let line = raw.split(|b| *b == b'\n').next().unwrap_or_default();
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if line.len() < 12 {
@@ -182,12 +181,14 @@ impl KeyObject {
     pub fn create(kek: &Kek, generation: u32) -> Result<(KeyObject, DataKey)> {
         let rng = SystemRandom::new();
         let mut secrets = [0u8; 64];
-        rng.fill(&mut secrets).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+        rng.fill(&mut secrets)
+            .map_err(|_| anyhow::anyhow!("no system randomness"))?;
         let kdf = match kek.secret {
             KekSecret::Key(_) => None,
             KekSecret::Passphrase(_) => {
                 let mut salt = [0u8; 16];
-                rng.fill(&mut salt).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+                rng.fill(&mut salt)
+                    .map_err(|_| anyhow::anyhow!("no system randomness"))?;
                 Some(Argon2Params {
                     m_kib: ARGON2_M_KIB,
                     t: ARGON2_T,
@@ -197,7 +198,8 @@ impl KeyObject {
             }
         };
         let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+        rng.fill(&mut nonce)
+            .map_err(|_| anyhow::anyhow!("no system randomness"))?;
         let mut wrapped = secrets.to_vec();
         kek.wrapping_key(kdf.as_ref())?
             .seal_in_place_append_tag(
@@ -250,7 +252,11 @@ impl KeyObject {
                 )
             })?;
         let secrets: &[u8; 64] = (&*secrets).try_into().with_context(|| {
-            format!("key generation {} holds {} bytes, not 64", self.generation, secrets.len())
+            format!(
+                "key generation {} holds {} bytes, not 64",
+                self.generation,
+                secrets.len()
+            )
         })?;
         let key = DataKey::from_secrets(self.generation, secrets);
         wrapped.fill(0);
@@ -263,6 +269,15 @@ pub struct DataKey {
     generation: u32,
     seal: LessSafeKey,
     address: [u8; 32],
+}
+
+/// Shows the generation only, never the secrets.
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DataKey {
@@ -297,7 +312,9 @@ impl DataKey {
         for p in parts {
             h.update(&(p.len() as u64).to_le_bytes()).update(p);
         }
-        h.finalize().as_bytes()[..NONCE_LEN].try_into().expect("12 bytes")
+        h.finalize().as_bytes()[..NONCE_LEN]
+            .try_into()
+            .expect("12 bytes")
     }
 
     /// Seals `data` in place (the tag appended), bound to `aad`. `nonce` must never repeat
@@ -416,7 +433,10 @@ mod tests {
         let kek = Kek::load(KekSource::PassphraseFile(p.clone())).unwrap();
         let (obj, key) = KeyObject::create(&kek, 1).unwrap();
         assert!(obj.kdf.is_some());
-        assert_eq!(obj.open(&kek).unwrap().address(&[0; 32]), key.address(&[0; 32]));
+        assert_eq!(
+            obj.open(&kek).unwrap().address(&[0; 32]),
+            key.address(&[0; 32])
+        );
         std::fs::write(&p, "correct horse battery stapler").unwrap();
         let other = Kek::load(KekSource::PassphraseFile(p.clone())).unwrap();
         assert!(format!("{:#}", obj.open(&other).unwrap_err()).contains("wrong key"));

@@ -164,7 +164,10 @@ fn bucket(args: &BucketArgs) -> Result<Bucket> {
 }
 
 /// The keys to read `b` with (none for an archive that is not encrypted).
-async fn reading_keys(b: &Bucket, key: &KeyArgs) -> Result<Option<understudy_common::keys::Keyring>> {
+async fn reading_keys(
+    b: &Bucket,
+    key: &KeyArgs,
+) -> Result<Option<understudy_common::keys::Keyring>> {
     understudy_archive::keys::for_reading(b, key.kek()?.as_ref()).await
 }
 
@@ -261,8 +264,11 @@ impl Scratch {
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --scratch {}", dir.display()))?;
-        std::fs::write(dir.join(SCRATCH_MARK), b"staged archive downloads; safe to delete\n")
-            .with_context(|| format!("cannot write in --scratch {}", dir.display()))?;
+        std::fs::write(
+            dir.join(SCRATCH_MARK),
+            b"staged archive downloads; safe to delete\n",
+        )
+        .with_context(|| format!("cannot write in --scratch {}", dir.display()))?;
         Ok(Scratch {
             path: dir.to_path_buf(),
             _temp: None,
@@ -279,7 +285,7 @@ async fn failover(a: FailoverArgs) -> Result<ExitCode> {
     let (store, r) =
         understudy_archive::restore::restore(&b, keys.as_ref(), &root, a.snapshot.as_deref())
             .await
-        .context("cannot stage the archive for failover")?;
+            .context("cannot stage the archive for failover")?;
     tracing::info!(snapshot = %r.stamp, packs = r.packs, mib = r.bytes >> 20, "staged the archive");
     let spec = a.failover;
     // Bars show only on a terminal.

@@ -85,7 +85,16 @@ async fn a_store_rebuilt_from_the_bucket_alone_fails_every_point_over_bit_exact(
     // Straight from the bucket, with no store at all.
     let direct = p.path("direct");
     let o = archive_cmd(
-        &["failover", "--group", "app", "--point", "2", "--out", s(&direct), "--json"],
+        &[
+            "failover",
+            "--group",
+            "app",
+            "--point",
+            "2",
+            "--out",
+            s(&direct),
+            "--json",
+        ],
         &reader,
     );
     assert!(
@@ -94,15 +103,30 @@ async fn a_store_rebuilt_from_the_bucket_alone_fails_every_point_over_bit_exact(
         String::from_utf8_lossy(&o.stderr)
     );
     let r = json(&String::from_utf8_lossy(&o.stdout));
-    assert_eq!((r["ok"].clone(), r["point"].clone()), (true.into(), 2.into()), "{r}");
+    assert_eq!(
+        (r["ok"].clone(), r["point"].clone()),
+        (true.into(), 2.into()),
+        "{r}"
+    );
     vols.assert_restored(&direct, &digests[1], "point 2 straight from the bucket");
     // A scratch directory that holds something else (here the agent's own) is never used.
     let o = archive_cmd(
-        &["failover", "--group", "app", "--scratch", s(&p.target_dir), "--out", s(&p.path("x"))],
+        &[
+            "failover",
+            "--group",
+            "app",
+            "--scratch",
+            s(&p.target_dir),
+            "--out",
+            s(&p.path("x")),
+        ],
         &reader,
     );
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("give an empty directory"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("give an empty directory"),
+        "{e}"
+    );
 
     let o = archive_cmd(&["restore", "--dir", s(&p.target_dir)], &reader);
     assert!(
@@ -319,7 +343,16 @@ async fn archive_verify_and_restore_name_an_altered_pack_a_cut_pack_and_an_alter
         "{out}"
     );
     let o = archive_cmd(
-        &["failover", "--group", "app", "--point", "1", "--out", s(&p.path("out")), "--json"],
+        &[
+            "failover",
+            "--group",
+            "app",
+            "--point",
+            "1",
+            "--out",
+            s(&p.path("out")),
+            "--json",
+        ],
         &f,
     );
     assert!(
@@ -329,7 +362,9 @@ async fn archive_verify_and_restore_name_an_altered_pack_a_cut_pack_and_an_alter
     let report = json(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(report["ok"], false, "{report}");
     assert!(
-        report["volumes"][0]["error"].as_str().is_some_and(|e| e.contains("volume db, block at byte")),
+        report["volumes"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("volume db, block at byte")),
         "the failover does not name where: {report}"
     );
 
@@ -426,7 +461,10 @@ async fn an_encrypted_archive_holds_nothing_readable_and_opens_only_with_its_key
     for (what, needle) in [
         ("the block", block.clone()),
         ("the block's BLAKE3", hash.as_bytes().to_vec()),
-        ("the block's BLAKE3 in hex", hash.to_hex().as_bytes().to_vec()),
+        (
+            "the block's BLAKE3 in hex",
+            hash.to_hex().as_bytes().to_vec(),
+        ),
         ("the Secret's value", secret.as_bytes().to_vec()),
     ] {
         let found = files_holding(&objects, &needle);
@@ -439,7 +477,16 @@ async fn an_encrypted_archive_holds_nothing_readable_and_opens_only_with_its_key
     p.kill_target();
     let out = p.path("out");
     let failover = |point: &str, out: &std::path::Path, key_flags: &[&str]| {
-        let mut a = vec!["failover", "--group", "app", "--point", point, "--out", s(out), "--json"];
+        let mut a = vec![
+            "failover",
+            "--group",
+            "app",
+            "--point",
+            point,
+            "--out",
+            s(out),
+            "--json",
+        ];
         a.extend_from_slice(key_flags);
         archive_cmd(&a, &f)
     };
@@ -477,7 +524,10 @@ async fn an_encrypted_archive_holds_nothing_readable_and_opens_only_with_its_key
     let second = vols.digests();
     archived(&s3, "sealed", "app", 2, &p).await;
     p.kill_target();
-    let m = newest_manifest(&s3.bucket_at("sealed")).await.unwrap().unwrap();
+    let m = newest_manifest(&s3.bucket_at("sealed"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m.key_generation, Some(2), "{m:?}");
     for (point, want) in [("1", &first), ("2", &second)] {
         let out = p.path(&format!("rotated.{point}"));
@@ -497,7 +547,8 @@ async fn an_encrypted_archive_holds_nothing_readable_and_opens_only_with_its_key
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(2), "{out}");
     assert!(
-        out.contains(&understudy_archive::layout::pack_name(id)) && out.contains("does not decrypt"),
+        out.contains(&understudy_archive::layout::pack_name(id))
+            && out.contains("does not decrypt"),
         "{out}"
     );
     std::fs::write(&pack, &original).unwrap();

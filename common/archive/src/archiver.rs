@@ -185,7 +185,10 @@ impl Archiver {
             snapshot_blake3: blake3,
             packs: sum.packs.clone(),
             points: sum.points.clone(),
-            key_generation: keys.as_ref().and_then(|k| k.current()).map(|k| k.generation()),
+            key_generation: keys
+                .as_ref()
+                .and_then(|k| k.current())
+                .map(|k| k.generation()),
         };
         let written = self
             .bucket
@@ -280,10 +283,17 @@ impl Archiver {
     }
 
     /// Seals the snapshot file `tmp` in place for `stamp`: its BLAKE3 and size sealed.
-    async fn seal_snapshot(&self, keys: Arc<Keyring>, stamp: &str, tmp: &Path) -> Result<(String, u64)> {
+    async fn seal_snapshot(
+        &self,
+        keys: Arc<Keyring>,
+        stamp: &str,
+        tmp: &Path,
+    ) -> Result<(String, u64)> {
         let (stamp, tmp) = (stamp.to_string(), tmp.to_path_buf());
         tokio::task::spawn_blocking(move || {
-            let key = keys.current().expect("an encrypted archive has a generation");
+            let key = keys
+                .current()
+                .expect("an encrypted archive has a generation");
             let sealed = tmp.with_extension("sealed");
             let n = crate::sealed::seal_snapshot(key, &stamp, &tmp, &sealed)?;
             std::fs::rename(&sealed, &tmp)?;

@@ -48,7 +48,11 @@ async fn key_objects(bucket: &Bucket) -> Result<Vec<KeyObject>> {
             continue; // deleted since the listing
         };
         out.push(serde_json::from_slice(&bytes).with_context(|| {
-            format!("{}{} is not a key object: the archive is damaged", bucket.describe(), o.name)
+            format!(
+                "{}{} is not a key object: the archive is damaged",
+                bucket.describe(),
+                o.name
+            )
         })?);
     }
     out.sort_by_key(|o: &KeyObject| o.generation);
@@ -109,7 +113,10 @@ async fn create_generation(
 ) -> Result<understudy_common::keys::DataKey> {
     let (obj, key) = KeyObject::create(kek, g)?;
     let name = key_object_name(g);
-    if !bucket.put_new(&name, serde_json::to_vec_pretty(&obj)?).await? {
+    if !bucket
+        .put_new(&name, serde_json::to_vec_pretty(&obj)?)
+        .await?
+    {
         bail!(
             "{}{name} was created meanwhile: is another agent writing keys into this archive? run again",
             bucket.describe()

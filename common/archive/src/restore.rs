@@ -121,13 +121,7 @@ pub async fn restore(
         open_sealed(&snap, |sealed, plain| {
             crate::sealed::open_snapshot(keys, &m.stamp, sealed, plain)
         })
-        .with_context(|| {
-            format!(
-                "{}{}",
-                bucket.describe(),
-                layout::snapshot_name(&m.stamp)
-            )
-        })?;
+        .with_context(|| format!("{}{}", bucket.describe(), layout::snapshot_name(&m.stamp)))?;
     }
     let used_ids = highest_pack_id(bucket).await?;
     let file = std::fs::File::open(&snap)?;
@@ -163,7 +157,11 @@ fn open_sealed<T>(path: &Path, open: impl FnOnce(&Path, &Path) -> Result<T>) -> 
 /// restored from an older snapshot must not make a pack of that id again (its archive would
 /// then hold two different packs under one name).
 async fn highest_pack_id(bucket: &Bucket) -> Result<u32> {
-    let objects = bucket.list(layout::PACKS).await?.into_iter().map(|o| o.name);
+    let objects = bucket
+        .list(layout::PACKS)
+        .await?
+        .into_iter()
+        .map(|o| o.name);
     // Read-only keys may not list uploads (s3:ListBucketMultipartUploads): then objects only.
     let uploads = match bucket.uploads(layout::PACKS).await {
         Ok(u) => u,

@@ -44,7 +44,8 @@ pub fn sealed_pack_len(len: u64, frames: u64) -> u64 {
 
 /// Seals the first `len` bytes of local pack `id` at `src` into `dst`; returns the sealed length.
 pub fn seal_pack(key: &DataKey, id: u32, src: &Path, len: u64, dst: &Path) -> Result<u64> {
-    let file = std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    let file =
+        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
     check_header(&file, id)?;
     let mut out = BufWriter::new(create(dst)?);
     out.write_all(PACK_MAGIC)?;
@@ -87,7 +88,8 @@ pub fn seal_pack(key: &DataKey, id: u32, src: &Path, len: u64, dst: &Path) -> Re
 /// The sealed length of the first `len` bytes of local pack `id` (its frames counted from
 /// their headers, nothing decoded).
 pub fn pack_sealed_len(src: &Path, id: u32, len: u64) -> Result<u64> {
-    let file = std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    let file =
+        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
     check_header(&file, id)?;
     let (mut at, mut frames) = (PACK_HEADER_LEN, 0);
     while at < len {
@@ -189,11 +191,16 @@ pub fn seal_snapshot(key: &DataKey, stamp: &str, src: &Path, dst: &Path) -> Resu
     let (mut seg, mut next) = (vec![0u8; SEGMENT], vec![0u8; SEGMENT]);
     let mut n = read_full(&mut input, &mut seg)?;
     for index in 0.. {
-        let m = if n == SEGMENT { read_full(&mut input, &mut next)? } else { 0 };
+        let m = if n == SEGMENT {
+            read_full(&mut input, &mut next)?
+        } else {
+            0
+        };
         let last = m == 0;
         let mut data = seg[..n].to_vec();
         let mut nonce = [0u8; 12];
-        rng.fill(&mut nonce).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+        rng.fill(&mut nonce)
+            .map_err(|_| anyhow::anyhow!("no system randomness"))?;
         key.seal(nonce, &segment_aad(stamp, index, last), &mut data);
         let field = data.len() as u32 | if last { LAST } else { 0 };
         out.write_all(&nonce)?;
@@ -303,7 +310,10 @@ mod tests {
                 vec![b'a'; 70_000]
             } else {
                 let mut v = vec![0u8; 65_536];
-                blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut v);
+                blake3::Hasher::new()
+                    .update(&[seed])
+                    .finalize_xof()
+                    .fill(&mut v);
                 v
             };
             w.append(&chunk::encode(&raw, 3)).unwrap();
@@ -318,18 +328,28 @@ mod tests {
         let keys = ring(d.path());
         let key = keys.current().unwrap();
         let (src, len) = pack(d.path());
-        let (a, b, back) = (d.path().join("a"), d.path().join("b"), d.path().join("back"));
+        let (a, b, back) = (
+            d.path().join("a"),
+            d.path().join("b"),
+            d.path().join("back"),
+        );
         let n = seal_pack(key, 5, &src, len, &a).unwrap();
         assert_eq!(n, std::fs::metadata(&a).unwrap().len());
         assert_eq!(n, pack_sealed_len(&src, 5, len).unwrap());
         seal_pack(key, 5, &src, len, &b).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         assert_eq!(open_pack(&keys, 5, &a, &back).unwrap(), len);
-        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&src).unwrap()[..len as usize]);
+        assert_eq!(
+            std::fs::read(&back).unwrap(),
+            std::fs::read(&src).unwrap()[..len as usize]
+        );
         // No frame header (which holds the plain hash) is left in the clear.
         let sealed = std::fs::read(&a).unwrap();
         assert!(!sealed.windows(4).any(|w| w == b"UCK1"));
-        assert!(open_pack(&keys, 6, &a, &back).is_err(), "opened as another pack");
+        assert!(
+            open_pack(&keys, 6, &a, &back).is_err(),
+            "opened as another pack"
+        );
     }
 
     #[test]
@@ -348,7 +368,11 @@ mod tests {
         let mut flipped = good.clone();
         flipped[16 + RECORD_PREFIX + 10] ^= 1;
         assert!(try_open(&flipped).unwrap_err().contains("does not decrypt"));
-        assert!(try_open(&good[..good.len() - 1]).unwrap_err().contains("cut short"));
+        assert!(
+            try_open(&good[..good.len() - 1])
+                .unwrap_err()
+                .contains("cut short")
+        );
         // The first and third records (same sealed length) swapped: each opens, neither is in
         // its place.
         let rec = |i: usize| {
@@ -378,7 +402,10 @@ mod tests {
         seal_snapshot(keys.current().unwrap(), "0001", &src, &sealed).unwrap();
         open_snapshot(&keys, "0001", &sealed, &back).unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), plain);
-        assert!(open_snapshot(&keys, "0002", &sealed, &back).is_err(), "opened as another stamp");
+        assert!(
+            open_snapshot(&keys, "0002", &sealed, &back).is_err(),
+            "opened as another stamp"
+        );
         let good = std::fs::read(&sealed).unwrap();
         let seg = 16 + SEGMENT + TAG_LEN;
         let try_open = |bytes: &[u8]| {
@@ -387,7 +414,11 @@ mod tests {
             open_snapshot(&keys, "0001", &p, &back).map_err(|e| format!("{e:#}"))
         };
         // Cut after two whole segments.
-        assert!(try_open(&good[..16 + 2 * seg]).unwrap_err().contains("cut short"));
+        assert!(
+            try_open(&good[..16 + 2 * seg])
+                .unwrap_err()
+                .contains("cut short")
+        );
         // Cut there, the second segment marked last: its tag no longer matches.
         let mut dropped = good[..16 + 2 * seg].to_vec();
         let field = 16 + seg + 12;
@@ -395,7 +426,11 @@ mod tests {
         assert!(try_open(&dropped).unwrap_err().contains("does not decrypt"));
         let mut longer = good.clone();
         longer.push(0);
-        assert!(try_open(&longer).unwrap_err().contains("follow its last segment"));
+        assert!(
+            try_open(&longer)
+                .unwrap_err()
+                .contains("follow its last segment")
+        );
     }
 
     #[test]
