@@ -23,6 +23,9 @@ pub struct ArchiveArgs {
     /// archive can restore.
     #[arg(long = "archive-keep", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=10000))]
     pub keep: u64,
+    /// Also delete archived snapshots older than this (e.g. `30d`); the newest is always kept.
+    #[arg(id = "archive_max_age", long = "archive-max-age", value_parser = humantime::parse_duration)]
+    pub max_age: Option<Duration>,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -42,6 +45,7 @@ pub fn start(
     let policy = Policy {
         every: a.every,
         keep: a.keep as usize,
+        max_age: a.max_age,
     };
     let archiver = Archiver::new(ctx.store.clone(), bucket, dir, policy, metrics, kek);
     tokio::spawn(async move { archiver.run(&ctx.gc_gate, std::future::pending()).await });

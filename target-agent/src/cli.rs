@@ -264,3 +264,14 @@ async fn stop_signal() {
         std::process::exit(128 + no);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's flags are consistent: unique ids, valid conflicts and defaults (clap
+    /// checks these only when a command is parsed, so a clash would stop that command at run time).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

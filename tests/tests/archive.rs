@@ -567,3 +567,80 @@ async fn an_encrypted_archive_holds_nothing_readable_and_opens_only_with_its_key
     assert_eq!(o.status.code(), Some(2), "{out}");
     assert!(out.contains("key generation 1 is missing"), "{out}");
 }
+
+/// The archived snapshots' stamps: (manifests, snapshot objects).
+async fn catalog_objects(s3: &S3Server, prefix: &str) -> (usize, usize) {
+    let names: Vec<String> = s3
+        .bucket_at(prefix)
+        .list(understudy_archive::layout::CATALOG)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    let count = |ext: &str| names.iter().filter(|n| n.ends_with(ext)).count();
+    (count(".json"), count(".snap"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_archive_keeps_its_own_number_and_age_of_snapshots() {
+    let Some(s3) = S3Server::start().await else {
+        return;
+    };
+    let mut p = Pair::new();
+    let keep = s3.flags("kept", &["--archive-every", "1s", "--archive-keep", "2"]);
+    p.start_target_env(&keep.serve(), &keep.env());
+    let vols = Volumes::create(&p, &["db"], 8 * MIB);
+    let write = |seed: u8| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(vols.path(0))
+            .unwrap()
+            .write_all_at(&pattern(MIB as usize, seed), u64::from(seed) * MIB)
+            .unwrap();
+    };
+    for seq in 1..=3u8 {
+        write(seq);
+        p.cycle("app", &vols.refs(), &[]);
+        archived(&s3, "kept", "app", u64::from(seq), &p).await;
+    }
+    // One snapshot per round that found something new; the two newest stay.
+    assert_eq!(catalog_objects(&s3, "kept").await, (2, 2));
+
+    // Older than --archive-max-age: gone at the next round, but for the newest snapshot.
+    let aged = s3.flags(
+        "kept",
+        &[
+            "--archive-every",
+            "1s",
+            "--archive-keep",
+            "2",
+            "--archive-max-age",
+            "2s",
+        ],
+    );
+    p.kill_target();
+    p.start_target_env(&aged.serve(), &aged.env());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    write(4);
+    p.cycle("app", &vols.refs(), &[]);
+    archived(&s3, "kept", "app", 4, &p).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while catalog_objects(&s3, "kept").await != (1, 1) {
+        assert!(
+            Instant::now() < deadline,
+            "old snapshots still there: {:?}",
+            catalog_objects(&s3, "kept").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // What is left restores every point the store holds.
+    p.kill_target();
+    let o = archive_cmd(&["verify"], &aged);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let m = newest_manifest(&s3.bucket_at("kept"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.points.len(), 4, "{m:?}");
+}

@@ -27,6 +27,8 @@ pub struct Policy {
     /// Snapshots kept in the bucket (the newest ones); packs no kept snapshot lists, and that
     /// the store no longer holds, are deleted.
     pub keep: usize,
+    /// Snapshots older than this are deleted too (the newest is always kept).
+    pub max_age: Option<Duration>,
 }
 
 /// The archiver of one store.
@@ -310,8 +312,8 @@ impl Archiver {
         self.metrics.archive_bytes_behind.set(0);
     }
 
-    /// The archive's retention: keeps the newest `keep` manifests (and their snapshots), deletes
-    /// older ones, snapshots with no manifest older than the newest manifest, packs no kept
+    /// The archive's retention: keeps the newest `keep` manifests (and their snapshots) that are
+    /// not older than `max_age` (always the newest one), deletes older ones, snapshots with no manifest older than the newest manifest, packs no kept
     /// manifest lists that the store no longer holds, and unfinished uploads of those packs.
     /// Returns how many objects went.
     async fn retain(&self) -> Result<usize> {
@@ -321,7 +323,7 @@ impl Archiver {
             .filter_map(|o| layout::manifest_stamp(&o.name))
             .collect();
         stamps.sort();
-        let cut = stamps.len().saturating_sub(self.policy.keep.max(1));
+        let cut = retention_cut(&stamps, &self.policy, understudy_common::now_ms());
         let (old, kept) = stamps.split_at(cut);
         let mut deleted = 0;
         for s in old {
@@ -437,5 +439,44 @@ impl<W: std::io::Write> std::io::Write for Hashing<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// How many of the oldest of `stamps` (sorted) the archive's retention deletes at `now_ms`:
+/// those beyond the newest `keep`, and those older than `max_age`; never the newest.
+fn retention_cut(stamps: &[&str], policy: &Policy, now_ms: i64) -> usize {
+    let by_count = stamps.len().saturating_sub(policy.keep.max(1));
+    let by_age = policy.max_age.map_or(0, |age| {
+        let oldest_kept = layout::stamp(now_ms.saturating_sub(age.as_millis() as i64));
+        stamps
+            .iter()
+            .take_while(|s| **s < oldest_kept.as_str())
+            .count()
+    });
+    by_count.max(by_age).min(stamps.len().saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_newest_n_none_older_than_max_age_and_always_the_newest() {
+        let stamps: Vec<String> = [1_000, 2_000, 3_000, 4_000].map(layout::stamp).to_vec();
+        let s: Vec<&str> = stamps.iter().map(String::as_str).collect();
+        let policy = |keep, age: Option<u64>| Policy {
+            every: Duration::from_secs(1),
+            keep,
+            max_age: age.map(Duration::from_millis),
+        };
+        assert_eq!(retention_cut(&s, &policy(24, None), 5_000), 0);
+        assert_eq!(retention_cut(&s, &policy(2, None), 5_000), 2);
+        // 2.5 s at 5 s: the stamps before 2.5 s go.
+        assert_eq!(retention_cut(&s, &policy(24, Some(2_500)), 5_000), 2);
+        assert_eq!(retention_cut(&s, &policy(3, Some(2_500)), 5_000), 2);
+        assert_eq!(retention_cut(&s, &policy(1, Some(2_500)), 5_000), 3);
+        // Everything is old: the newest stays.
+        assert_eq!(retention_cut(&s, &policy(24, Some(10)), 100_000), 3);
+        assert_eq!(retention_cut(&[], &policy(1, Some(10)), 100_000), 0);
     }
 }
