@@ -155,6 +155,11 @@ impl Archiver {
                     missing.push((id, len, object_len));
                 }
             }
+            // Only the packs of this snapshot are asked again: forget the others.
+            self.sealed_len
+                .lock()
+                .expect("lock")
+                .retain(|key, _| sum.packs.contains(key));
             let behind = missing.iter().map(|(_, len, _)| len).sum::<u64>();
             self.metrics.archive_bytes_behind.set(behind as i64);
             for (id, len, object_len) in missing {

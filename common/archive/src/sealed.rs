@@ -42,18 +42,16 @@ pub fn sealed_pack_len(len: u64, frames: u64) -> u64 {
     len + frames * (RECORD_PREFIX + TAG_LEN) as u64
 }
 
-/// Seals the first `len` bytes of local pack `id` at `src` into `dst`; returns the sealed length.
-pub fn seal_pack(key: &DataKey, id: u32, src: &Path, len: u64, dst: &Path) -> Result<u64> {
-    let file =
-        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
-    check_header(&file, id)?;
-    let mut out = BufWriter::new(create(dst)?);
-    out.write_all(PACK_MAGIC)?;
-    out.write_all(&id.to_le_bytes())?;
-    out.write_all(&key.generation().to_le_bytes())?;
-    let mut at = PACK_HEADER_LEN;
-    let mut frame = Vec::new();
-    let mut frames = 0;
+/// Calls `each(offset, header)` for every frame in the first `len` bytes of local pack `id`
+/// (open at `file`), in order; returns how many there were.
+fn frames_of(
+    file: &std::fs::File,
+    id: u32,
+    len: u64,
+    mut each: impl FnMut(u64, &chunk::Header) -> Result<()>,
+) -> Result<u64> {
+    check_header(file, id)?;
+    let (mut at, mut frames) = (PACK_HEADER_LEN, 0);
     while at < len {
         let mut head = [0u8; HEADER_LEN];
         file.read_exact_at(&mut head, at)
@@ -64,60 +62,81 @@ pub fn seal_pack(key: &DataKey, id: u32, src: &Path, len: u64, dst: &Path) -> Re
             at + h.frame_len() as u64 <= len,
             "pack {id}: the frame at offset {at} runs past the pack's committed length {len}"
         );
+        each(at, &h)?;
+        at += h.frame_len() as u64;
+        frames += 1;
+    }
+    Ok(frames)
+}
+
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Seals the first `len` bytes of local pack `id` at `src` into `dst`; returns the sealed length.
+pub fn seal_pack(key: &DataKey, id: u32, src: &Path, len: u64, dst: &Path) -> Result<u64> {
+    let file = open(src)?;
+    let mut out = BufWriter::new(create(dst)?);
+    out.write_all(PACK_MAGIC)?;
+    out.write_all(&id.to_le_bytes())?;
+    out.write_all(&key.generation().to_le_bytes())?;
+    let mut frame = Vec::new();
+    let frames = frames_of(&file, id, len, |at, h| {
         frame.resize(h.frame_len(), 0);
         file.read_exact_at(&mut frame, at)?;
         let addr = key.address(&h.hash.0);
-        let nonce = key.nonce(&[
-            b"pack",
-            &id.to_le_bytes(),
-            &at.to_le_bytes(),
-            blake3::hash(&frame).as_bytes(),
-        ]);
+        let nonce = frame_nonce(key, id, at, &frame);
         key.seal(nonce, &addr, &mut frame);
         out.write_all(&addr)?;
         out.write_all(&nonce)?;
         out.write_all(&(frame.len() as u32).to_le_bytes())?;
         out.write_all(&frame)?;
-        at += h.frame_len() as u64;
-        frames += 1;
-    }
+        Ok(())
+    })?;
     finish(out)?;
     Ok(sealed_pack_len(len, frames))
+}
+
+/// The nonce of the frame at `offset` of local pack `id`.
+fn frame_nonce(key: &DataKey, id: u32, offset: u64, frame: &[u8]) -> [u8; 12] {
+    key.nonce(&[
+        b"pack",
+        &id.to_le_bytes(),
+        &offset.to_le_bytes(),
+        blake3::hash(frame).as_bytes(),
+    ])
 }
 
 /// The sealed length of the first `len` bytes of local pack `id` (its frames counted from
 /// their headers, nothing decoded).
 pub fn pack_sealed_len(src: &Path, id: u32, len: u64) -> Result<u64> {
-    let file =
-        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
-    check_header(&file, id)?;
-    let (mut at, mut frames) = (PACK_HEADER_LEN, 0);
-    while at < len {
-        let mut head = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut head, at)
-            .with_context(|| format!("pack {id} ends inside the frame at offset {at}"))?;
-        let h = chunk::parse_header(&head)
-            .with_context(|| format!("pack {id}: the frame at offset {at} is damaged"))?;
-        at += h.frame_len() as u64;
-        frames += 1;
-    }
+    let frames = frames_of(&open(src)?, id, len, |_, _| Ok(()))?;
     Ok(sealed_pack_len(len, frames))
+}
+
+/// Opens the sealed object at `src`, checks its magic, and returns it past its 16-byte header,
+/// and the header.
+fn sealed_header(
+    src: &Path,
+    magic: &[u8; 8],
+    what: &str,
+) -> Result<(BufReader<std::fs::File>, [u8; 16])> {
+    let mut input = BufReader::new(open(src)?);
+    let mut head = [0u8; 16];
+    input
+        .read_exact(&mut head)
+        .with_context(|| format!("shorter than a sealed {what}'s header"))?;
+    ensure!(
+        &head[..8] == magic,
+        "not a sealed {what} (bad magic): the object is damaged, or the archive is not encrypted"
+    );
+    Ok((input, head))
 }
 
 /// Opens sealed pack `id` at `src` into the local pack `dst`; returns its local length. Every
 /// frame must open under its generation's key and sit at the address it was sealed for.
 pub fn open_pack(keys: &Keyring, id: u32, src: &Path, dst: &Path) -> Result<u64> {
-    let mut input = BufReader::new(
-        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?,
-    );
-    let mut head = [0u8; 16];
-    input
-        .read_exact(&mut head)
-        .context("shorter than a sealed pack's header")?;
-    ensure!(
-        &head[..8] == PACK_MAGIC,
-        "not a sealed pack (bad magic): the object is damaged, or the archive is not encrypted"
-    );
+    let (mut input, head) = sealed_header(src, PACK_MAGIC, "pack")?;
     let got = u32::from_le_bytes(head[8..12].try_into().expect("4"));
     ensure!(got == id, "holds pack {got}, not pack {id}");
     let key = keys.get(u32::from_le_bytes(head[12..16].try_into().expect("4")))?;
@@ -148,12 +167,7 @@ pub fn open_pack(keys: &Keyring, id: u32, src: &Path, dst: &Path) -> Result<u64>
             .with_context(|| format!("the record at byte {read}"))?;
         let h = chunk::parse_header(&buf[..n])
             .with_context(|| format!("the frame of the record at byte {read} is damaged"))?;
-        let here = key.nonce(&[
-            b"pack",
-            &id.to_le_bytes(),
-            &len.to_le_bytes(),
-            blake3::hash(&buf[..n]).as_bytes(),
-        ]);
+        let here = frame_nonce(key, id, len, &buf[..n]);
         ensure!(
             h.frame_len() == n && key.address(&h.hash.0) == addr && here == nonce,
             "the record at byte {read} is not the frame sealed for that place (records moved?)"
@@ -180,9 +194,7 @@ const LAST: u32 = 1 << 31;
 /// Seals catalog snapshot `stamp` at `src` into `dst`; returns the sealed length.
 pub fn seal_snapshot(key: &DataKey, stamp: &str, src: &Path, dst: &Path) -> Result<u64> {
     let rng = SystemRandom::new();
-    let mut input = BufReader::new(
-        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?,
-    );
+    let mut input = BufReader::new(open(src)?);
     let mut out = BufWriter::new(create(dst)?);
     out.write_all(SNAP_MAGIC)?;
     out.write_all(&key.generation().to_le_bytes())?;
@@ -220,17 +232,7 @@ pub fn seal_snapshot(key: &DataKey, stamp: &str, src: &Path, dst: &Path) -> Resu
 /// Opens sealed snapshot `stamp` at `src` into `dst`. A segment moved, dropped or altered, or
 /// the object cut short, fails.
 pub fn open_snapshot(keys: &Keyring, stamp: &str, src: &Path, dst: &Path) -> Result<()> {
-    let mut input = BufReader::new(
-        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?,
-    );
-    let mut head = [0u8; 16];
-    input
-        .read_exact(&mut head)
-        .context("shorter than a sealed snapshot's header")?;
-    ensure!(
-        &head[..8] == SNAP_MAGIC,
-        "not a sealed snapshot (bad magic): the object is damaged, or the archive is not encrypted"
-    );
+    let (mut input, head) = sealed_header(src, SNAP_MAGIC, "snapshot")?;
     let key = keys.get(u32::from_le_bytes(head[8..12].try_into().expect("4")))?;
     let mut out = BufWriter::new(create(dst)?);
     let mut buf = Vec::new();
