@@ -68,7 +68,7 @@ pub enum ArchiveCommand {
     Failover(FailoverArgs),
     /// Start a new key generation of an encrypted archive: what is archived from then on is
     /// sealed with it; what is there stays readable with the older ones (docs/operations.md,
-    /// "Key rotation"). Needs write access and the archive's key.
+    /// "Archive key rotation"). Needs write access and the archive's key.
     RotateKey(RotateKeyArgs),
 }
 
