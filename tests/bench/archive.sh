@@ -23,7 +23,7 @@ VGW=$("$ROOT/tests/s3-server/build.sh")
 W=$(mktemp -d "${BENCH_DIR:-/tmp}/understudy-archive.XXXXXX")
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -92,7 +92,7 @@ r0=$(now)
 r1=$(now)
 "$B/target-agent" verify --dir "$M/r" >/dev/null
 
-kill -9 "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null || true
+kill -9 "$TPID" 2>/dev/null || true; wait "$TPID" 2>/dev/null || true
 awk -v mode="$mode" -v s="$start" -v c="$committed" -v a="$archived" -v u="$uploaded" -v st="$stored" \
     -v mb="$max_behind" -v r0="$r0" -v r1="$r1" -v g="$SIZE" 'BEGIN {
   printf "%s archive: volume %d GiB, store %.0f MiB of packs\n", mode, g, st / 1048576
