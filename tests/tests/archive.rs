@@ -582,6 +582,22 @@ async fn catalog_objects(s3: &S3Server, prefix: &str) -> (usize, usize) {
     (count(".json"), count(".snap"))
 }
 
+/// Waits until the archive holds `want` (manifests, snapshot objects).
+async fn settles_at(s3: &S3Server, prefix: &str, want: (usize, usize)) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let have = catalog_objects(s3, prefix).await;
+        if have == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archive holds {have:?} (manifests, snapshots) after 30 s, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_archive_keeps_its_own_number_and_age_of_snapshots() {
     let Some(s3) = S3Server::start().await else {
@@ -604,8 +620,9 @@ async fn the_archive_keeps_its_own_number_and_age_of_snapshots() {
         p.cycle("app", &vols.refs(), &[]);
         archived(&s3, "kept", "app", u64::from(seq), &p).await;
     }
-    // One snapshot per round that found something new; the two newest stay.
-    assert_eq!(catalog_objects(&s3, "kept").await, (2, 2));
+    // One snapshot per round that found something new; the two newest stay (the round's
+    // retention runs just after its manifest is written: wait for it).
+    settles_at(&s3, "kept", (2, 2)).await;
 
     // Older than --archive-max-age: gone at the next round, but for the newest snapshot.
     let aged = s3.flags(
@@ -625,15 +642,7 @@ async fn the_archive_keeps_its_own_number_and_age_of_snapshots() {
     write(4);
     p.cycle("app", &vols.refs(), &[]);
     archived(&s3, "kept", "app", 4, &p).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while catalog_objects(&s3, "kept").await != (1, 1) {
-        assert!(
-            Instant::now() < deadline,
-            "old snapshots still there: {:?}",
-            catalog_objects(&s3, "kept").await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settles_at(&s3, "kept", (1, 1)).await;
     // What is left restores every point the store holds.
     p.kill_target();
     let o = archive_cmd(&["verify"], &aged);
