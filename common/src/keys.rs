@@ -339,35 +339,37 @@ impl DataKey {
     }
 }
 
-/// Every key generation of a repository, open; new data is sealed with the newest.
-#[derive(Default)]
+/// Every key generation of a repository, open; new data is sealed with the newest. Cloning
+/// shares the opened keys.
+#[derive(Clone, Default)]
 pub struct Keyring {
-    keys: BTreeMap<u32, DataKey>,
+    keys: BTreeMap<u32, std::sync::Arc<DataKey>>,
 }
 
 impl Keyring {
-    /// Opens every key object with `kek`.
-    pub fn open(objects: &[KeyObject], kek: &Kek) -> Result<Keyring> {
-        let mut keys = BTreeMap::new();
-        for o in objects {
-            keys.insert(o.generation, o.open(kek)?);
-        }
-        Ok(Keyring { keys })
-    }
-
     /// Adds an opened generation.
     pub fn insert(&mut self, key: DataKey) {
-        self.keys.insert(key.generation, key);
+        self.keys.insert(key.generation, std::sync::Arc::new(key));
+    }
+
+    /// Whether generation `g` is open here.
+    pub fn has(&self, g: u32) -> bool {
+        self.keys.contains_key(&g)
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// The newest generation, which seals new data.
     pub fn current(&self) -> Option<&DataKey> {
-        self.keys.values().next_back()
+        self.keys.values().next_back().map(|k| &**k)
     }
 
     /// Generation `g`; an error naming it when the repository lacks its key object.
     pub fn get(&self, g: u32) -> Result<&DataKey> {
-        self.keys.get(&g).with_context(|| {
+        self.keys.get(&g).map(|k| &**k).with_context(|| {
             format!(
                 "key generation {g} is missing (its key object keys/{g:08}.json is gone): data sealed under it cannot be read; restore the key object from a copy"
             )
@@ -378,6 +380,14 @@ impl Keyring {
 /// The file name of generation `g`'s key object.
 pub fn key_object_name(g: u32) -> String {
     format!("keys/{g:08}.json")
+}
+
+/// The generation a key object's file name names.
+pub fn key_object_generation(name: &str) -> Option<u32> {
+    name.strip_prefix("keys/")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ pub struct Archiver {
     kek: Option<Kek>,
     /// Sealed sizes of packs, by (id, local length): what their objects' sizes must be.
     sealed_len: Mutex<HashMap<(u32, u64), u64>>,
+    /// The key generations opened by earlier rounds (a round opens only new ones).
+    keys: Mutex<Keyring>,
 }
 
 /// What a round did.
@@ -78,6 +80,7 @@ impl Archiver {
             metrics,
             kek,
             sealed_len: Mutex::default(),
+            keys: Mutex::default(),
         }
     }
 
@@ -117,11 +120,16 @@ impl Archiver {
 
     /// One round (see the module's doc).
     pub async fn round(&self, gate: &tokio::sync::RwLock<()>) -> Result<Round> {
-        // Read every round: a generation made by `archive rotate-key` seals from the next one.
-        let keys = crate::keys::for_writing(&self.bucket, self.kek.as_ref())
-            .await?
-            .map(Arc::new);
         let newest = newest_manifest(&self.bucket).await?;
+        // Listed every round: a generation made by `archive rotate-key` seals from the next one.
+        let known = self.keys.lock().expect("lock").clone();
+        let keys =
+            crate::keys::for_writing(&self.bucket, self.kek.as_ref(), &known, newest.as_ref())
+                .await?;
+        if let Some(k) = &keys {
+            *self.keys.lock().expect("lock") = k.clone();
+        }
+        let keys = keys.map(Arc::new);
         let tmp = self.scratch.join("archive-snapshot.tmp");
         let (sum, blake3, bytes) = self.snapshot(tmp.clone()).await?;
         let mut round = Round {

@@ -3,10 +3,12 @@
 //! [`understudy_common::keys`]). An archive is encrypted from its first snapshot or not at all.
 
 use crate::bucket::Bucket;
-use crate::layout;
+use crate::layout::{self, Manifest};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
-use understudy_common::keys::{Kek, KekSource, KeyObject, Keyring, key_object_name};
+use understudy_common::keys::{
+    Kek, KekSource, KeyObject, Keyring, key_object_generation, key_object_name,
+};
 
 /// The environment variable a key can come in (e.g. from a Kubernetes Secret).
 pub const KEY_ENV: &str = "UNDERSTUDY_ARCHIVE_KEY";
@@ -40,10 +42,15 @@ impl KeyArgs {
     }
 }
 
-/// The key objects in the bucket, in generation order.
-async fn key_objects(bucket: &Bucket) -> Result<Vec<KeyObject>> {
+/// The key objects in the bucket whose generation `known` lacks (in generation order), and
+/// how many the bucket holds in all.
+async fn new_key_objects(bucket: &Bucket, known: &Keyring) -> Result<(Vec<KeyObject>, usize)> {
+    let listed = bucket.list(layout::KEYS).await?;
     let mut out = Vec::new();
-    for o in bucket.list(layout::KEYS).await? {
+    for o in &listed {
+        if key_object_generation(&o.name).is_some_and(|g| known.has(g)) {
+            continue;
+        }
         let Some(bytes) = bucket.get(&o.name).await? else {
             continue; // deleted since the listing
         };
@@ -56,38 +63,54 @@ async fn key_objects(bucket: &Bucket) -> Result<Vec<KeyObject>> {
         })?);
     }
     out.sort_by_key(|o: &KeyObject| o.generation);
-    Ok(out)
+    Ok((out, listed.len()))
 }
 
 /// The keys to read the archive with: `None` for an archive that is not encrypted, and with a
 /// KEK, every generation it opens (an error when it is the wrong one). Generations whose key
 /// object is gone are missing from the ring, and what they sealed is refused by name.
 pub async fn for_reading(bucket: &Bucket, kek: Option<&Kek>) -> Result<Option<Keyring>> {
-    let objects = key_objects(bucket).await?;
+    refresh(bucket, kek, &Keyring::default()).await
+}
+
+/// [`for_reading`], opening only the generations `known` lacks (each costs an unwrap, and for a
+/// passphrase an Argon2id run).
+async fn refresh(bucket: &Bucket, kek: Option<&Kek>, known: &Keyring) -> Result<Option<Keyring>> {
+    let (objects, listed) = new_key_objects(bucket, known).await?;
     match kek {
-        None if objects.is_empty() => Ok(None),
+        None if listed == 0 => Ok(None),
         None => bail!(
-            "{} is encrypted ({} key generations): give its key (--archive-key-file, --archive-passphrase-file or ${KEY_ENV})",
-            bucket.describe(),
-            objects.len()
+            "{} is encrypted ({listed} key generations): give its key (--archive-key-file, --archive-passphrase-file or ${KEY_ENV})",
+            bucket.describe()
         ),
-        Some(kek) => Keyring::open(&objects, kek)
-            .map(Some)
-            .with_context(|| format!("the keys of {}", bucket.describe())),
+        Some(kek) => {
+            let mut ring = known.clone();
+            for o in &objects {
+                ring.insert(
+                    o.open(kek)
+                        .with_context(|| format!("the keys of {}", bucket.describe()))?,
+                );
+            }
+            Ok(Some(ring))
+        }
     }
 }
 
-/// The keys to archive with: as [`for_reading`], and for an encrypted archive that has no key
-/// yet (a new prefix), its first generation, made and stored now. Refuses to mix: a key for an
-/// archive that holds unencrypted snapshots, or an archive whose snapshots are sealed under
-/// generations it has lost.
-pub async fn for_writing(bucket: &Bucket, kek: Option<&Kek>) -> Result<Option<Keyring>> {
-    let ring = for_reading(bucket, kek).await?;
-    let Some(mut ring) = ring else {
+/// The keys to archive with, `known` those opened before (an archiver's earlier rounds) and
+/// `newest` the bucket's newest manifest: as [`for_reading`], and for an encrypted archive that
+/// has no key yet (a new prefix), its first generation, made and stored now. Refuses to mix: a
+/// key for an archive that holds unencrypted snapshots, or an archive whose snapshots are
+/// sealed under generations it has lost.
+pub async fn for_writing(
+    bucket: &Bucket,
+    kek: Option<&Kek>,
+    known: &Keyring,
+    newest: Option<&Manifest>,
+) -> Result<Option<Keyring>> {
+    let Some(mut ring) = refresh(bucket, kek, known).await? else {
         return Ok(None);
     };
-    let newest = crate::archiver::newest_manifest(bucket).await?;
-    if let Some(m) = &newest {
+    if let Some(m) = newest {
         match m.key_generation {
             None => bail!(
                 "{} holds unencrypted snapshots: archive encrypted into a new --archive-prefix (or go on without --archive-key-file)",
@@ -99,7 +122,7 @@ pub async fn for_writing(bucket: &Bucket, kek: Option<&Kek>) -> Result<Option<Ke
             }
         }
     }
-    if ring.current().is_none() {
+    if ring.is_empty() {
         ring.insert(create_generation(bucket, kek.expect("a ring comes with a KEK"), 1).await?);
     }
     Ok(Some(ring))
@@ -128,7 +151,10 @@ async fn create_generation(
 /// Starts a new key generation: new data is sealed with it, old data stays readable with the
 /// older ones. Returns its number.
 pub async fn rotate(bucket: &Bucket, kek: &Kek) -> Result<u32> {
-    let ring = for_writing(bucket, Some(kek)).await?.unwrap_or_default();
+    let newest = crate::archiver::newest_manifest(bucket).await?;
+    let ring = for_writing(bucket, Some(kek), &Keyring::default(), newest.as_ref())
+        .await?
+        .unwrap_or_default();
     let g = ring.current().map_or(1, |k| k.generation() + 1);
     create_generation(bucket, kek, g).await?;
     Ok(g)

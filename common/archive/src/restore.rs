@@ -144,7 +144,8 @@ pub async fn restore(
 /// Opens the sealed object downloaded to `path` in place with `open(sealed, plain)`.
 fn open_sealed<T>(path: &Path, open: impl FnOnce(&Path, &Path) -> Result<T>) -> Result<T> {
     let sealed = path.with_extension("sealed");
-    std::fs::rename(path, &sealed)?;
+    std::fs::rename(path, &sealed)
+        .with_context(|| format!("cannot rename {} to open it", path.display()))?;
     let r = open(&sealed, path);
     let _ = std::fs::remove_file(&sealed);
     if r.is_err() {
